@@ -1,0 +1,31 @@
+# Mindchart: the README's two commands, plus lint and bench.
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS ?= never
+UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+
+.PHONY: install run test lint bench bench-quick clean
+
+$(UV):
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet --user --break-system-packages uv
+
+install: $(UV)
+	$(UV) sync --all-packages --frozen
+
+run: install
+	$(UV) run --frozen mindchart run
+
+test: install
+	$(UV) run --frozen python -m pytest
+
+lint: install
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen mypy
+
+bench: install
+	$(UV) run --frozen python -m bench
+
+bench-quick: install
+	$(UV) run --frozen python -m bench --quick
+
+clean:
+	rm -rf .venv var .pytest_cache .ruff_cache .mypy_cache

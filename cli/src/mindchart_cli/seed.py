@@ -1,0 +1,152 @@
+"""Demo data for `make run`, created once (idempotent): clients, users, a therapist, a patient,
+progress notes and PHQ-9/GAD-7 scores. Credentials are generated per machine and kept in
+`<data dir>/demo/credentials.json` (mode 0600), never in the repository.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from joserfc import jwt
+from joserfc.jwk import ECKey
+
+DEMO_PATIENT = "demo-patient"
+DEMO_THERAPIST = "demo-therapist"
+LOINC = "http://loinc.org"
+SURVEY = {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}
+CLINICAL_NOTE = {"system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
+                 "code": "clinical-note"}
+RESTRICTED_BH = [
+    {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"},
+    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "BH"},
+]
+
+
+def credentials_path(data_dir: Path) -> Path:
+    return data_dir / "demo" / "credentials.json"
+
+
+def load_or_make_credentials(data_dir: Path) -> tuple[dict[str, Any], bool]:
+    path = credentials_path(data_dir)
+    if path.exists():
+        return json.loads(path.read_text()), False
+    key = ECKey.generate_key("P-384", parameters={"kid": "demo-backend-1", "alg": "ES384"})
+    creds = {
+        "backend_client_id": "demo-backend",
+        "backend_private_jwk": key.as_dict(private=True),
+        "secret_client_id": "demo-secret",
+        "secret_client_secret": secrets.token_urlsafe(24),
+        "users": {
+            "therapist": secrets.token_urlsafe(12),
+            "patient": secrets.token_urlsafe(12),
+            "admin": secrets.token_urlsafe(12),
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(creds, indent=2))
+    return creds, True
+
+
+def backend_assertion(private_jwk: dict[str, Any], client_id: str, token_url: str) -> str:
+    """A SMART Backend Services client assertion (ES384, 5-minute life, unique jti)."""
+    key = ECKey.import_key(private_jwk)
+    now = int(time.time())
+    claims = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": now + 240,
+              "iat": now, "jti": uuid.uuid4().hex}
+    return jwt.encode({"alg": "ES384", "kid": key.kid, "typ": "JWT"}, claims, key,
+                      algorithms=["ES384"])
+
+
+def public_jwks(private_jwk: dict[str, Any]) -> dict[str, Any]:
+    return {"keys": [ECKey.import_key(private_jwk).as_dict(private=False)]}
+
+
+def demo_resources() -> list[dict[str, Any]]:
+    patient_ref = {"reference": f"Patient/{DEMO_PATIENT}"}
+    therapist_ref = {"reference": f"Practitioner/{DEMO_THERAPIST}"}
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "Practitioner", "id": DEMO_THERAPIST, "active": True,
+         "name": [{"family": "Rivera", "given": ["Dana"], "prefix": ["Dr."]}],
+         "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}]},
+        {"resourceType": "Patient", "id": DEMO_PATIENT, "active": True,
+         "meta": {"security": RESTRICTED_BH},
+         "identifier": [{"system": "urn:mindchart:mrn", "value": "MRN-0001"}],
+         "name": [{"family": "Doe", "given": ["Alex"]}], "gender": "other", "birthDate": "1990-04-12"},
+    ]
+    sessions = [("2026-10-05", 8, 12), ("2026-10-19", 12, 9), ("2026-11-02", 16, 7)]
+    for n, (day, _, _) in enumerate(sessions, start=1):
+        resources.append({
+            "resourceType": "Encounter", "id": f"demo-session-{n}", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "type": [{"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "90837",
+                                  "display": "Psychotherapy, 60 minutes"}]}],
+            "subject": patient_ref,
+            "participant": [{"individual": therapist_ref}],
+            "period": {"start": f"{day}T15:00:00Z", "end": f"{day}T15:55:00Z"},
+        })
+    notes = [
+        "S: Reports low mood most days, poor sleep.\nO: Affect flat, PHQ-9 = 12.\n"
+        "A: Moderate depressive episode (F32.1).\nP: Weekly CBT; sleep hygiene.",
+        "S: Mood slightly improved; sleeping 6h.\nO: PHQ-9 = 9.\nA: Improving.\n"
+        "P: Continue CBT, behavioural activation.",
+        "S: Returned to work part-time.\nO: PHQ-9 = 7.\nA: Mild symptoms.\nP: Biweekly sessions.",
+    ]
+
+    for n, ((day, _, phq9), text) in enumerate(zip(sessions, notes, strict=True), start=1):
+        resources.append({
+            "resourceType": "DocumentReference", "id": f"demo-note-{n}", "status": "current",
+            "meta": {"security": RESTRICTED_BH},
+            "type": {"coding": [{"system": LOINC, "code": "11506-3", "display": "Progress note"}]},
+            "category": [{"coding": [CLINICAL_NOTE]}],
+            "subject": patient_ref, "date": f"{day}T16:00:00Z", "author": [therapist_ref],
+            "content": [{"attachment": {"contentType": "text/plain",
+                                        "data": base64.b64encode(text.encode()).decode()}}],
+            "context": {"encounter": [{"reference": f"Encounter/demo-session-{n}"}],
+                        "period": {"start": f"{day}T15:00:00Z", "end": f"{day}T15:55:00Z"}},
+        })
+        for code, display, value, obs_id in (
+            ("44261-6", "PHQ-9 total score", phq9, f"demo-phq9-{n}"),
+            ("70274-6", "GAD-7 total score", max(phq9 - 2, 0), f"demo-gad7-{n}"),
+        ):
+            resources.append({
+                "resourceType": "Observation", "id": obs_id, "status": "final",
+                "meta": {"security": RESTRICTED_BH},
+                "category": [{"coding": [SURVEY]}],
+                "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+                "subject": patient_ref, "effectiveDateTime": f"{day}T15:10:00Z",
+                "performer": [therapist_ref],
+                "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org",
+                                  "code": "{score}", "unit": "{score}"},
+                "encounter": {"reference": f"Encounter/demo-session-{n}"},
+            })
+    return resources
+
+
+def seed_records(gateway_url: str, creds: dict[str, Any]) -> int:
+    """PUT (update-as-create) each demo resource that is not there yet. Returns how many."""
+    token_response = httpx.post(
+        f"{gateway_url}/oauth/token",
+        data={"grant_type": "client_credentials", "scope": "system/*.cruds"},
+        auth=(creds["secret_client_id"], creds["secret_client_secret"]), timeout=30,
+    )
+    token_response.raise_for_status()
+    headers = {"Authorization": f"Bearer {token_response.json()['access_token']}",
+               "Content-Type": "application/fhir+json"}
+    created = 0
+    with httpx.Client(base_url=f"{gateway_url}/fhir", headers=headers, timeout=30) as client:
+        for resource in demo_resources():
+            url = f"/{resource['resourceType']}/{resource['id']}"
+            if client.get(url).status_code == 200:
+                continue
+            response = client.put(url, content=json.dumps(resource))
+            response.raise_for_status()
+            created += 1
+    return created

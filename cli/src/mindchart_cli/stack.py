@@ -1,0 +1,238 @@
+"""The whole stack on one machine: an embedded SecantusDB per datastore, then the three services.
+
+Used by `mindchart run` (the README's `make run`) and by the end-to-end tests. A datastore whose
+MongoDB URL is set in the environment (MINDCHART_<SERVICE>_MONGO_URL) is used as is, and no
+embedded server is started for it. Children run in their own process groups and are stopped
+together on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+SERVICES = ("records", "psychnotes", "gateway")
+DEFAULT_DB_PORTS = {"records": 27117, "psychnotes": 27118, "gateway": 27119}
+DEFAULT_HTTP_PORTS = {"gateway": 8000, "records": 8001, "psychnotes": 8002}
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM if the runner dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class StackError(RuntimeError):
+    """The stack could not start; the message says which part and where its log is."""
+
+
+def data_dir_from_env() -> Path:
+    return Path(os.environ.get("MINDCHART_DATA_DIR", "var")).resolve()
+
+
+def secantusd() -> str:
+    candidate = Path(sys.executable).parent / "secantusd-py"
+    found = str(candidate) if candidate.exists() else shutil.which("secantusd-py")
+    if not found:
+        raise StackError("SecantusDB is not installed: run `make run` (it installs the dev group)")
+    return found
+
+
+def wait_for_mongo(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"the datastore at {url} exited with code {process.returncode}")
+        try:
+            with MongoClient(url, serverSelectionTimeoutMS=300) as client:
+                client.admin.command("ping")
+                return
+        except PyMongoError:
+            time.sleep(0.2)
+    raise StackError(f"the datastore at {url} did not answer within {timeout:.0f}s")
+
+
+def mongo_answers(url: str) -> bool:
+    try:
+        with MongoClient(url, serverSelectionTimeoutMS=300) as client:
+            client.admin.command("ping")
+        return True
+    except PyMongoError:
+        return False
+
+
+@dataclass
+class StackConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    http_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HTTP_PORTS))
+    db_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_DB_PORTS))
+    mongo_urls: dict[str, str] = field(default_factory=dict)  # configured, not embedded
+    ephemeral: bool = False  # tests: embedded data in memory, gone on stop
+    log_to_files: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> StackConfig:
+        urls = {
+            name: url for name in SERVICES
+            if (url := os.environ.get(f"MINDCHART_{name.upper()}_MONGO_URL"))
+        }
+        config = cls(data_dir=data_dir_from_env(), mongo_urls=urls)
+        for name in SERVICES:
+            port = os.environ.get(f"MINDCHART_{name.upper()}_PORT")
+            if port:
+                config.http_ports[name] = int(port)
+        return config
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.http_ports['gateway']}"
+
+    def mongo_url(self, name: str) -> str:
+        return self.mongo_urls.get(name) or (
+            f"mongodb://{self.host}:{self.db_ports[name]}/?directConnection=true"
+        )
+
+    def service_env(self, name: str) -> dict[str, str]:
+        gw = self.gateway_url
+        prefix = f"MINDCHART_{name.upper()}_"
+        env = {
+            f"{prefix}HOST": self.host,
+            f"{prefix}PORT": str(self.http_ports[name]),
+            f"{prefix}MONGO_URL": self.mongo_url(name),
+            "MINDCHART_DATA_DIR": str(self.data_dir),
+        }
+        if name == "gateway":
+            env.update({
+                f"{prefix}PUBLIC_URL": gw,
+                f"{prefix}RECORDS_URL": f"http://{self.host}:{self.http_ports['records']}",
+                f"{prefix}PSYCHNOTES_URL": f"http://{self.host}:{self.http_ports['psychnotes']}",
+            })
+        else:
+            base = f"{gw}/fhir" if name == "records" else f"{gw}/psychnotes/fhir"
+            env.update({
+                f"{prefix}PUBLIC_BASE_URL": base,
+                f"{prefix}ISSUER": gw,
+                f"{prefix}JWKS_URL": f"{gw}/oauth/jwks",
+            })
+        return env
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_dir = config.data_dir / "logs"
+
+    def _spawn(self, label: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = None
+        if self.config.log_to_files or label.startswith("datastore"):
+            out = open(self.log_dir / f"{label}.log", "ab")  # noqa: SIM115 - child owns it
+        process = subprocess.Popen(  # noqa: S603 - our own executables, fixed arguments
+            argv, env={**os.environ, **self.config.extra_env, **env},
+            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are running at spawn time
+        )
+        self.processes[label] = process
+        return process
+
+    def start_datastores(self) -> None:
+        for name in SERVICES:
+            if name in self.config.mongo_urls:
+                continue
+            url = self.config.mongo_url(name)
+            if mongo_answers(url):
+                raise StackError(f"port {self.config.db_ports[name]} is already in use "
+                                 f"(another `make run`?)")
+            storage = ":memory:" if self.config.ephemeral else str(self.config.data_dir / "db" / name)
+            if not self.config.ephemeral:
+                Path(storage).mkdir(parents=True, exist_ok=True)
+            process = self._spawn(f"datastore-{name}", [
+                secantusd(), "--host", self.config.host, "--port", str(self.config.db_ports[name]),
+                "--storage-path", storage, "--log-level", "WARNING", "--cache-size", "256M",
+            ], {})
+            wait_for_mongo(url, 60, process)
+
+    def _spawn_service(self, name: str) -> None:
+        self._spawn(name, [
+            sys.executable, "-m", "uvicorn", "--factory", f"{name}.app:create_app",
+            "--host", self.config.host, "--port", str(self.config.http_ports[name]),
+            "--no-access-log", "--log-level", "warning",
+        ], self.config.service_env(name))
+
+    def start_services(self) -> None:
+        for name in ("gateway", "records", "psychnotes"):
+            self._spawn_service(name)
+        for name in ("gateway", "records", "psychnotes"):
+            self._wait_http(name, f"http://{self.config.host}:{self.config.http_ports[name]}/readyz")
+
+    def _wait_http(self, name: str, url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.processes[name]
+            if process.poll() is not None:
+                raise StackError(f"{name} exited with code {process.returncode}"
+                                 f" (see {self.log_dir / (name + '.log')})")
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise StackError(f"{name} did not become ready within {timeout:.0f}s")
+
+    def start(self) -> None:
+        try:
+            self.start_datastores()
+            self.start_services()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, only: tuple[str, ...] | None = None) -> None:
+        if only is None:  # a second Ctrl-C or SIGTERM must not interrupt the shutdown itself
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError):  # not the main thread
+                    signal.signal(sig, signal.SIG_IGN)
+        labels = [k for k in reversed(list(self.processes)) if only is None or k in only]
+        for label in labels:
+            process = self.processes[label]
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for label in labels:
+            process = self.processes.pop(label)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def kill(self, label: str) -> None:
+        """Hard-kill one child (crash tests)."""
+        process = self.processes.pop(label)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def restart_service(self, name: str) -> None:
+        self._spawn_service(name)
+        self._wait_http(name, f"http://{self.config.host}:{self.config.http_ports[name]}/readyz")

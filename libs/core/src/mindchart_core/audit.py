@@ -1,0 +1,138 @@
+"""The shape of an audit record: an R4 AuditEvent per IHE BALP 1.1 (shared/STANDARDS.md §8).
+
+Built here so the gateway (one event per request) and psychnotes (consent decisions, disclosures)
+emit identical shapes. Nothing here stores anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+        "display": "RESTful Operation"}
+INTERACTION_SYSTEM = "http://hl7.org/fhir/restful-interaction"
+ACTION_BY_INTERACTION = {
+    "create": "C", "read": "R", "vread": "R", "history-instance": "R", "update": "U",
+    "patch": "U", "delete": "D", "search-type": "E", "search-system": "E", "history-type": "E",
+    "history-system": "E", "operation": "E", "transaction": "E", "batch": "E", "token": "E",
+}
+_SOURCE = {"system": DCM, "code": "110153", "display": "Source Role ID"}
+_DESTINATION = {"system": DCM, "code": "110152", "display": "Destination Role ID"}
+_QUERY_INTERACTIONS = {"search-type", "search-system", "history-type", "history-system"}
+
+
+def outcome_code(status: int) -> str:
+    """AuditEvent.outcome: 0 success, 4 minor failure (4xx), 8 serious failure (5xx)."""
+    if status < 400:
+        return "0"
+    return "4" if status < 500 else "8"
+
+
+@dataclass
+class RestAudit:
+    """One REST request as the gateway saw it."""
+
+    interaction: str
+    method: str
+    path: str
+    query: str
+    status: int
+    request_id: str
+    client_ip: str
+    observer: str
+    client_id: str | None = None
+    subject: str | None = None
+    fhir_user: str | None = None
+    jti: str | None = None
+    patient: str | None = None
+    entity_ref: str | None = None
+    purpose_of_use: list[str] = field(default_factory=list)
+    outcome_desc: str | None = None
+    latency_ms: float = 0.0
+    recorded: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def rest_audit_event(audit: RestAudit) -> dict[str, Any]:
+    is_query = audit.interaction in _QUERY_INTERACTIONS
+    client_role, server_role = (_SOURCE, _DESTINATION) if is_query or audit.interaction in (
+        "create", "update", "patch", "delete") else (_DESTINATION, _SOURCE)
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": uuid.uuid4().hex,
+        "type": REST,
+        "subtype": [{"system": INTERACTION_SYSTEM, "code": audit.interaction}]
+        if audit.interaction in ACTION_BY_INTERACTION and audit.interaction != "token"
+        else [{"system": "http://mindchart.dev/CodeSystem/audit-subtype", "code": audit.interaction}],
+        "action": ACTION_BY_INTERACTION.get(audit.interaction, "E"),
+        "recorded": audit.recorded.isoformat().replace("+00:00", "Z"),
+        "outcome": outcome_code(audit.status),
+        "agent": [
+            {
+                "type": {"coding": [client_role]},
+                "who": {"identifier": {"value": audit.client_id or "anonymous"}},
+                "requestor": audit.subject is None,
+                "network": {"address": audit.client_ip or "unknown", "type": "2"},
+            },
+            {
+                "type": {"coding": [server_role]},
+                "who": {"display": audit.observer},
+                "requestor": False,
+                "network": {"address": audit.observer, "type": "5"},
+            },
+        ],
+        "source": {
+            "observer": {"display": audit.observer},
+            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                      "code": "4", "display": "Application Server"}],
+        },
+        "entity": [
+            {
+                "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                         "code": "XrequestId"},
+                "what": {"identifier": {"value": audit.request_id}},
+            }
+        ],
+    }
+    if audit.outcome_desc or audit.status >= 400:
+        event["outcomeDesc"] = audit.outcome_desc or f"HTTP {audit.status}"
+    if audit.subject is not None:
+        user: dict[str, Any] = {
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                 "code": "IRCP"}]},
+            "who": {"reference": audit.fhir_user} if audit.fhir_user
+            else {"identifier": {"value": audit.subject}},
+            "requestor": True,
+        }
+        if audit.jti:
+            user["policy"] = [f"urn:ietf:params:oauth:jti:{audit.jti}"]
+        if audit.purpose_of_use:
+            user["purposeOfUse"] = [
+                {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                             "code": code}]} for code in audit.purpose_of_use
+            ]
+        event["agent"].append(user)
+    if audit.patient:
+        event["entity"].append({
+            "what": {"reference": audit.patient},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"},
+        })
+    if is_query:
+        raw = f"{audit.method} {audit.path}{'?' + audit.query if audit.query else ''}"
+        event["entity"].append({
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24"},
+            "query": base64.b64encode(raw.encode()).decode(),
+        })
+    elif audit.entity_ref:
+        event["entity"].append({
+            "what": {"reference": audit.entity_ref},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"},
+        })
+    return event

@@ -1,0 +1,160 @@
+"""One error type, one handler: every failure leaves a service as an R4 OperationOutcome.
+
+Status/issue-code pairing follows FHIR R4 http.html and security.html (see shared/STANDARDS.md §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from mindchart_core import fhirjson
+
+log = structlog.get_logger(__name__)
+
+
+def operation_outcome(
+    code: str,
+    diagnostics: str,
+    *,
+    severity: str = "error",
+    expression: list[str] | None = None,
+) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if expression:
+        issue["expression"] = expression
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+class FhirError(Exception):
+    """A refusal the client should see: HTTP status + OperationOutcome issue code."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(
+        self,
+        diagnostics: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        expression: list[str] | None = None,
+    ) -> None:
+        super().__init__(diagnostics)
+        self.diagnostics = diagnostics
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+        self.expression = expression
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome(self.code, self.diagnostics, expression=self.expression)
+
+    def response(self) -> Response:
+        return fhirjson.FhirResponse(self.outcome(), status_code=self.status, headers=self.headers)
+
+
+class Invalid(FhirError):
+    status, code = 400, "invalid"
+
+
+class Structure(FhirError):
+    status, code = 400, "structure"
+
+
+class Unauthorized(FhirError):
+    """RFC 6750 §3: 401 with a WWW-Authenticate challenge."""
+
+    status, code = 401, "login"
+
+    def __init__(self, diagnostics: str = "A valid bearer token is required",
+                 *, error: str = "invalid_token") -> None:
+        super().__init__(
+            diagnostics,
+            headers={"WWW-Authenticate": f'Bearer error="{error}"'},
+        )
+
+
+class Forbidden(FhirError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(FhirError):
+    status, code = 404, "not-found"
+
+
+class MethodNotAllowed(FhirError):
+    status, code = 405, "not-supported"
+
+
+class NotAcceptable(FhirError):
+    status, code = 406, "not-supported"
+
+
+class Conflict(FhirError):
+    status, code = 409, "conflict"
+
+
+class Gone(FhirError):
+    status, code = 410, "deleted"
+
+
+class PreconditionFailed(FhirError):
+    status, code = 412, "conflict"
+
+
+class PayloadTooLarge(FhirError):
+    status, code = 413, "too-costly"
+
+
+class UnsupportedMediaType(FhirError):
+    status, code = 415, "not-supported"
+
+
+class Unprocessable(FhirError):
+    status, code = 422, "business-rule"
+
+
+class Throttled(FhirError):
+    status, code = 429, "throttled"
+
+
+class Unavailable(FhirError):
+    status, code = 503, "transient"
+
+
+_STATUS_CODES = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error as an OperationOutcome; never leak internals on a 500."""
+
+    @app.exception_handler(FhirError)
+    async def _fhir_error(_: Request, exc: FhirError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return Invalid(f"Invalid request parameter {where}: {first.get('msg', 'invalid')}").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = _STATUS_CODES.get(exc.status_code, "processing")
+        text = "Not found" if exc.status_code == 404 else str(exc.detail)
+        return FhirError(text, status=exc.status_code, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled_error", error_type=type(exc).__name__)
+        return FhirError("Internal server error", status=500, code="exception").response()

@@ -1,0 +1,47 @@
+"""Settings base shared by every service: pydantic-settings, one env prefix per service.
+
+Values with a `*_FILE` twin (e.g. MINDCHART_RECORDS_MONGO_URL_FILE) are read from that file, so
+secrets can come from Docker/Kubernetes secret mounts instead of the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    env: Literal["development", "production"] = Field(
+        "development", validation_alias=AliasChoices("MINDCHART_ENV", "env")
+    )
+    log_level: str = Field("INFO", validation_alias=AliasChoices("MINDCHART_LOG_LEVEL", "log_level"))
+    data_dir: Path = Field(
+        Path("var"), validation_alias=AliasChoices("MINDCHART_DATA_DIR", "data_dir")
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mongo_url: str = "mongodb://127.0.0.1:27017"
+    db_name: str = "mindchart"
+    max_body_bytes: int = 1024 * 1024
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, values: Any) -> Any:
+        prefix = cls.model_config.get("env_prefix", "")
+        if not isinstance(values, dict):
+            return values
+        for name in cls.model_fields:
+            path = os.environ.get(f"{prefix}{name.upper()}_FILE")
+            if path and name not in values:
+                values[name] = Path(path).read_text().strip()
+        return values
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"

@@ -1,0 +1,155 @@
+"""Verification of gateway-issued access tokens, done again by every backend (zero trust).
+
+SMART App Launch 2.2 §resource-server: check signature, expiry, scope coverage and that `aud`
+equals our own base URL. Keys come from the gateway's JWKS, cached and refreshed on an unknown kid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import structlog
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from starlette.requests import Request
+
+from mindchart_core import errors, scopes
+
+log = structlog.get_logger(__name__)
+
+ACCESS_TOKEN_ALGORITHMS = ["RS256", "ES256", "RS384", "ES384"]
+CLOCK_SKEW_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """What a verified access token says about its caller."""
+
+    subject: str
+    client_id: str
+    scope: scopes.ScopeSet
+    audience: str
+    jti: str
+    expires_at: int
+    patient: str | None = None
+    encounter: str | None = None
+    fhir_user: str | None = None
+    roles: tuple[str, ...] = ()
+    purpose_of_use: str | None = None
+
+    @property
+    def fhir_user_ref(self) -> str | None:
+        """`fhirUser` as a relative reference (Practitioner/123), whatever base it was given in."""
+        if not self.fhir_user:
+            return None
+        parts = self.fhir_user.rstrip("/").split("/")
+        return "/".join(parts[-2:]) if len(parts) >= 2 else None
+
+
+class KeySource(Protocol):
+    async def keyset(self, *, refresh: bool = False) -> KeySet: ...
+
+
+class StaticKeys:
+    def __init__(self, keyset: KeySet) -> None:
+        self._keyset = keyset
+
+    async def keyset(self, *, refresh: bool = False) -> KeySet:
+        return self._keyset
+
+
+class RemoteJwks:
+    """The gateway's JWKS over HTTP; refetched at most every `min_refresh` seconds."""
+
+    def __init__(self, url: str, *, ttl: float = 300.0, min_refresh: float = 5.0) -> None:
+        self.url = url
+        self.ttl = ttl
+        self.min_refresh = min_refresh
+        self._keyset: KeySet | None = None
+        self._fetched_at = 0.0
+
+    async def keyset(self, *, refresh: bool = False) -> KeySet:
+        age = time.monotonic() - self._fetched_at
+        stale = self._keyset is None or age > self.ttl or (refresh and age > self.min_refresh)
+        if stale:
+            try:
+                async with httpx.AsyncClient(timeout=5.0) as client:
+                    response = await client.get(self.url)
+                    response.raise_for_status()
+                self._keyset = KeySet.import_key_set(response.json())
+                self._fetched_at = time.monotonic()
+            except (httpx.HTTPError, ValueError, JoseError) as exc:
+                log.warning("jwks_fetch_failed", url=self.url, error_type=type(exc).__name__)
+                if self._keyset is None:
+                    raise errors.Unavailable("Token keys are not available yet") from None
+        assert self._keyset is not None
+        return self._keyset
+
+
+class TokenVerifier:
+    def __init__(self, *, issuer: str, audience: str, keys: KeySource) -> None:
+        self.issuer = issuer.rstrip("/")
+        self.audience = audience.rstrip("/")
+        self.keys = keys
+
+    async def _decode(self, token: str) -> jwt.Token:
+        keyset = await self.keys.keyset()
+        try:
+            return jwt.decode(token, keyset, algorithms=ACCESS_TOKEN_ALGORITHMS)
+        except JoseError as exc:
+            # Unknown kid after a key rotation: refetch once.
+            if "kid" not in str(exc).lower() and type(exc).__name__ != "InvalidKeyIdError":
+                raise
+        keyset = await self.keys.keyset(refresh=True)
+        return jwt.decode(token, keyset, algorithms=ACCESS_TOKEN_ALGORITHMS)
+
+    async def verify(self, token: str) -> AccessToken:
+        try:
+            decoded = await self._decode(token)
+            registry = jwt.JWTClaimsRegistry(
+                leeway=CLOCK_SKEW_SECONDS,
+                iss={"essential": True, "value": self.issuer},
+                aud={"essential": True, "value": self.audience},
+                exp={"essential": True},
+                sub={"essential": True},
+                jti={"essential": True},
+            )
+            registry.validate(decoded.claims)
+        except errors.FhirError:
+            raise
+        except (JoseError, ValueError, TypeError, KeyError):
+            raise errors.Unauthorized("The access token is invalid, expired or not for this server")
+        if decoded.header.get("typ") not in (None, "JWT", "at+jwt"):
+            raise errors.Unauthorized("The access token is invalid, expired or not for this server")
+        return claims_to_token(decoded.claims)
+
+
+def claims_to_token(claims: dict[str, Any]) -> AccessToken:
+    aud = claims.get("aud")
+    roles = claims.get("roles") or ()
+    return AccessToken(
+        subject=str(claims["sub"]),
+        client_id=str(claims.get("client_id", "")),
+        scope=scopes.parse(str(claims.get("scope", ""))),
+        audience=aud if isinstance(aud, str) else " ".join(aud or []),
+        jti=str(claims["jti"]),
+        expires_at=int(claims["exp"]),
+        patient=claims.get("patient"),
+        encounter=claims.get("encounter"),
+        fhir_user=claims.get("fhirUser"),
+        roles=tuple(str(r) for r in roles) if isinstance(roles, list) else (),
+        purpose_of_use=claims.get("purpose_of_use"),
+    )
+
+
+def bearer_token(request: Request) -> str:
+    """The raw bearer token of a request (RFC 6750 §2.1), or 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise errors.Unauthorized("A bearer token is required", error="invalid_request")
+    return value.strip()

@@ -1,0 +1,89 @@
+"""Registration of clients and users (the `mindchart` CLI calls these): the gateway owns both."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from gateway import keys, oauth, store
+from mindchart_core import scopes
+
+AUDIENCES = ("records", "psychnotes")
+ROLES = ("practitioner", "patient", "admin", "compliance")
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RegistrationError(ValueError):
+    """Refused registration input; the message is safe to print."""
+
+
+def _check_scope(scope: str) -> str:
+    parsed = scopes.parse(scope)
+    if not parsed.clinical:
+        raise RegistrationError("scope must list at least one SMART scope, e.g. system/*.rs")
+    return str(parsed)
+
+
+async def create_client(
+    db: store.Db, *, client_id: str, auth: str, scope: str, audiences: list[str],
+    jwks: dict[str, Any] | None = None, jwks_url: str | None = None, secret: str | None = None,
+    redirect_uris: list[str] | None = None, roles: list[str] | None = None,
+) -> dict[str, Any]:
+    if not _ID.match(client_id):
+        raise RegistrationError("client id: 1-64 letters, digits, '.', '_' or '-'")
+    if not audiences or any(a not in AUDIENCES for a in audiences):
+        raise RegistrationError(f"audience must be among {', '.join(AUDIENCES)}")
+    client: dict[str, Any] = {
+        "_id": client_id, "auth": auth, "scope": _check_scope(scope), "audiences": sorted(set(audiences)),
+        "redirect_uris": redirect_uris or [], "roles": roles or [], "created": datetime.now(UTC),
+    }
+    if auth == "private_key_jwt":
+        if jwks is None:
+            raise RegistrationError("private_key_jwt needs --jwks FILE (public keys)")
+        try:
+            keyset = KeySet.import_key_set(jwks)
+        except (JoseError, ValueError, KeyError, TypeError):
+            raise RegistrationError("the JWKS file is not a valid JWK Set") from None
+        if any(k.is_private for k in keyset.keys):
+            raise RegistrationError("the JWKS holds private keys: register only public keys")
+        client["jwks"] = keyset.as_dict(private=False)
+        client["jwks_url"] = jwks_url
+    elif auth == "client_secret":
+        if not secret or len(secret) < 16:
+            raise RegistrationError("client_secret needs --secret of at least 16 characters")
+        client["secret_hash"] = oauth.hash_secret(secret)
+    else:
+        raise RegistrationError("auth must be private_key_jwt or client_secret")
+    await store.put_client(db, client)
+    return {k: v for k, v in client.items() if k not in ("secret_hash", "jwks")} | {
+        "id": client_id, "created": client["created"].isoformat()}
+
+
+async def create_user(
+    db: store.Db, *, username: str, password: str, role: str, fhir_user: str | None = None,
+) -> dict[str, Any]:
+    if not _ID.match(username):
+        raise RegistrationError("username: 1-64 letters, digits, '.', '_' or '-'")
+    if role not in ROLES:
+        raise RegistrationError(f"role must be one of {', '.join(ROLES)}")
+    if len(password) < 12:
+        raise RegistrationError("password must be at least 12 characters")
+    if fhir_user and not re.fullmatch(r"(Practitioner|Patient|PractitionerRole|RelatedPerson|Person)/[A-Za-z0-9\-.]{1,64}", fhir_user):
+        raise RegistrationError("fhir-user must look like Practitioner/ID or Patient/ID")
+    if role in ("practitioner", "patient") and not fhir_user:
+        raise RegistrationError(f"a {role} user needs --fhir-user")
+    user = {"_id": username, "password_hash": oauth.hash_secret(password), "role": role,
+            "fhir_user": fhir_user, "created": datetime.now(UTC), "failed_logins": 0}
+    await store.put_user(db, user)
+    return {"username": username, "role": role, "fhir_user": fhir_user,
+            "created": user["created"].isoformat()}
+
+
+async def rotate_signing_key(db: store.Db) -> dict[str, Any]:
+    kid, jwk = keys.new_private_jwk()
+    await store.add_signing_key(db, kid, jwk)
+    return {"kid": kid, "published": [d["_id"] for d in await store.signing_keys(db)]}

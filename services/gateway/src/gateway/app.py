@@ -1,0 +1,62 @@
+"""The gateway: authorization server, single public entry point, audit point."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from pymongo import AsyncMongoClient
+
+from gateway import audit, routes, store
+from gateway.keys import Keyring
+from gateway.settings import GatewaySettings
+from mindchart_core import asgi, errors, health, logs, tokens
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    logs.configure("gateway", settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
+        )
+        app.state.mongo = client
+        app.state.db = client[settings.db_name]
+        await store.ensure_indexes(app.state.db)
+        app.state.keys = Keyring(app.state.db)
+        pem = settings.signing_key_file.read_bytes() if settings.signing_key_file else None
+        await app.state.keys.ensure_key(pem)
+        app.state.verifiers = {
+            name: tokens.TokenVerifier(
+                issuer=settings.issuer, audience=settings.audience_for(name), keys=app.state.keys
+            )
+            for name in ("records", "psychnotes")
+        }
+        app.state.http = httpx.AsyncClient(
+            timeout=settings.upstream_timeout_seconds, follow_redirects=False,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+        yield
+        await app.state.http.aclose()
+        await client.close()
+
+    app = FastAPI(title="Mindchart gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.settings = settings
+
+    async def ready() -> bool:
+        await app.state.mongo.admin.command("ping")
+        return True
+
+    errors.install_error_handlers(app)
+    app.include_router(health.health_router(ready))
+    app.include_router(routes.router)
+    # Starlette: the last middleware added is the outermost. Request context must wrap audit.
+    app.add_middleware(audit.AuditMiddleware, observer=settings.issuer)
+    app.add_middleware(asgi.RequestContextMiddleware, service="gateway")
+    return app

@@ -1,0 +1,48 @@
+"""The psychnotes vault: create_app(settings) builds everything; nothing runs at import."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from pymongo import AsyncMongoClient
+
+from mindchart_core import asgi, errors, health, logs, tokens
+from psychnotes import routes, store
+from psychnotes.settings import PsychnotesSettings
+
+
+def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
+    settings = settings or PsychnotesSettings()
+    logs.configure("psychnotes", settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
+        )
+        app.state.mongo = client
+        app.state.db = client[settings.db_name]
+        await store.ensure_indexes(app.state.db)
+        yield
+        await client.close()
+
+    app = FastAPI(title="Mindchart psychnotes", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.settings = settings
+    app.state.verifier = tokens.TokenVerifier(
+        issuer=settings.issuer, audience=settings.public_base_url,
+        keys=tokens.RemoteJwks(settings.jwks_url),
+    )
+
+    async def ready() -> bool:
+        await app.state.mongo.admin.command("ping")
+        return True
+
+    errors.install_error_handlers(app)
+    app.include_router(health.health_router(ready))
+    app.include_router(routes.router)
+    app.add_middleware(asgi.RequestContextMiddleware, service="psychnotes")
+    return app

@@ -1,0 +1,155 @@
+"""What records serves, declared once: resource types, their search parameters, compartments.
+
+Adding a resource type or a search parameter is a line here; extraction at write time, indexes,
+search parsing and the CapabilityStatement all follow from these declarations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ParamType = Literal["token", "reference", "date", "string", "quantity"]
+
+US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition"
+SEARCH_PARAM_BASE = "http://hl7.org/fhir/SearchParameter"
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    type: ParamType
+    paths: tuple[str, ...]
+    target: str | None = None  # default resource type for bare-id references
+    definition: str = ""
+
+
+@dataclass(frozen=True)
+class ResourceDef:
+    type: str
+    params: tuple[SearchParam, ...]
+    # Paths of references that put a resource in a Patient's compartment (R4 compartmentdefinition).
+    patient_compartment: tuple[str, ...]
+    profiles: tuple[str, ...] = ()
+    # Composite searches US Core requires to be fast: each becomes a compound index.
+    compound_indexes: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+
+    def param(self, name: str) -> SearchParam | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _p(name: str, kind: ParamType, *paths: str, target: str | None = None, base: str = "") -> SearchParam:
+    return SearchParam(name, kind, paths, target, f"{SEARCH_PARAM_BASE}/{base or name}")
+
+
+PATIENT_REF = ("subject", "patient")
+
+RESOURCES: dict[str, ResourceDef] = {
+    d.type: d
+    for d in (
+        ResourceDef(
+            "Patient",
+            (
+                _p("identifier", "token", "identifier", base="Patient-identifier"),
+                _p("name", "string", "name", base="Patient-name"),
+                _p("family", "string", "name.family", base="individual-family"),
+                _p("given", "string", "name.given", base="individual-given"),
+                _p("birthdate", "date", "birthDate", base="individual-birthdate"),
+                _p("gender", "token", "gender", base="individual-gender"),
+                _p("general-practitioner", "reference", "generalPractitioner",
+                   target="Practitioner", base="Patient-general-practitioner"),
+            ),
+            patient_compartment=("id",),
+            profiles=(f"{US_CORE}/us-core-patient",),
+        ),
+        ResourceDef(
+            "Practitioner",
+            (
+                _p("identifier", "token", "identifier", base="Practitioner-identifier"),
+                _p("name", "string", "name", base="Practitioner-name"),
+                _p("family", "string", "name.family", base="individual-family"),
+                _p("given", "string", "name.given", base="individual-given"),
+            ),
+            patient_compartment=(),
+            profiles=(f"{US_CORE}/us-core-practitioner",),
+        ),
+        ResourceDef(
+            "Encounter",
+            (
+                _p("patient", "reference", "subject", target="Patient", base="clinical-patient"),
+                _p("subject", "reference", "subject", target="Patient", base="Encounter-subject"),
+                _p("date", "date", "period", base="clinical-date"),
+                _p("status", "token", "status", base="Encounter-status"),
+                _p("type", "token", "type", base="clinical-type"),
+                _p("practitioner", "reference", "participant.individual", target="Practitioner",
+                   base="Encounter-practitioner"),
+                _p("identifier", "token", "identifier", base="clinical-identifier"),
+            ),
+            patient_compartment=("subject",),
+            profiles=(f"{US_CORE}/us-core-encounter",),
+            compound_indexes=(("patient", "date"),),
+        ),
+        ResourceDef(
+            "DocumentReference",
+            (
+                _p("patient", "reference", "subject", target="Patient", base="clinical-patient"),
+                _p("subject", "reference", "subject", target="Patient", base="DocumentReference-subject"),
+                _p("category", "token", "category", base="DocumentReference-category"),
+                _p("type", "token", "type", base="clinical-type"),
+                _p("date", "date", "date", base="DocumentReference-date"),
+                _p("period", "date", "context.period", base="DocumentReference-period"),
+                _p("status", "token", "status", base="DocumentReference-status"),
+                _p("identifier", "token", "identifier", base="clinical-identifier"),
+                _p("author", "reference", "author", target="Practitioner", base="DocumentReference-author"),
+                _p("encounter", "reference", "context.encounter", target="Encounter",
+                   base="clinical-encounter"),
+            ),
+            patient_compartment=("subject",),
+            profiles=(f"{US_CORE}/us-core-documentreference",),
+            compound_indexes=(("patient", "category", "date"), ("patient", "type")),
+        ),
+        ResourceDef(
+            "Observation",
+            (
+                _p("patient", "reference", "subject", target="Patient", base="clinical-patient"),
+                _p("subject", "reference", "subject", target="Patient", base="Observation-subject"),
+                _p("category", "token", "category", base="Observation-category"),
+                _p("code", "token", "code", base="clinical-code"),
+                _p("date", "date", "effectiveDateTime", "effectivePeriod", "effectiveInstant",
+                   base="clinical-date"),
+                _p("status", "token", "status", base="Observation-status"),
+                _p("value-quantity", "quantity", "valueQuantity", base="Observation-value-quantity"),
+                _p("encounter", "reference", "encounter", target="Encounter", base="clinical-encounter"),
+                _p("derived-from", "reference", "derivedFrom", base="Observation-derived-from"),
+                _p("has-member", "reference", "hasMember", base="Observation-has-member"),
+            ),
+            patient_compartment=("subject",),
+            profiles=(f"{US_CORE}/us-core-observation-screening-assessment",),
+            compound_indexes=(("patient", "category", "date"), ("patient", "code", "date")),
+        ),
+        ResourceDef(
+            "Condition",
+            (
+                _p("patient", "reference", "subject", target="Patient", base="clinical-patient"),
+                _p("subject", "reference", "subject", target="Patient", base="Condition-subject"),
+                _p("code", "token", "code", base="clinical-code"),
+                _p("category", "token", "category", base="Condition-category"),
+                _p("clinical-status", "token", "clinicalStatus", base="Condition-clinical-status"),
+                _p("onset-date", "date", "onsetDateTime", "onsetPeriod", base="Condition-onset-date"),
+            ),
+            patient_compartment=("subject",),
+            profiles=(f"{US_CORE}/us-core-condition-problems-health-concerns",),
+        ),
+        ResourceDef(
+            "Provenance",
+            (
+                _p("target", "reference", "target", base="Provenance-target"),
+                _p("patient", "reference", "target", target="Patient", base="Provenance-patient"),
+                _p("recorded", "date", "recorded", base="Provenance-recorded"),
+                _p("agent", "reference", "agent.who", base="Provenance-agent"),
+            ),
+            patient_compartment=("target",),
+            profiles=(f"{US_CORE}/us-core-provenance",),
+        ),
+    )
+}

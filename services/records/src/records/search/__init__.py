@@ -1,0 +1,1 @@
+"""FHIR search: values extracted at write time (`extract`) and queries over them (`query`)."""
