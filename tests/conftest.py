@@ -1,0 +1,90 @@
+"""Shared fixtures: one real Mindchart stack per test session (embedded SecantusDB per datastore,
+the three services as real uvicorn processes on free ports), spoken to over HTTP."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from pymongo import MongoClient
+
+from mindchart_cli import stack
+from tests.actors import BackendAuth, BackendClient, register_backend
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunningStack:
+    def __init__(self, runner: stack.Stack) -> None:
+        self.runner = runner
+        self.config = runner.config
+        self.gateway_url = runner.config.gateway_url
+        self.fhir = f"{self.gateway_url}/fhir"
+        self.psychnotes = f"{self.gateway_url}/psychnotes/fhir"
+
+    def direct_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.config.http_ports[service]}"
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        env = {"MINDCHART_DATA_DIR": str(self.config.data_dir)}
+        for name in stack.SERVICES:
+            env[f"MINDCHART_{name.upper()}_MONGO_URL"] = self.config.mongo_url(name)
+        return env
+
+    def db(self, service: str) -> Any:
+        client: MongoClient[dict[str, Any]] = MongoClient(self.config.mongo_url(service), tz_aware=True)
+        return client[f"mindchart_{service}"]
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.runner.log_dir.glob("*.log")))
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    data_dir = tmp_path_factory.mktemp("mindchart-var")
+    config = stack.StackConfig(
+        data_dir=data_dir,
+        http_ports={name: free_port() for name in stack.SERVICES},
+        db_ports={name: free_port() for name in stack.SERVICES},
+        ephemeral=True,
+        log_to_files=True,
+        extra_env={"MINDCHART_LOG_LEVEL": "INFO"},
+    )
+    runner = stack.Stack(config)
+    runner.start()
+    try:
+        yield RunningStack(runner)
+    finally:
+        runner.stop()
+
+
+@pytest.fixture(scope="session")
+def writer(live: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> BackendClient:
+    """A backend client allowed to read and write everything in records."""
+    client = BackendClient("test-writer", live.gateway_url)
+    register_backend(live.cli_env, client, "system/*.cruds", tmp=tmp_path_factory.mktemp("keys"))
+    return client
+
+
+@pytest.fixture(scope="session")
+def writer_http(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.fhir, timeout=30, auth=BackendAuth(writer, "system/*.cruds"), headers={
+        "Content-Type": "application/fhir+json",
+        "Accept": "application/fhir+json",
+    }) as client:
+        yield client
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Test files under tests/e2e share one stack; keep them together for a single start-up.
+    items.sort(key=lambda item: 0 if "/unit/" in str(item.fspath) else 1)
+
+
