@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS ?= never
 UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 
-.PHONY: install run test lint bench bench-quick clean
+.PHONY: install browser run test lint bench bench-quick clean
 
 $(UV):
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet --user --break-system-packages uv
@@ -11,10 +11,17 @@ $(UV):
 install: $(UV)
 	$(UV) sync --all-packages --frozen
 
+# Browser tests drive Debian's chromium (Playwright never downloads a browser of its own here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null ) \
+	  || echo "warning: chromium could not be installed; browser tests will be skipped"; }
+
 run: install
 	$(UV) run --frozen mindchart run
 
-test: install
+test: install browser
 	$(UV) run --frozen python -m pytest
 
 lint: install

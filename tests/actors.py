@@ -91,3 +91,20 @@ class BackendAuth(httpx.Auth):
             self._token, self._fetched = self.client.token(self.scope, **self.extra), time.monotonic()
         request.headers["Authorization"] = f"Bearer {self._token}"
         yield request
+
+
+def mint_token(live: Any, *, audience: str | None = None, **claims: Any) -> str:
+    """An access token signed with the gateway's real current key (read from its datastore).
+
+    Stands in for what the gateway issues to a signed-in user (fhirUser, patient context) in tests
+    that exercise a backend, not the sign-in itself; the SMART launch has its own tests.
+    """
+    from joserfc.jwk import RSAKey
+
+    doc = live.db("gateway").signing_keys.find_one(sort=[("created", -1)])
+    key = RSAKey.import_key(doc["jwk"])
+    now = int(time.time())
+    body = {"iss": live.gateway_url, "aud": audience or live.fhir, "sub": "test-writer",
+            "client_id": "test-writer", "scope": "system/*.rs", "iat": now, "exp": now + 300,
+            "jti": uuid.uuid4().hex, **claims}
+    return jwt.encode({"alg": "RS256", "kid": key.kid, "typ": "JWT"}, body, key)

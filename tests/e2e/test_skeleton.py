@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from joserfc import jwt
-from joserfc.jwk import RSAKey
 
-from tests.actors import BackendClient, register_backend, run_cli
+from tests.actors import BackendClient, mint_token, register_backend, run_cli
 from tests.conftest import RunningStack
 
 NOTE_TEXT = "S: sleeping poorly. O: PHQ-9 14. A: moderate depression. P: weekly CBT."
@@ -197,20 +196,10 @@ def test_assertion_signed_by_an_unregistered_key_is_refused(live: RunningStack, 
     assert impostor.token_request("system/*.rs").json()["error"] == "invalid_client"
 
 
-def _forge(live: RunningStack, **claims: Any) -> str:
-    """A token signed with the gateway's real key (read from its datastore) but with our claims."""
-    doc = live.db("gateway").signing_keys.find_one(sort=[("created", -1)])
-    key = RSAKey.import_key(doc["jwk"])
-    now = int(time.time())
-    body = {"iss": live.gateway_url, "aud": live.fhir, "sub": "test-writer", "client_id": "test-writer",
-            "scope": "system/*.rs", "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, **claims}
-    return jwt.encode({"alg": "RS256", "kid": key.kid}, body, key)
-
-
 def test_expired_and_tampered_tokens_are_refused(live: RunningStack, writer: BackendClient) -> None:
     url = f"{live.fhir}/Patient"
-    assert httpx.get(url, headers={"Authorization": f"Bearer {_forge(live)}"}).status_code == 200
-    expired = _forge(live, exp=int(time.time()) - 120, iat=int(time.time()) - 600)
+    assert httpx.get(url, headers={"Authorization": f"Bearer {mint_token(live)}"}).status_code == 200
+    expired = mint_token(live, exp=int(time.time()) - 120, iat=int(time.time()) - 600)
     assert_outcome(httpx.get(url, headers={"Authorization": f"Bearer {expired}"}), 401, "login")
     header, payload, signature = writer.token("system/Patient.rs").split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
@@ -250,13 +239,8 @@ def test_psychotherapy_note_reads_are_refused(live: RunningStack, tmp_path: Any)
 
 def test_psychotherapy_note_is_labelled_by_the_server(live: RunningStack, tmp_path: Any) -> None:
     """Create through the gateway with a practitioner-bound token; the stored note carries V/PSYTHPN/NOAUTH."""
-    doc = live.db("gateway").signing_keys.find_one(sort=[("created", -1)])
-    key = RSAKey.import_key(doc["jwk"])
-    now = int(time.time())
-    token = jwt.encode({"alg": "RS256", "kid": key.kid}, {
-        "iss": live.gateway_url, "aud": live.psychnotes, "sub": "therapist", "client_id": "app",
-        "scope": "user/DocumentReference.c", "fhirUser": f"{live.fhir}/Practitioner/p1",
-        "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex}, key)
+    token = mint_token(live, audience=live.psychnotes, sub="therapist", client_id="app",
+                       scope="user/DocumentReference.c", fhirUser=f"{live.fhir}/Practitioner/p1")
     note = progress_note("p9", meta={"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "N"}]})
     response = httpx.post(f"{live.psychnotes}/DocumentReference", json=note,
                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"})

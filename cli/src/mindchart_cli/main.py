@@ -1,109 +1,28 @@
-"""`mindchart`: the admin CLI. It works on the same datastores as the running services and prints
-what it created as JSON. With no MongoDB URL configured and no stack running, it starts the
-embedded datastore it needs for the duration of the command.
+"""`mindchart`: the admin CLI. Each area mounts its own commands (gateway_commands,
+psychnotes_commands); they work on the same datastores as the running services and print what
+they created as JSON. `mindchart run` starts the whole stack (the README's `make run`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from pymongo import AsyncMongoClient
 
 from gateway import admin
 from gateway.settings import GatewaySettings
-from mindchart_cli import seed, stack
+from mindchart_cli import gateway_commands, psychnotes_commands, seed, stack
 
 app = typer.Typer(help="Mindchart administration", no_args_is_help=True, add_completion=False)
-client_app = typer.Typer(help="OAuth clients (apps, EHRs, insurers)", no_args_is_help=True)
-user_app = typer.Typer(help="People who sign in", no_args_is_help=True)
-key_app = typer.Typer(help="Gateway token-signing keys", no_args_is_help=True)
-app.add_typer(client_app, name="client")
-app.add_typer(user_app, name="user")
-app.add_typer(key_app, name="key")
-
-
-def emit(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
-
-
-@contextlib.contextmanager
-def datastore(name: str) -> Iterator[str]:
-    """The MongoDB URL for one datastore, starting the embedded one if nothing answers."""
-    config = stack.StackConfig.from_env()
-    url = config.mongo_url(name)
-    if name in config.mongo_urls or stack.mongo_answers(url):
-        yield url
-        return
-    only = stack.StackConfig(data_dir=config.data_dir, mongo_urls={
-        other: "configured" for other in stack.SERVICES if other != name})
-    runner = stack.Stack(only)
-    runner.start_datastores()
-    try:
-        yield url
-    finally:
-        runner.stop()
-
-
-def on_gateway_db(work: Callable[[Any], Awaitable[Any]]) -> Any:
-    settings = GatewaySettings()
-    with datastore("gateway") as url:
-        async def main() -> Any:
-            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, tz_aware=True)
-            try:
-                return await work(client[settings.db_name])
-            finally:
-                await client.close()
-        try:
-            return asyncio.run(main())
-        except admin.RegistrationError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-
-@client_app.command("create")
-def client_create(
-    id: Annotated[str, typer.Option("--id", help="client_id")],
-    auth: Annotated[str, typer.Option(help="private_key_jwt | client_secret")],
-    scope: Annotated[str, typer.Option(help="the client's allowed maximum, e.g. 'system/*.rs'")],
-    audience: Annotated[list[str], typer.Option(help="records and/or psychnotes")] = ["records"],  # noqa: B006
-    jwks: Annotated[Path | None, typer.Option(help="JWK Set file with the client's public keys")] = None,
-    jwks_url: Annotated[str | None, typer.Option(help="allow-listed jku for this client")] = None,
-    secret: Annotated[str | None, typer.Option(help="client secret (client_secret auth)")] = None,
-    redirect_uri: Annotated[list[str], typer.Option(help="registered redirect URIs")] = [],  # noqa: B006
-    role: Annotated[list[str], typer.Option(help="roles, e.g. compliance")] = [],  # noqa: B006
-) -> None:
-    """Register (or replace) an OAuth client."""
-    keyset = json.loads(jwks.read_text()) if jwks else None
-    emit(on_gateway_db(lambda db: admin.create_client(
-        db, client_id=id, auth=auth, scope=scope, audiences=audience, jwks=keyset,
-        jwks_url=jwks_url, secret=secret, redirect_uris=redirect_uri, roles=role)))
-
-
-@user_app.command("create")
-def user_create(
-    username: Annotated[str, typer.Option()],
-    password: Annotated[str, typer.Option()],
-    role: Annotated[str, typer.Option(help="practitioner | patient | admin | compliance")],
-    fhir_user: Annotated[str | None, typer.Option(help="Practitioner/ID or Patient/ID")] = None,
-) -> None:
-    """Create (or replace) a user who signs in at the gateway."""
-    emit(on_gateway_db(lambda db: admin.create_user(
-        db, username=username, password=password, role=role, fhir_user=fhir_user)))
-
-
-@key_app.command("rotate")
-def key_rotate() -> None:
-    """Add a new signing key; it signs from now on, the old ones still verify."""
-    emit(on_gateway_db(admin.rotate_signing_key))
+app.add_typer(gateway_commands.client_app, name="client")
+app.add_typer(gateway_commands.user_app, name="user")
+app.add_typer(gateway_commands.key_app, name="key")
+app.add_typer(psychnotes_commands.psychnotes_app, name="psychnotes")
 
 
 async def register_demo(db: Any, creds: dict[str, Any]) -> None:

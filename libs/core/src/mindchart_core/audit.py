@@ -7,6 +7,7 @@ emit identical shapes. Nothing here stores anything.
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -135,4 +136,95 @@ def rest_audit_event(audit: RestAudit) -> dict[str, Any]:
             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"},
         })
+    return event
+
+
+# -- disclosures (45 CFR 164.528 accounting) ----------------------------------------------------
+#
+# A backend that releases patient data to a recipient outside treatment/payment defaults
+# (psychotherapy notes, bulk exports) reports it to the gateway in the internal response header
+# below. The gateway strips the header before the response leaves, and stores one PrivacyDisclosure
+# AuditEvent per patient in its audit trail, from which `/audit/Patient/{id}/$disclosures` answers.
+
+DISCLOSURE_HEADER = "x-mindchart-disclosure"
+
+
+@dataclass
+class Disclosure:
+    """One release of one patient's data to one recipient."""
+
+    patient: str  # "Patient/123"
+    entities: list[str]  # references released, e.g. ["DocumentReference/abc"]
+    purpose_of_use: list[str]  # v3-ActReason codes, e.g. ["TREAT"]
+    basis: str  # "Consent/<id>" or "exception:<basis>" or "scope:<client registration>"
+    recipient_client_id: str
+    recipient_user: str | None = None  # fhirUser of the recipient, when a person
+    description: str = ""
+
+
+def encode_disclosures(disclosures: list[Disclosure]) -> str:
+    payload = [d.__dict__ for d in disclosures]
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def decode_disclosures(header: str) -> list[Disclosure]:
+    payload = json.loads(base64.urlsafe_b64decode(header.encode()))
+    return [Disclosure(**item) for item in payload]
+
+
+def disclosure_audit_event(
+    disclosure: Disclosure, *, custodian: str, request_id: str, recorded: datetime | None = None
+) -> dict[str, Any]:
+    """IHE.BasicAudit.PrivacyDisclosure.Source (BALP 1.1): who received what, when, why, on what basis."""
+    moment = recorded or datetime.now(UTC)
+    recipient: dict[str, Any] = {
+        "type": {"coding": [_DESTINATION]},
+        "who": {"reference": disclosure.recipient_user} if disclosure.recipient_user
+        else {"identifier": {"value": disclosure.recipient_client_id}},
+        "requestor": True,
+        "purposeOfUse": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": c}]}
+            for c in disclosure.purpose_of_use
+        ],
+    }
+    if disclosure.recipient_user:
+        recipient["altId"] = disclosure.recipient_client_id
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": uuid.uuid4().hex,
+        "type": {"system": DCM, "code": "110106", "display": "Export"},
+        "subtype": [{"system": "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle",
+                     "code": "disclose", "display": "Disclose Record Lifecycle Event"}],
+        "action": "R",
+        "recorded": moment.isoformat().replace("+00:00", "Z"),
+        "outcome": "0",
+        "purposeOfEvent": recipient["purposeOfUse"],
+        "agent": [
+            {"type": {"coding": [_SOURCE]}, "who": {"display": custodian}, "requestor": False},
+            recipient,
+            {"type": {"coding": [{"system": "http://snomed.info/sct", "code": "159541003",
+                                  "display": "Records custodian"}]},
+             "who": {"display": custodian}, "requestor": False},
+        ],
+        "source": {"observer": {"display": custodian}},
+        "entity": [
+            {"what": {"reference": disclosure.patient},
+             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}},
+            {"type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                      "code": "XrequestId"},
+             "what": {"identifier": {"value": request_id}}},
+            {"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "13"},
+             "what": {"identifier": {"value": disclosure.basis}},
+             "description": "legal basis of the disclosure"},
+        ] + [
+            {"what": {"reference": ref},
+             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"}}
+            for ref in disclosure.entities
+        ],
+    }
+    if disclosure.description:
+        event["outcomeDesc"] = disclosure.description
     return event
