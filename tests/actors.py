@@ -56,7 +56,7 @@ class BackendClient:
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real `mindchart` console script, against the test stack's datastores."""
     exe = Path(sys.executable).parent / "mindchart"
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [str(exe), *args], env={**os.environ, **env}, capture_output=True, text=True,
         timeout=120, check=False,
     )

@@ -144,11 +144,11 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = None
         if self.config.log_to_files or label.startswith("datastore"):
-            out = open(self.log_dir / f"{label}.log", "ab")  # noqa: SIM115 - child owns it
+            out = open(self.log_dir / f"{label}.log", "ab")  # the child process owns this handle
         process = subprocess.Popen(  # noqa: S603 - our own executables, fixed arguments
             argv, env={**os.environ, **self.config.extra_env, **env},
             stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are running at spawn time
+            preexec_fn=_die_with_parent,  # no threads run at spawn time, so preexec_fn is safe
         )
         self.processes[label] = process
         return process
