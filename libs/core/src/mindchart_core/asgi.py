@@ -12,19 +12,12 @@ import uuid
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mindchart_core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-
-HTTP_REQUESTS = Counter(
-    "mindchart_http_requests_total", "HTTP requests", ["service", "method", "route", "status"]
-)
-HTTP_LATENCY = Histogram(
-    "mindchart_http_request_duration_seconds", "HTTP request latency",
-    ["service", "method", "route"],
-)
 
 log = structlog.get_logger("access")
 

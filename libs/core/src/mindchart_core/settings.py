@@ -9,9 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+WEAK_PASSWORDS = frozenset({"password", "changeme", "change-me", "secret", "mongo", "mongodb", "admin",
+                            "example", "demo", "mindchart", "letmein", "123456"})
+EMBEDDED_PORTS = frozenset({27117, 27118, 27119})
+
+
+class UnsafeConfiguration(RuntimeError):
+    """Production start-up refused: the message lists every problem found."""
 
 
 class ServiceSettings(BaseSettings):
@@ -45,3 +55,23 @@ class ServiceSettings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.env == "production"
+
+    def production_problems(self) -> list[str]:
+        """What makes this configuration unfit for production (services add their own checks)."""
+        problems: list[str] = []
+        parts = urlsplit(self.mongo_url)
+        if not parts.password:
+            problems.append("the MongoDB URL carries no credentials")
+        elif parts.password.lower() in WEAK_PASSWORDS or len(parts.password) < 12:
+            problems.append("the MongoDB password is a default or too short (12+ characters)")
+        if parts.hostname in ("127.0.0.1", "localhost") and parts.port in EMBEDDED_PORTS:
+            problems.append("the MongoDB URL points at an embedded development datastore")
+        return problems
+
+    def refuse_unsafe_production(self) -> None:
+        """Stop start-up in production with demo keys or default secrets (README, Configuration)."""
+        if not self.is_production:
+            return
+        problems = self.production_problems()
+        if problems:
+            raise UnsafeConfiguration("refusing to start in production: " + "; ".join(problems))
