@@ -108,3 +108,14 @@ def mint_token(live: Any, *, audience: str | None = None, **claims: Any) -> str:
             "client_id": "test-writer", "scope": "system/*.rs", "iat": now, "exp": now + 300,
             "jti": uuid.uuid4().hex, **claims}
     return jwt.encode({"alg": "RS256", "kid": key.kid, "typ": "JWT"}, body, key)
+
+
+# Strings that must never appear in any service log (note text, secrets, passwords). Tests register
+# what they send with `sensitive(...)`; tests/e2e/test_zz_observability.py greps the logs for them
+# after every other end-to-end test has run.
+SENSITIVE_MARKERS: set[str] = set()
+
+
+def sensitive(text: str) -> str:
+    SENSITIVE_MARKERS.add(text)
+    return text

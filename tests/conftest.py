@@ -3,6 +3,7 @@ the three services as real uvicorn processes on free ports), spoken to over HTTP
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -50,8 +51,12 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     data_dir = tmp_path_factory.mktemp("mindchart-var")
+    # MINDCHART_TEST_MONGO_URL runs the same suites against real MongoDB (tests/integration/
+    # test_real_mongodb.py sets it to a MongoDB 8 container); each service keeps its own database.
+    real_mongo = os.environ.get("MINDCHART_TEST_MONGO_URL")
     config = stack.StackConfig(
         data_dir=data_dir,
+        mongo_urls={name: real_mongo for name in stack.SERVICES} if real_mongo else {},
         http_ports={name: free_port() for name in stack.SERVICES},
         db_ports={name: free_port() for name in stack.SERVICES},
         ephemeral=True,
@@ -84,7 +89,12 @@ def writer_http(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Cli
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Test files under tests/e2e share one stack; keep them together for a single start-up.
-    items.sort(key=lambda item: 0 if "/unit/" in str(item.fspath) else 1)
+    # Unit tests first; then everything on the shared stack; `test_zz_*` modules (which inspect
+    # what the whole run left behind: logs, metrics) last.
+    def order(item: pytest.Item) -> int:
+        path = str(item.fspath)
+        return 0 if "/unit/" in path else 2 if "/test_zz_" in path else 1
+
+    items.sort(key=order)
 
 

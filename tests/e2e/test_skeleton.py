@@ -13,10 +13,10 @@ import httpx
 import pytest
 from joserfc import jwt
 
-from tests.actors import BackendClient, mint_token, register_backend, run_cli
+from tests.actors import BackendClient, mint_token, register_backend, run_cli, sensitive
 from tests.conftest import RunningStack
 
-NOTE_TEXT = "S: sleeping poorly. O: PHQ-9 14. A: moderate depression. P: weekly CBT."
+NOTE_TEXT = sensitive("S: sleeping poorly. O: PHQ-9 14. A: moderate depression. P: weekly CBT.")
 
 
 def progress_note(patient_id: str, **changes: Any) -> dict[str, Any]:
@@ -331,7 +331,7 @@ def test_health_endpoints(live: RunningStack) -> None:
 
 def test_cli_creates_clients_and_users_as_json(live: RunningStack, tmp_path: Any) -> None:
     result = run_cli(live.cli_env, "client", "create", "--id", "secret-app", "--auth", "client_secret",
-                     "--secret", "a-very-long-secret-value", "--scope", "system/Patient.rs",
+                     "--secret", sensitive("a-very-long-secret-value"), "--scope", "system/Patient.rs",
                      "--audience", "records")
     assert result.returncode == 0, result.stderr
     created = json.loads(result.stdout)
@@ -344,7 +344,7 @@ def test_cli_creates_clients_and_users_as_json(live: RunningStack, tmp_path: Any
                        "scope": "system/Patient.rs"}, auth=("secret-app", "wrong-secret-value!!"))
     assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
     user = run_cli(live.cli_env, "user", "create", "--username", "drsmith", "--password",
-                   "correct horse battery", "--role", "practitioner", "--fhir-user", "Practitioner/p1")
+                   sensitive("correct horse battery"), "--role", "practitioner", "--fhir-user", "Practitioner/p1")
     assert user.returncode == 0, user.stderr
     assert json.loads(user.stdout)["fhir_user"] == "Practitioner/p1"
     stored = live.db("gateway").users.find_one({"_id": "drsmith"})
