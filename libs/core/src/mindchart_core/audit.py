@@ -228,3 +228,103 @@ def disclosure_audit_event(
     if disclosure.description:
         event["outcomeDesc"] = disclosure.description
     return event
+
+
+# -- consent decisions (IHE BALP AuthZconsent) --------------------------------------------------
+#
+# psychnotes records one of these for every decision of its consent gate: a consent token minted
+# or refused, a read permitted or refused. The reason of a refusal travels in `outcomeDesc`.
+
+AUTHZ_SUBTYPE_SYSTEM = "https://profiles.ihe.net/ITI/BALP/CodeSystem/AuthZsubType"
+
+
+@dataclass
+class ConsentDecision:
+    """One permit/deny of the consent gate, with who asked, for what, on which basis."""
+
+    permit: bool
+    reason: str  # why: shown in outcomeDesc, kept for deny and permit alike
+    action: str  # what was decided: "mint", "read", "vread", "search", "history", ...
+    client_id: str | None
+    fhir_user: str | None = None
+    patient: str | None = None  # "Patient/123"
+    basis: str | None = None  # "Consent/<id>" or "exception:<basis>"
+    purpose_of_use: list[str] = field(default_factory=list)
+    token_jti: str | None = None  # the consent token's jti, when there was one
+    entities: list[str] = field(default_factory=list)  # notes the decision covers
+    request_id: str = ""
+    recorded: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def consent_decision_audit_event(decision: ConsentDecision, *, observer: str) -> dict[str, Any]:
+    """IHE.BasicAudit.AuthZconsent (BALP 1.1): outcome 0 = permit, 4 = deny (shared/STANDARDS.md §8)."""
+    user: dict[str, Any] = {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                             "code": "IRCP", "display": "information recipient"}]},
+        "who": {"reference": decision.fhir_user} if decision.fhir_user
+        else {"identifier": {"value": decision.client_id or "anonymous"}},
+        "requestor": True,
+    }
+    if decision.purpose_of_use:
+        user["purposeOfUse"] = [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": c}]}
+            for c in decision.purpose_of_use
+        ]
+    entities: list[dict[str, Any]] = [
+        {"type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                  "code": "XrequestId"},
+         "what": {"identifier": {"value": decision.request_id}}},
+    ]
+    if decision.patient:
+        entities.append({
+            "what": {"reference": decision.patient},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"},
+        })
+    if decision.basis:
+        basis: dict[str, Any] = {
+            "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Consent"},
+            "description": "legal basis (authorization or 45 CFR 164.508(a)(2) exception)",
+        }
+        basis["what"] = ({"reference": decision.basis} if decision.basis.startswith("Consent/")
+                         else {"identifier": {"value": decision.basis}})
+        entities.append(basis)
+    if decision.token_jti:
+        entities.append({
+            "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                     "code": "OAuthToken"},
+            "what": {"identifier": {"value": f"urn:ietf:params:oauth:jti:{decision.token_jti}"}},
+            "description": "consent token",
+        })
+    entities += [
+        {"what": {"reference": ref},
+         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"}}
+        for ref in decision.entities
+    ]
+    return {
+        "resourceType": "AuditEvent",
+        "id": uuid.uuid4().hex,
+        "type": {"system": DCM, "code": "110113", "display": "Security Alert"},
+        "subtype": [{"system": AUTHZ_SUBTYPE_SYSTEM, "code": "AuthZ-Consent",
+                     "display": "Authorization Decision - Consent"},
+                    {"system": "http://mindchart.dev/CodeSystem/consent-gate-action",
+                     "code": decision.action}],
+        "action": "E",
+        "recorded": decision.recorded.isoformat().replace("+00:00", "Z"),
+        "outcome": "0" if decision.permit else "4",
+        "outcomeDesc": decision.reason,
+        "agent": [
+            {"type": {"coding": [{"system": DCM, "code": "110150", "display": "Application"}]},
+             "who": {"identifier": {"value": decision.client_id or "anonymous"}},
+             "requestor": False},
+            user,
+            {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+                                  "code": "authserver", "display": "authorization server"}]},
+             "who": {"display": observer}, "requestor": False},
+        ],
+        "source": {"observer": {"display": observer},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                             "code": "4", "display": "Application Server"}]},
+        "entity": entities,
+    }

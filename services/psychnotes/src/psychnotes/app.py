@@ -1,4 +1,8 @@
-"""The psychnotes vault: create_app(settings) builds everything; nothing runs at import."""
+"""The psychnotes vault: create_app(settings) builds everything; nothing runs at import.
+
+Key material is loaded before the app exists (keys.py): a production process without its KEK or
+consent-token signing key refuses to start.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,15 @@ from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
 from mindchart_core import asgi, errors, health, logs, tokens
-from psychnotes import routes, store
+from psychnotes import keys, routes, store
 from psychnotes.settings import PsychnotesSettings
 
 
 def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     settings = settings or PsychnotesSettings()
     logs.configure("psychnotes", settings.log_level)
+    keyring = keys.load_keyring(settings)
+    signing_key = keys.load_signing_key(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -32,6 +38,8 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     app = FastAPI(title="Mindchart psychnotes", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.settings = settings
+    app.state.keyring = keyring
+    app.state.signing_key = signing_key
     app.state.verifier = tokens.TokenVerifier(
         issuer=settings.issuer, audience=settings.public_base_url,
         keys=tokens.RemoteJwks(settings.jwks_url),

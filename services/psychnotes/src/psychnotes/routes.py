@@ -1,68 +1,162 @@
-"""Psychnotes FHIR surface. Writes by the treating practitioner; every read is refused unless a
-consent token grants it (45 CFR 164.508(a)(2)). The consent-token flow is its own issue: until it
-lands, every read, vread, search and history answers 403.
+"""Psychnotes FHIR surface: thin handlers; the interactions are in service.py, the rules in
+policy.py, notes.py and consent.py.
+
+Writes: the treating practitioner creates, updates (author only, history kept) and soft-deletes
+notes. Reads (read, vread, search, history) need a `Consent-Token` header on top of the access
+token, checked for every note returned (45 CFR 164.508(a)(2); shared/DESIGN.md "Consent token").
+A missing consent token is 403 (the caller is known but not authorized); a presented token that
+is forged, expired or not ours is 401 with `WWW-Authenticate: Consent-Token`. Only the exact
+`Consent-Token` header counts: look-alikes (`X-Consent-Token`, query parameters) are ignored.
+
+Authorizations: `POST Consent` records one, `GET Consent/{id}` shows it to the patient, the
+treating practitioner and the named recipients, `POST Consent/{id}/$revoke` revokes it (status
+inactive, effective at once). A Consent is never edited (PUT/PATCH/DELETE: 405).
+Tokens: `POST Consent/{id}/$consent-token`, `POST $consent-token` (164.508(a)(2) exceptions).
 """
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from mindchart_core import errors, fhirjson, tokens, validation
-from mindchart_core.tokens import AccessToken
-from psychnotes import labels, store
-from psychnotes.settings import PsychnotesSettings
+from mindchart_core import asgi, errors, fhirjson, tokens
+from psychnotes import service
+from psychnotes.consent_token import ConsentToken
 
 router = APIRouter(prefix="/psychnotes/fhir")
+CONSENT_TOKEN_HEADER = "consent-token"
+_ETAG = re.compile(r'^(?:W/)?"(\d+)"$')
 
 
-async def caller(request: Request) -> AccessToken:
+async def context(request: Request) -> service.Context:
+    """Verify the caller's access token (again: we trust no network) and bind the vault to it."""
     fhirjson.negotiate(request)
-    token: AccessToken = await request.app.state.verifier.verify(tokens.bearer_token(request))
-    return token
+    token = await request.app.state.verifier.verify(tokens.bearer_token(request))
+    state = request.app.state
+    return service.Context(db=state.db, keyring=state.keyring, signing_key=state.signing_key,
+                           settings=state.settings, token=token,
+                           request_id=asgi.request_id_of(request.scope))
 
 
-CallerDep = Annotated[AccessToken, Depends(caller)]
+ContextDep = Annotated[service.Context, Depends(context)]
 
 
-def _settings(request: Request) -> PsychnotesSettings:
-    settings: PsychnotesSettings = request.app.state.settings
-    return settings
+async def body_of(request: Request, ctx: service.Context) -> object:
+    return await fhirjson.read_json_body(request, ctx.settings.max_body_bytes)
 
+
+def presented_tokens(request: Request) -> list[str]:
+    return request.headers.getlist(CONSENT_TOKEN_HEADER)
+
+
+async def gated(request: Request, ctx: service.Context, action: str) -> ConsentToken:
+    return await service.gate(ctx, presented_tokens(request), action)
+
+
+def if_match_version(request: Request) -> int | None:
+    header = request.headers.get("if-match")
+    if header is None:
+        return None
+    match = _ETAG.match(header.strip())
+    if match is None:
+        raise errors.Invalid('If-Match must be an ETag such as W/"3"')
+    return int(match.group(1))
+
+
+# -- notes --------------------------------------------------------------------------------------
 
 @router.post("/DocumentReference")
-async def create_note(request: Request, token: CallerDep) -> Response:
-    if not token.scope.allows("DocumentReference", "create"):
-        raise errors.Forbidden("The granted scopes do not permit creating psychotherapy notes")
-    author = token.fhir_user_ref
-    if not author or not author.startswith("Practitioner/"):
-        raise errors.Forbidden("Only a practitioner (fhirUser) may write psychotherapy notes")
-    settings = _settings(request)
-    body = await fhirjson.read_json_body(request, settings.max_body_bytes)
-    resource = validation.validate_resource(body, "DocumentReference")
-    subject = resource.get("subject", {}).get("reference", "")
-    if not subject.startswith("Patient/"):
-        raise errors.Unprocessable("subject must reference the Patient (Patient/id)",
-                                   expression=["DocumentReference.subject"])
-    note_id = str(uuid.uuid4())
-    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    resource = labels.label({**resource, "id": note_id})
-    resource["meta"].update(versionId="1", lastUpdated=now)
-    resource["author"] = [{"reference": author}]
-    await store.insert_note(request.app.state.db, note_id, resource, patient=subject, author=author)
-    return Response(
-        status_code=201,
-        headers={"Location": f"{settings.public_base_url}/DocumentReference/{note_id}/_history/1",
-                 "ETag": 'W/"1"'},
-    )
+async def create_note(request: Request, ctx: ContextDep) -> Response:
+    return await service.create_note(ctx, await body_of(request, ctx))
 
 
-@router.api_route("/{rest:path}", methods=["GET"])
-async def refuse_reads(token: CallerDep) -> Response:
-    raise errors.Forbidden(
-        "Psychotherapy notes are released only with a consent token (45 CFR 164.508(a)(2))"
-    )
+@router.post("/DocumentReference/_search")
+async def search_notes_post(request: Request, ctx: ContextDep) -> Response:
+    token = await gated(request, ctx, "search")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    if ctype not in ("application/x-www-form-urlencoded", ""):
+        raise errors.UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
+    form = await request.form()
+    items = list(request.query_params.multi_items()) + [(k, str(v)) for k, v in form.multi_items()]
+    return await service.search_notes(ctx, token, items)
+
+
+@router.get("/DocumentReference")
+async def search_notes(request: Request, ctx: ContextDep) -> Response:
+    token = await gated(request, ctx, "search")
+    return await service.search_notes(ctx, token, list(request.query_params.multi_items()))
+
+
+@router.get("/DocumentReference/{note_id}/_history/{version}")
+async def vread_note(note_id: str, version: str, request: Request, ctx: ContextDep) -> Response:
+    token = await gated(request, ctx, "vread")
+    return await service.vread_note(ctx, token, note_id, version)
+
+
+@router.get("/DocumentReference/{note_id}/_history")
+async def note_history(note_id: str, request: Request, ctx: ContextDep) -> Response:
+    token = await gated(request, ctx, "history")
+    return await service.note_history(ctx, token, note_id)
+
+
+@router.get("/DocumentReference/{note_id}")
+async def read_note(note_id: str, request: Request, ctx: ContextDep) -> Response:
+    token = await gated(request, ctx, "read")
+    return await service.read_note(ctx, token, note_id)
+
+
+@router.put("/DocumentReference/{note_id}")
+async def update_note(note_id: str, request: Request, ctx: ContextDep) -> Response:
+    return await service.update_note(ctx, note_id, await body_of(request, ctx),
+                                     if_match_version(request))
+
+
+@router.delete("/DocumentReference/{note_id}")
+async def delete_note(note_id: str, ctx: ContextDep) -> Response:
+    return await service.delete_note(ctx, note_id)
+
+
+# -- authorizations and consent tokens ----------------------------------------------------------
+
+@router.post("/Consent")
+async def create_consent(request: Request, ctx: ContextDep) -> Response:
+    return await service.create_consent(ctx, await body_of(request, ctx))
+
+
+@router.get("/Consent/{consent_id}")
+async def read_consent(consent_id: str, ctx: ContextDep) -> Response:
+    return await service.read_consent(ctx, consent_id)
+
+
+@router.post("/Consent/{consent_id}/$revoke")
+async def revoke_consent(consent_id: str, ctx: ContextDep) -> Response:
+    return await service.revoke_consent(ctx, consent_id)
+
+
+@router.api_route("/Consent/{consent_id}", methods=["PUT", "PATCH", "DELETE"])
+async def edit_consent(consent_id: str, ctx: ContextDep) -> Response:
+    raise errors.MethodNotAllowed(
+        "An authorization is not edited: revoke it with POST Consent/{id}/$revoke and record a "
+        "new one")
+
+
+@router.post("/Consent/{consent_id}/$consent-token")
+async def consent_token_from_consent(consent_id: str, request: Request, ctx: ContextDep) -> Response:
+    return await service.mint_from_consent(ctx, consent_id, await body_of(request, ctx))
+
+
+@router.post("/$consent-token")
+async def consent_token_for_exception(request: Request, ctx: ContextDep) -> Response:
+    return await service.mint_for_exception(ctx, await body_of(request, ctx))
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def anything_else(request: Request, rest: str, ctx: ContextDep) -> Response:
+    if request.method == "GET":
+        # A read of anything else still goes through the gate first: nothing here answers an
+        # unauthorized reader differently from an authorized one.
+        await gated(request, ctx, "read")
+    raise errors.NotFound("Not found")

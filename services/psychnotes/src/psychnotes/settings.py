@@ -1,4 +1,11 @@
-"""Psychnotes settings: environment variables prefixed MINDCHART_PSYCHNOTES_ (README table)."""
+"""Psychnotes settings: environment variables prefixed MINDCHART_PSYCHNOTES_ (README table).
+
+Key material (keys.py): `KEK_FILE` holds the key-encryption key (base64 of 32 bytes, one line),
+`PREVIOUS_KEK_FILES` (comma-separated paths) the retired ones still needed to unwrap data keys
+until `mindchart psychnotes rotate-key` has re-wrapped them, `SIGNING_KEY_FILE` the PEM private
+key (EC P-256) that signs consent tokens. Production refuses to start without the first and last;
+development generates them under `<MINDCHART_DATA_DIR>/keys/` (mode 0600) on first start.
+"""
 
 from __future__ import annotations
 
@@ -20,4 +27,15 @@ class PsychnotesSettings(ServiceSettings):
     issuer: str = "http://127.0.0.1:8000"
     jwks_url: str = "http://127.0.0.1:8000/oauth/jwks"
     kek_file: Path | None = None
+    previous_kek_files: str = ""  # comma-separated; retired KEKs kept until re-wrapped
     signing_key_file: Path | None = None
+    consent_token_minutes: int = 10  # DESIGN.md "Consent token": exp in minutes
+    exception_token_minutes: int = 10
+    min_justification_chars: int = 20
+
+    @property
+    def base_url(self) -> str:
+        return self.public_base_url.rstrip("/")
+
+    def previous_kek_paths(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.previous_kek_files.split(",") if p.strip()]

@@ -1,27 +1,166 @@
-"""Every psychnotes database query. This datastore is separate from records' by design."""
+"""Every psychnotes database query. This datastore is separate from records' by design.
+
+Collections:
+- `notes` / `notes_history`: one document per note (current version) and per version. Beside the
+  sealed resource (`sealed`, vault.py) they keep only what the gate and search filter on: patient,
+  author, date, status, the security labels (`resource` is a clear stub: resourceType, id, meta,
+  status, subject, author, date). Never the note's words.
+- `consents` / `consents_history`: the authorizations, sealed likewise, with the gate's summary
+  (consent.Authorization.index) in clear.
+- `exception_grants`: each 164.508(a)(2) exception token minted, with the written justification.
+- `decisions`: every consent-gate decision (AuthZconsent AuditEvent), permit or deny, with reason.
+- `disclosures`: every release of note content (PrivacyDisclosure AuditEvent).
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
+from mindchart_core import errors
+
 Db = AsyncDatabase[dict[str, Any]]
+SEALED_COLLECTIONS = ("notes", "notes_history", "consents", "consents_history")
+
+
+def now() -> datetime:
+    moment = datetime.now(UTC)  # BSON dates hold milliseconds
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 async def ensure_indexes(db: Db) -> None:
     await db.notes.create_index([("patient", ASCENDING), ("date", ASCENDING)])
     await db.notes.create_index([("author", ASCENDING)])
     await db.notes_history.create_index([("id", ASCENDING), ("vid", ASCENDING)], unique=True)
+    await db.consents.create_index([("patient", ASCENDING)])
+    await db.consents_history.create_index([("id", ASCENDING), ("vid", ASCENDING)], unique=True)
+    await db.decisions.create_index([("request_id", ASCENDING)])
+    await db.decisions.create_index([("patient", ASCENDING)])
+    await db.disclosures.create_index([("patient", ASCENDING)])
+    await db.disclosures.create_index([("request_id", ASCENDING)])
 
 
-async def insert_note(db: Db, note_id: str, resource: dict[str, Any], *, patient: str, author: str) -> None:
-    client = db.client
-    now = datetime.now(UTC)
-    doc = {"_id": note_id, "vid": 1, "ts": now, "patient": patient, "author": author,
-           "resource": resource, "deleted": False}
-    async with client.start_session() as session, await session.start_transaction():
+# -- notes --------------------------------------------------------------------------------------
+
+async def insert_note(db: Db, doc: dict[str, Any]) -> None:
+    """A new note (version 1) and its history entry, atomically."""
+    async with db.client.start_session() as session, await session.start_transaction():
         await db.notes.insert_one(doc, session=session)
-        await db.notes_history.insert_one({**doc, "_id": f"{note_id}/1", "id": note_id}, session=session)
+        await db.notes_history.insert_one(
+            {**doc, "_id": f"{doc['_id']}/{doc['vid']}", "id": doc["_id"], "method": "POST"},
+            session=session)
+
+
+async def replace_note(db: Db, doc: dict[str, Any], *, expected: int, method: str) -> None:
+    """The next version (update or soft delete), only if `expected` is still the current one."""
+    note_id = doc["_id"]
+    async with db.client.start_session() as session, await session.start_transaction():
+        result = await db.notes.replace_one({"_id": note_id, "vid": expected}, doc, session=session)
+        if result.matched_count != 1:
+            raise errors.Conflict("The note changed meanwhile; retry with its new version")
+        await db.notes_history.insert_one(
+            {**doc, "_id": f"{note_id}/{doc['vid']}", "id": note_id, "method": method},
+            session=session)
+
+
+async def get_note(db: Db, note_id: str) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await db.notes.find_one({"_id": note_id})
+    return doc
+
+
+async def get_note_version(db: Db, note_id: str, version: int) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await db.notes_history.find_one({"id": note_id, "vid": version})
+    return doc
+
+
+async def note_history(db: Db, note_id: str) -> list[dict[str, Any]]:
+    docs = await db.notes_history.find({"id": note_id}).to_list()
+    return sorted(docs, key=lambda d: -int(d["vid"]))
+
+
+async def find_notes(db: Db, filt: dict[str, Any], *, after: str | None,
+                     limit: int) -> AsyncIterator[dict[str, Any]]:
+    """Current, undeleted notes matching `filt` (already narrowed to the token), in id order."""
+    clauses = [filt, {"deleted": False}]
+    if after:
+        clauses.append({"_id": {"$gt": after}})
+    cursor = db.notes.find({"$and": clauses}).sort("_id", ASCENDING).limit(limit)
+    async for doc in cursor:
+        yield doc
+
+
+async def authored_for(db: Db, author: str, patient: str) -> bool:
+    """Whether `author` has written a psychotherapy note about `patient` (a treating clinician)."""
+    return await db.notes.find_one({"author": author, "patient": patient}, {"_id": 1}) is not None
+
+
+async def existing_note_ids(db: Db, patient: str, ids: list[str]) -> set[str]:
+    docs = await db.notes.find({"_id": {"$in": ids}, "patient": patient, "deleted": False},
+                               {"_id": 1}).to_list()
+    return {d["_id"] for d in docs}
+
+
+# -- consents -----------------------------------------------------------------------------------
+
+async def insert_consent(db: Db, doc: dict[str, Any]) -> None:
+    async with db.client.start_session() as session, await session.start_transaction():
+        await db.consents.insert_one(doc, session=session)
+        await db.consents_history.insert_one(
+            {**doc, "_id": f"{doc['_id']}/{doc['vid']}", "id": doc["_id"], "method": "POST"},
+            session=session)
+
+
+async def replace_consent(db: Db, doc: dict[str, Any], *, expected: int) -> None:
+    consent_id = doc["_id"]
+    async with db.client.start_session() as session, await session.start_transaction():
+        result = await db.consents.replace_one({"_id": consent_id, "vid": expected}, doc,
+                                               session=session)
+        if result.matched_count != 1:
+            raise errors.Conflict("The authorization changed meanwhile; retry")
+        await db.consents_history.insert_one(
+            {**doc, "_id": f"{consent_id}/{doc['vid']}", "id": consent_id, "method": "PUT"},
+            session=session)
+
+
+async def get_consent(db: Db, consent_id: str) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await db.consents.find_one({"_id": consent_id})
+    return doc
+
+
+# -- exception grants, decisions, disclosures ---------------------------------------------------
+
+async def insert_exception_grant(db: Db, grant: dict[str, Any]) -> None:
+    await db.exception_grants.insert_one(grant)
+
+
+async def get_exception_grant(db: Db, jti: str) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await db.exception_grants.find_one({"_id": jti})
+    return doc
+
+
+async def insert_decision(db: Db, record: dict[str, Any]) -> None:
+    await db.decisions.insert_one(record)
+
+
+async def insert_disclosures(db: Db, records: list[dict[str, Any]]) -> None:
+    if records:
+        await db.disclosures.insert_many(records)
+
+
+# -- key rotation -------------------------------------------------------------------------------
+
+async def sealed_documents(db: Db, collection: str, current_kek: str) -> AsyncIterator[dict[str, Any]]:
+    """Documents whose data key is not yet wrapped by the current KEK."""
+    cursor = db[collection].find({"sealed.dek.kek": {"$exists": True, "$ne": current_kek}})
+    async for doc in cursor:
+        yield doc
+
+
+async def set_sealed(db: Db, collection: str, doc_id: str, old_kek: str, sealed: dict[str, Any]) -> bool:
+    result = await db[collection].update_one({"_id": doc_id, "sealed.dek.kek": old_kek},
+                                             {"$set": {"sealed": sealed}})
+    return result.modified_count == 1

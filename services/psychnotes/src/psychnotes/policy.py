@@ -1,0 +1,186 @@
+"""The consent gate: who may mint a consent token, and what a presented token releases.
+
+Every rule cites its source. A refusal is a `Refusal` carrying the reason that is audited (the
+client sees the same text: reasons never mention notes the caller cannot see).
+
+Minting (shared/DESIGN.md "Consent token"):
+- from a Consent: the authorization is in force (active, within its period), names the caller as
+  a recipient (fhirUser, or client_id), authorizes the requested purpose, and covers the requested
+  notes; the token's note scope is the authorization's narrowed by the request, its `exp` at most
+  `consent_token_minutes` away and never past the authorization's end;
+- from a 45 CFR 164.508(a)(2) exception (`EXCEPTIONS`): originator-treatment only for the notes'
+  author and only their own notes (scope `author`); every other basis needs the `compliance` role
+  in the access token and a written justification, kept in `exception_grants`.
+
+Reading: the token verifies (consent_token.verify), its grantee is this request's caller (client_id
+and fhirUser of the verified access token), its basis is still in force now (the Consent is read
+live on every request: revocation is immediate; an exception grant must still exist), and each
+note returned is the token's patient's and inside the token's note scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mindchart_core import errors
+from mindchart_core.tokens import AccessToken
+from psychnotes import store
+from psychnotes.consent import Authorization
+from psychnotes.consent_token import ConsentToken, NoteScope
+
+COMPLIANCE_ROLE = "compliance"
+ORIGINATOR = "originator-treatment"
+# 164.508(a)(2) exceptions -> the v3-ActReason purpose recorded for each (codes from the v3
+# PurposeOfUse hierarchy, from memory: shared/STANDARDS.md marks HLEGAL as unconfirmed).
+EXCEPTIONS: dict[str, str] = {
+    ORIGINATOR: "TREAT",            # (a)(2)(i)(A) the originator's own treatment use
+    "training": "TRAIN",            # (a)(2)(i)(B) supervised mental-health training programs
+    "legal-defense": "HLEGAL",      # (a)(2)(i)(C) defending a legal action by the individual
+    "hhs": "HCOMPL",                # (a)(2)(ii) 164.502(a)(2)(ii): the HHS Secretary
+    "required-by-law": "HLEGAL",    # (a)(2)(ii) 164.512(a)
+    "oversight": "HCOMPL",          # (a)(2)(ii) 164.512(d): oversight of the originator
+    "coroner": "HDECD",             # (a)(2)(ii) 164.512(g)(1)
+    "serious-threat": "THREAT",     # (a)(2)(ii) 164.512(j)(1)(i)
+}
+
+
+class Refusal(errors.FhirError):
+    """403 forbidden, audited with `diagnostics` as the reason."""
+
+    status, code = 403, "forbidden"
+
+
+class TokenRefusal(errors.FhirError):
+    """401: the consent token presented cannot be trusted (forged, expired, not ours)."""
+
+    status, code = 401, "login"
+
+    def __init__(self, diagnostics: str) -> None:
+        super().__init__(diagnostics, headers={
+            "WWW-Authenticate": 'Consent-Token error="invalid_token"'})
+
+
+@dataclass(frozen=True)
+class NoteRequest:
+    """The notes a mint request asks for (all optional: absent means what the basis allows)."""
+
+    ids: frozenset[str] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+def caller_user(token: AccessToken) -> str | None:
+    return token.fhir_user_ref
+
+
+def is_recipient(auth: Authorization, token: AccessToken) -> bool:
+    user = caller_user(token)
+    return (user is not None and user in auth.recipients) or f"client:{token.client_id}" in auth.recipients
+
+
+def may_read_notes(token: AccessToken) -> bool:
+    return token.scope.allows("DocumentReference", "read") or token.scope.allows(
+        "DocumentReference", "search-type")
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return max(x for x in (a, b) if x is not None) if a or b else None
+
+
+def _earlier(a: datetime | None, b: datetime | None) -> datetime | None:
+    return min(x for x in (a, b) if x is not None) if a or b else None
+
+
+def scope_from_consent(auth: Authorization, wanted: NoteRequest) -> NoteScope:
+    """The authorization's notes narrowed by the request; asking beyond them is refused."""
+    ids = auth.note_ids
+    if wanted.ids is not None:
+        if ids is not None and not wanted.ids <= ids:
+            raise Refusal("The requested notes are not covered by this authorization")
+        ids = wanted.ids
+    start, end = _later(auth.data_start, wanted.start), _earlier(auth.data_end, wanted.end)
+    if start and end and end <= start:
+        raise Refusal("The requested date range is outside this authorization")
+    return NoteScope(ids=ids, start=start, end=end)
+
+
+def check_consent_mint(auth: Authorization, token: AccessToken, purpose: str,
+                       now: datetime) -> None:
+    if not is_recipient(auth, token):
+        raise Refusal("This authorization does not name the caller as a recipient")
+    reason = auth.in_force(now)
+    if reason:
+        raise Refusal(f"No token can be minted: {reason}")
+    if purpose not in auth.purposes:
+        raise Refusal(f"The purpose {purpose} is not authorized by this authorization")
+
+
+def check_exception_mint(basis: str, token: AccessToken, purpose: str | None,
+                         justification: str, min_chars: int) -> str:
+    """The purpose code of an allowed exception request, or a Refusal."""
+    if basis not in EXCEPTIONS:
+        raise errors.Unprocessable(f"basis must be one of: {', '.join(EXCEPTIONS)}",
+                                   expression=["Parameters.parameter[basis]"])
+    expected = EXCEPTIONS[basis]
+    if purpose is not None and purpose != expected:
+        raise Refusal(f"The {basis} exception is for purpose {expected}, not {purpose}")
+    if basis == ORIGINATOR:
+        user = caller_user(token)
+        if not user or not user.startswith("Practitioner/"):
+            raise Refusal("Only the notes' author (a practitioner fhirUser) may use the "
+                          "originator-treatment exception")
+        return expected
+    if COMPLIANCE_ROLE not in token.roles:
+        raise Refusal(f"The {basis} exception needs the compliance role")
+    if len(justification.strip()) < min_chars:
+        raise Refusal(f"The {basis} exception needs a written justification "
+                      f"(at least {min_chars} characters)")
+    return expected
+
+
+async def check_token_in_force(db: store.Db, consent_token: ConsentToken, token: AccessToken,
+                               now: datetime) -> None:
+    """Grantee = caller, and the basis still holds right now (revocation is immediate)."""
+    if consent_token.client_id != token.client_id or consent_token.fhir_user != caller_user(token):
+        raise Refusal("The consent token was issued to another caller")
+    consent_id = consent_token.consent_id
+    if consent_id is not None:
+        doc = await store.get_consent(db, consent_id)
+        if doc is None:
+            raise Refusal("The authorization behind this consent token no longer exists")
+        auth = Authorization.from_index(doc)
+        reason = auth.in_force(now)
+        if reason:
+            raise Refusal(f"The consent token is no longer valid: {reason}")
+        if auth.patient != consent_token.patient or not is_recipient(auth, token) or not (
+                set(consent_token.purpose_of_use) <= auth.purposes):
+            raise Refusal("The consent token does not match its authorization")
+        return
+    grant = await store.get_exception_grant(db, consent_token.jti)
+    if grant is None or grant.get("revoked") or grant["patient"] != consent_token.patient or (
+            grant["basis"] != consent_token.exception):
+        raise Refusal("The exception grant behind this consent token is not on record")
+
+
+def note_filter(consent_token: ConsentToken) -> dict[str, Any]:
+    """The MongoDB filter of everything this token reaches (search never looks outside it)."""
+    scope = consent_token.notes
+    clauses: list[dict[str, Any]] = [{"patient": consent_token.patient}]
+    if scope.ids is not None:
+        clauses.append({"_id": {"$in": sorted(scope.ids)}})
+    if scope.start is not None:
+        clauses.append({"date": {"$gte": scope.start}})
+    if scope.end is not None:
+        clauses.append({"date": {"$lt": scope.end}})
+    if scope.author is not None:
+        clauses.append({"author": scope.author})
+    return {"$and": clauses}
+
+
+def covers(consent_token: ConsentToken, doc: dict[str, Any] | None, note_id: str) -> bool:
+    if doc is None or doc.get("patient") != consent_token.patient:
+        return False
+    date = doc["date"] if doc["date"].tzinfo else doc["date"].replace(tzinfo=UTC)
+    return consent_token.notes.covers(note_id, date, doc["author"])
