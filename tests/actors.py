@@ -119,3 +119,162 @@ SENSITIVE_MARKERS: set[str] = set()
 def sensitive(text: str) -> str:
     SENSITIVE_MARKERS.add(text)
     return text
+
+
+# -- records: FHIR clients whose every answer is checked against the official R4 JSON schema --------
+
+def schema_checked_response(response: httpx.Response) -> None:
+    """httpx response hook: every FHIR JSON body must validate against HL7's R4 JSON schema."""
+    from tests.fhir_schema import assert_valid
+
+    if response.headers.get("content-type", "").startswith("application/fhir+json"):
+        response.read()
+        if response.content:
+            assert_valid(response.json())
+
+
+def records_client(live: Any, *, token: str | None = None, auth: httpx.Auth | None = None,
+                   direct: bool = False) -> httpx.Client:
+    """An httpx client for records (through the gateway unless `direct`), schema-checking answers."""
+    base = f"{live.direct_url('records')}/fhir" if direct else live.fhir
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.Client(base_url=base, timeout=30, auth=auth, headers=headers,
+                        event_hooks={"response": [schema_checked_response]})
+
+
+# -- SMART App Launch (authorization code + PKCE) over plain HTTP --------------------------------
+# The gateway's sign-in, patient-picker and approval pages are plain HTML forms, so a test can
+# walk them with form posts. `smart_login` returns the token response a real app would get.
+
+APP_REDIRECT = "https://app.example/callback"
+
+
+def pkce_pair() -> tuple[str, str]:
+    """(code_verifier, S256 code_challenge) per RFC 7636 §4.1-4.2."""
+    import base64
+    import hashlib
+    import secrets
+
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def register_app(env: dict[str, str], client_id: str, scope: str, *,
+                 redirect_uris: tuple[str, ...] = (APP_REDIRECT,), secret: str | None = None,
+                 audiences: tuple[str, ...] = ("records",)) -> dict[str, Any]:
+    """A SMART app: public (PKCE only) unless a secret is given (confidential symmetric)."""
+    args = ["client", "create", "--id", client_id, "--scope", scope,
+            "--auth", "client_secret" if secret else "none"]
+    if secret:
+        args += ["--secret", secret]
+    for uri in redirect_uris:
+        args += ["--redirect-uri", uri]
+    for audience in audiences:
+        args += ["--audience", audience]
+    result = run_cli(env, *args)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def create_user(env: dict[str, str], username: str, password: str, role: str,
+                fhir_user: str | None = None) -> None:
+    args = ["user", "create", "--username", username, "--password", password, "--role", role]
+    if fhir_user:
+        args += ["--fhir-user", fhir_user]
+    result = run_cli(env, *args)
+    assert result.returncode == 0, result.stderr
+
+
+def _hidden(html: str, name: str) -> str:
+    import re
+
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match, f"no {name} field in page: {html[:500]}"
+    return match.group(1)
+
+
+@dataclass
+class AuthorizationResult:
+    """Where the gateway sent the browser after the approval page, plus what the app kept."""
+
+    location: str
+    verifier: str
+    redirect_uri: str
+    state: str
+
+    @property
+    def params(self) -> dict[str, str]:
+        from urllib.parse import parse_qsl, urlsplit
+
+        return dict(parse_qsl(urlsplit(self.location).query))
+
+    @property
+    def code(self) -> str:
+        return self.params["code"]
+
+
+def smart_authorize(gateway_url: str, *, client_id: str, username: str, password: str, scope: str,
+                    aud: str, redirect_uri: str = APP_REDIRECT, patient: str | None = None,
+                    launch: str | None = None, approve: list[str] | None = None,
+                    decision: str = "approve") -> AuthorizationResult:
+    """Authorize request → sign in → (patient picker) → approve; returns the redirect."""
+    import secrets
+    import re
+
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(16)
+    params = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
+              "scope": scope, "state": state, "aud": aud, "code_challenge": challenge,
+              "code_challenge_method": "S256"}
+    if launch:
+        params["launch"] = launch
+    with httpx.Client(base_url=gateway_url, timeout=30, follow_redirects=False) as http:
+        page = http.get("/oauth/authorize", params=params)
+        assert page.status_code == 200, page.text
+        session = _hidden(page.text, "session")
+        page = http.post("/oauth/authorize/login", data={"session": session, "username": username,
+                                                         "password": password})
+        assert page.status_code == 200, page.text
+        if 'action="/oauth/authorize/patient"' in page.text:
+            choice = patient or re.findall(r'name="patient" id="[^"]+" value="([^"]+)"', page.text)[0]
+            page = http.post("/oauth/authorize/patient",
+                             data={"session": session, "choose": "1", "patient": choice})
+            assert page.status_code == 200, page.text
+        offered = re.findall(r'name="scope" id="[^"]+" value="([^"]+)"', page.text)
+        chosen = offered if approve is None else [w for w in offered if w in approve]
+        done = http.post("/oauth/authorize/approve",
+                         data={"session": session, "decision": decision, "scope": chosen})
+        assert done.status_code == 303, done.text
+        return AuthorizationResult(done.headers["location"], verifier, redirect_uri, state)
+
+
+def exchange_code(gateway_url: str, result: AuthorizationResult, client_id: str,
+                  secret: str | None = None, **overrides: str) -> httpx.Response:
+    form = {"grant_type": "authorization_code", "code": result.code, "redirect_uri": result.redirect_uri,
+            "code_verifier": result.verifier}
+    auth = None
+    if secret:
+        auth = (client_id, secret)
+    else:
+        form["client_id"] = client_id
+    form.update(overrides)
+    return httpx.post(f"{gateway_url}/oauth/token", data=form, auth=auth, timeout=30)
+
+
+def smart_login(gateway_url: str, *, client_id: str, username: str, password: str, scope: str,
+                aud: str, redirect_uri: str = APP_REDIRECT, patient: str | None = None,
+                launch: str | None = None, secret: str | None = None) -> dict[str, Any]:
+    """The whole SMART authorization-code + PKCE flow; returns the token response (JSON).
+
+    Register the app with `register_app` and the user with `create_user` first.
+    """
+    result = smart_authorize(gateway_url, client_id=client_id, username=username, password=password,
+                             scope=scope, aud=aud, redirect_uri=redirect_uri, patient=patient,
+                             launch=launch)
+    assert result.params.get("state") == result.state
+    response = exchange_code(gateway_url, result, client_id, secret)
+    assert response.status_code == 200, response.text
+    return dict(response.json())

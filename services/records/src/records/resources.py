@@ -33,6 +33,9 @@ class ResourceDef:
     profiles: tuple[str, ...] = ()
     # Composite searches US Core requires to be fast: each becomes a compound index.
     compound_indexes: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    # References whose targets' patient compartments this resource joins, resolved at write time
+    # (a Provenance about a note belongs to the note's patient, so patient scopes can see it).
+    compartment_from_targets: tuple[str, ...] = ()
 
     def param(self, name: str) -> SearchParam | None:
         return next((p for p in self.params if p.name == name), None)
@@ -150,6 +153,7 @@ RESOURCES: dict[str, ResourceDef] = {
             ),
             patient_compartment=("target",),
             profiles=(f"{US_CORE}/us-core-provenance",),
+            compartment_from_targets=("target",),
         ),
     )
 }

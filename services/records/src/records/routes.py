@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
-from records import service
+from records import bundles, patch, service
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
+from records.search import query
 from records.settings import RecordsSettings
 from records.store import ResourceStore
 
@@ -67,6 +70,16 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})
 
 
+@router.post("")
+@router.post("/")
+async def batch_or_transaction(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    """R4 http.html §transaction: a batch or transaction Bundle posted to the base."""
+    body = await fhirjson.read_json_body(request, settings.max_body_bytes)
+    result = await bundles.process(store, body, settings.public_base_url,
+                                   prefer=request.headers.get("prefer"))
+    return fhirjson.FhirResponse(result)
+
+
 @router.post("/{resource_type}/_search")
 async def search_post(resource_type: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     definition = definition_of(resource_type)
@@ -79,19 +92,71 @@ async def search_post(resource_type: str, request: Request, store: StoreDep, set
                                      strict=_strict(request))
 
 
+@router.post("/{resource_type}/$validate")
+async def validate_type(resource_type: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    """R4 Resource $validate at type level: an OperationOutcome, stores nothing."""
+    definition = definition_of(resource_type)
+    _may_validate(store, definition)
+    body = await fhirjson.read_json_body(request, settings.max_body_bytes)
+    return fhirjson.FhirResponse(service.validate_outcome(body, definition))
+
+
+@router.post("/{resource_type}/{resource_id}/$validate")
+async def validate_instance(resource_type: str, resource_id: str, request: Request, store: StoreDep,
+                            settings: SettingsDep) -> Response:
+    """$validate against an existing resource (404 when the caller cannot see it)."""
+    definition = definition_of(resource_type)
+    await store.read(definition, resource_id)
+    body = await fhirjson.read_json_body(request, settings.max_body_bytes)
+    outcome = service.validate_outcome(body, definition)
+    if isinstance(body, dict) and body.get("resourceType") == definition.type and body.get("id") != resource_id:
+        outcome["issue"].append({"severity": "error", "code": "invalid",
+                                 "diagnostics": "The resource id must match the id in the URL"})
+        outcome["issue"] = [i for i in outcome["issue"] if i["severity"] != "information"]
+    return fhirjson.FhirResponse(outcome)
+
+
+def _may_validate(store: ResourceStore, definition: ResourceDef) -> None:
+    scopes = store.policy.token.scope
+    if not any(scopes.allows(definition.type, i) for i in ("create", "update", "read")):
+        raise errors.Forbidden(f"The granted scopes do not permit $validate on {definition.type}")
+
+
+@router.get("/{resource_type}/_history")
+async def history_type(resource_type: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    definition = definition_of(resource_type)
+    body = await service.history_bundle(store, definition, None, list(request.query_params.multi_items()),
+                                        settings.public_base_url)
+    return fhirjson.FhirResponse(body)
+
+
+@router.get("/{resource_type}/{resource_id}/_history")
+async def history_instance(resource_type: str, resource_id: str, request: Request, store: StoreDep,
+                           settings: SettingsDep) -> Response:
+    definition = definition_of(resource_type)
+    body = await service.history_bundle(store, definition, resource_id,
+                                        list(request.query_params.multi_items()), settings.public_base_url)
+    return fhirjson.FhirResponse(body)
+
+
 @router.get("/{resource_type}/{resource_id}/_history/{version}")
 async def vread(resource_type: str, resource_id: str, version: str, store: StoreDep, settings: SettingsDep) -> Response:
     definition = definition_of(resource_type)
-    if not version.isdigit():
+    if not version.isdigit() or len(version) > 12:
         raise errors.NotFound("Unknown version")
     stored = await store.vread(definition, resource_id, int(version))
     return service.resource_response(stored, settings.public_base_url)
 
 
 @router.get("/{resource_type}/{resource_id}")
-async def read(resource_type: str, resource_id: str, store: StoreDep, settings: SettingsDep) -> Response:
-    stored = await store.read(definition_of(resource_type), resource_id)
-    return service.resource_response(stored, settings.public_base_url)
+async def read(resource_type: str, resource_id: str, request: Request, store: StoreDep,
+               settings: SettingsDep) -> Response:
+    definition = definition_of(resource_type)
+    shaping = query.parse(definition, [(k, v) for k, v in request.query_params.multi_items()
+                                       if k in ("_summary", "_elements")], base_url="")
+    stored = await store.read(definition, resource_id)
+    return service.resource_response(stored, settings.public_base_url, summary=shaping.summary,
+                                     elements=shaping.elements)
 
 
 @router.get("/{resource_type}")
@@ -106,9 +171,39 @@ async def create(resource_type: str, request: Request, store: StoreDep, settings
     definition = definition_of(resource_type)
     resource = await incoming_resource(request, definition, settings)
     resource.pop("id", None)  # R4 http.html §create: the server SHALL ignore a client id
+    prefer = request.headers.get("prefer")
+    criteria = request.headers.get("if-none-exist")
+    if criteria is not None:  # conditional create: 0 → create, 1 → 200 with it, >1 → 412
+        found = await service.matching(store, definition, criteria, settings.public_base_url)
+        if len(found) > 1:
+            raise errors.PreconditionFailed("If-None-Exist matches more than one resource")
+        if found:
+            return service.resource_response(found[0], settings.public_base_url, status=200,
+                                             location=True, prefer=prefer)
     stored = await store.create(definition, resource)
     return service.resource_response(stored, settings.public_base_url, status=201, location=True,
-                                     prefer=request.headers.get("prefer"))
+                                     prefer=prefer)
+
+
+@router.put("/{resource_type}")
+async def conditional_update(resource_type: str, request: Request, store: StoreDep,
+                             settings: SettingsDep) -> Response:
+    """R4 http.html §cond-update: PUT [type]?criteria; 0 matches → create, 1 → update, >1 → 412."""
+    definition = definition_of(resource_type)
+    resource = await incoming_resource(request, definition, settings)
+    found = await service.matching(store, definition, request.url.query, settings.public_base_url)
+    if len(found) > 1:
+        raise errors.PreconditionFailed("The criteria match more than one resource")
+    if found:
+        target = found[0].id
+        if resource.get("id") not in (None, target):
+            raise errors.Invalid("The body's id does not match the resource the criteria found")
+    else:
+        target = resource.get("id") or str(uuid.uuid4())
+    stored, created = await store.update(definition, target, {**resource, "id": target},
+                                         if_match_version(request))
+    return service.resource_response(stored, settings.public_base_url, status=201 if created else 200,
+                                     location=created, prefer=request.headers.get("prefer"))
 
 
 @router.put("/{resource_type}/{resource_id}")
@@ -124,9 +219,45 @@ async def update(resource_type: str, resource_id: str, request: Request, store: 
                                      location=created, prefer=request.headers.get("prefer"))
 
 
+@router.patch("/{resource_type}/{resource_id}")
+async def json_patch(resource_type: str, resource_id: str, request: Request, store: StoreDep,
+                     settings: SettingsDep) -> Response:
+    """R4 http.html §patch with JSON Patch; the patched resource is validated like any update."""
+    definition = definition_of(resource_type)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json-patch+json":
+        raise errors.UnsupportedMediaType("PATCH takes application/json-patch+json")
+    operations = await _bounded_json(request, settings.max_body_bytes)
+    current = await store.read(definition, resource_id, interaction="patch")
+    wanted = if_match_version(request)
+    if wanted is not None and wanted != current.version:
+        raise errors.PreconditionFailed("If-Match does not match the current version")
+    patched = patch.apply(orjson.loads(current.raw or b"{}"), operations)
+    try:
+        validation.validate_resource(patched, definition.type)
+    except errors.FhirError as problem:
+        raise errors.Unprocessable(f"The patched resource is invalid: {problem.diagnostics}",
+                                   expression=problem.expression) from None
+    stored, _ = await store.update(definition, resource_id, patched, current.version)
+    return service.resource_response(stored, settings.public_base_url, prefer=request.headers.get("prefer"))
+
+
+async def _bounded_json(request: Request, max_bytes: int) -> Any:
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        raise errors.Structure("Body is not valid JSON") from None
+
+
 @router.delete("/{resource_type}/{resource_id}")
-async def delete(resource_type: str, resource_id: str, store: StoreDep) -> Response:
-    await store.delete(definition_of(resource_type), resource_id)
+async def delete(resource_type: str, resource_id: str, request: Request, store: StoreDep) -> Response:
+    await store.delete(definition_of(resource_type), resource_id, if_match_version(request))
     return Response(status_code=204)
 
 

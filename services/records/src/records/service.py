@@ -6,16 +6,18 @@ Bundle `searchset` with `self`/`next` links built from the parameters actually a
 
 from __future__ import annotations
 
+from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.responses import Response
 
-from mindchart_core import fhirjson
-from records.resources import ResourceDef
-from records.search import query
-from records.store import ResourceStore, StoredResource, instant
+from mindchart_core import errors, fhirjson, validation
+from records import subsetting
+from records.resources import RESOURCES, ResourceDef
+from records.search import extract, query
+from records.store import MAX_INCLUDES, ResourceStore, StoredResource, instant
 
 
 def resource_headers(stored: StoredResource, base_url: str, *, location: bool = False) -> dict[str, str]:
@@ -32,7 +34,7 @@ def resource_headers(stored: StoredResource, base_url: str, *, location: bool = 
 
 def resource_response(
     stored: StoredResource, base_url: str, *, status: int = 200, location: bool = False,
-    prefer: str | None = None,
+    prefer: str | None = None, summary: str | None = None, elements: list[str] | None = None,
 ) -> Response:
     """R4 http.html §Prefer: return=minimal | representation | OperationOutcome."""
     headers = resource_headers(stored, base_url, location=location)
@@ -46,49 +48,249 @@ def resource_response(
                        "diagnostics": f"{stored.resource_type}/{stored.id} version {stored.version} stored"}],
         }
         return fhirjson.FhirResponse(outcome, status_code=status, headers=headers)
-    return fhirjson.FhirResponse(stored.raw, status_code=status, headers=headers)
+    raw = subsetting.subset(stored.raw or b"{}", summary, elements)
+    return fhirjson.FhirResponse(raw, status_code=status, headers=headers)
 
 
 def _link(relation: str, url: str) -> dict[str, str]:
     return {"relation": relation, "url": url}
 
 
+def _type_url(base_url: str, definition: ResourceDef) -> str:
+    return f"{base_url}/{definition.type}"
+
+
+def _query_url(url: str, params: list[tuple[str, str]]) -> str:
+    return f"{url}?{urlencode(params)}" if params else url
+
+
+def parse_search(definition: ResourceDef, items: list[tuple[str, str]], base_url: str, *,
+                 strict: bool) -> query.SearchRequest:
+    return query.parse(definition, items, base_url=base_url, strict=strict, resources=RESOURCES)
+
+
 async def search_type(
     store: ResourceStore, definition: ResourceDef, items: list[tuple[str, str]],
     base_url: str, *, strict: bool,
 ) -> Response:
-    request = query.parse(definition, items, base_url=base_url, strict=strict)
-    page, has_more = await store.search(definition, request)
-    type_url = f"{base_url}/{definition.type}"
-    self_url = f"{type_url}?{urlencode(request.applied)}" if request.applied else type_url
-    links = [_link("self", self_url)]
-    if has_more and page:
-        nxt = [*request.applied, ("_cursor", page[-1].id)]
-        if not any(k == "_count" for k, _ in request.applied):
-            nxt.append(("_count", str(request.count)))
-        links.append(_link("next", f"{type_url}?{urlencode(nxt)}"))
+    request = parse_search(definition, items, base_url, strict=strict)
+    return fhirjson.FhirResponse(await search_bundle(store, definition, request, base_url))
+
+
+async def search_bundle(
+    store: ResourceStore, definition: ResourceDef, request: query.SearchRequest, base_url: str,
+) -> bytes:
+    """A `searchset` Bundle (R4 search.html §3.1.3): `self` lists only the parameters applied;
+    `next`/`previous` carry keyset cursors, so pages do not shift when others write meanwhile."""
+    type_url = _type_url(base_url, definition)
+    applied = list(request.applied)
+    if request.count != query.DEFAULT_COUNT and not any(k == "_count" for k, _ in applied):
+        applied.append(("_count", str(request.count)))
+    paging = applied if any(k == "_count" for k, _ in applied) else [
+        *applied, ("_count", str(request.count))]
     head: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-    if request.cursor is None and not has_more:
-        head["total"] = len(page)
-    elif request.count == 0 or any(k == "_total" and v == "accurate" for k, v in items):
+    if request.summary == "count":
+        head["total"] = await store.count(definition, request)
+        head["link"] = [_link("self", _query_url(type_url, applied))]
+        return bundle_bytes(head, [])
+    page = await store.search(definition, request)
+    links = [_link("self", _query_url(type_url, [*applied, *(
+        [("_cursor", request.cursor.encode())] if request.cursor else [])]))]
+    if request.cursor is not None:
+        links.append(_link("first", _query_url(type_url, paging)))
+    if page.previous_cursor is not None:
+        links.append(_link("previous", _query_url(type_url, [
+            *paging, ("_cursor", page.previous_cursor.encode())])))
+    if page.next_cursor is not None:
+        links.append(_link("next", _query_url(type_url, [*paging, ("_cursor", page.next_cursor.encode())])))
+    if request.total == "none":
+        pass
+    elif page.total is not None:
+        head["total"] = page.total
+    elif request.cursor is None and page.next_cursor is None:
+        head["total"] = len(page.resources)
+    elif request.total == "accurate" or request.count == 0:
         head["total"] = await store.count(definition, request)
     head["link"] = links
-    return fhirjson.FhirResponse(bundle_bytes(head, [
-        (f"{type_url}/{s.id}", s.raw or b"{}", "match") for s in page
-    ]))
+    entries = [
+        entry_bytes(f"{base_url}/{s.resource_type}/{s.id}",
+                    subsetting.subset(s.raw or b"{}", request.summary, request.elements),
+                    search=b'{"mode":"match"}')
+        for s in page.resources
+    ]
+    for s in await included(store, request.includes, page.resources):
+        entries.append(entry_bytes(f"{base_url}/{s.resource_type}/{s.id}", s.raw or b"{}",
+                                   search=b'{"mode":"include"}'))
+    return bundle_bytes(head, entries)
 
 
-def bundle_bytes(head: dict[str, Any], entries: list[tuple[str, bytes, str]]) -> bytes:
-    """A Bundle spliced from stored JSON bytes: entries are never parsed or re-serialised."""
+async def included(store: ResourceStore, includes: list[query.Include],
+                   page: list[StoredResource]) -> list[StoredResource]:
+    """`_include`/`_revinclude` (R4 search.html §3.3), `:iterate` one level further. Each
+    resource comes through the policy-bound store, so includes see no more than a search would."""
+    seen = {(r.resource_type, r.id) for r in page}
+    found: list[StoredResource] = []
+
+    async def one_pass(active: list[query.Include], sources: list[StoredResource]) -> None:
+        for inc in active:
+            results: list[StoredResource] = []
+            if inc.reverse:
+                refs = [f"{r.resource_type}/{r.id}" for r in sources
+                        if inc.target in (None, r.resource_type)]
+                if refs:
+                    results = await store.referring(RESOURCES[inc.source], inc.param, refs)
+            else:
+                wanted: dict[str, list[str]] = {}
+                for r in sources:
+                    if r.resource_type != inc.source:
+                        continue
+                    for ref in (r.sp or {}).get(inc.param, []):
+                        kind, _, ident = ref.partition("/")
+                        if kind in RESOURCES and inc.target in (None, kind):
+                            wanted.setdefault(kind, []).append(ident)
+                for kind, ids in wanted.items():
+                    results += await store.read_many(RESOURCES[kind], sorted(set(ids)))
+            for r in results:
+                if (r.resource_type, r.id) not in seen and len(found) < MAX_INCLUDES:
+                    seen.add((r.resource_type, r.id))
+                    found.append(r)
+
+    if includes:
+        await one_pass(includes, page)
+        first_level = list(found)
+        iterating = [i for i in includes if i.iterate]
+        if iterating and first_level:
+            await one_pass(iterating, first_level)
+    return found
+
+
+async def history_bundle(
+    store: ResourceStore, definition: ResourceDef, resource_id: str | None,
+    items: list[tuple[str, str]], base_url: str,
+) -> bytes:
+    """R4 http.html §history: newest first; a deletion is an entry without a resource."""
+    since: datetime | None = None
+    count = query.DEFAULT_COUNT
+    cursor: query.Cursor | None = None
+    applied: list[tuple[str, str]] = []
+    for name, value in items:
+        if name == "_since":
+            try:
+                since = extract.date_range(value)[0]
+            except (ValueError, OverflowError):
+                raise errors.Invalid("_since must be an instant") from None
+            applied.append((name, value))
+        elif name == "_count":
+            count = query.parse_count(value)
+            applied.append((name, value))
+        elif name == "_cursor":
+            cursor = query.Cursor.decode(value)
+    entries_found, nxt = await store.history(definition, resource_id, since=since, count=count,
+                                             cursor=cursor)
+    url = f"{base_url}/{definition.type}" + (f"/{resource_id}" if resource_id else "") + "/_history"
+    links = [_link("self", _query_url(url, applied))]
+    if nxt is not None:
+        paging = applied if any(k == "_count" for k, _ in applied) else [*applied, ("_count", str(count))]
+        links.append(_link("next", _query_url(url, [*paging, ("_cursor", nxt.encode())])))
+    head: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "link": links}
+    if resource_id is not None and cursor is None and nxt is None:
+        head["total"] = len(entries_found)
+    entries = []
+    for s in entries_found:
+        status = {"POST": "201 Created", "PUT": "200 OK", "DELETE": "204 No Content"}[s.method]
+        request = {"method": s.method,
+                   "url": s.resource_type if s.method == "POST" else f"{s.resource_type}/{s.id}"}
+        response = {"status": status, "etag": s.etag, "lastModified": instant(s.last_updated)}
+        entries.append(entry_bytes(f"{base_url}/{s.resource_type}/{s.id}", s.raw,
+                                   request=fhirjson.dumps(request), response=fhirjson.dumps(response)))
+    return bundle_bytes(head, entries)
+
+
+async def matching(store: ResourceStore, definition: ResourceDef, criteria: str,
+                   base_url: str) -> list[StoredResource]:
+    """Up to two matches of a conditional interaction's criteria (R4 http.html §cond-update)."""
+    items = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+    request = parse_search(definition, items, base_url, strict=True)
+    if not request.filter:
+        raise errors.Invalid("Conditional criteria must include at least one search parameter")
+    request.count, request.sort, request.includes = 2, [], []
+    return (await store.search(definition, request)).resources
+
+
+def validate_outcome(body: Any, definition: ResourceDef) -> dict[str, Any]:
+    """`$validate` (R4 resource-operation-validate): always an OperationOutcome listing issues."""
+    resource = body
+    if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+        resource = next((p.get("resource") for p in body.get("parameter", [])
+                         if isinstance(p, dict) and p.get("name") == "resource"), None)
+        if resource is None:
+            raise errors.Invalid("$validate Parameters need a 'resource' parameter")
+    try:
+        validation.validate_resource(resource, definition.type)
+    except errors.FhirError as problem:
+        issue: dict[str, Any] = {"severity": "error", "code": problem.code,
+                                 "diagnostics": problem.diagnostics}
+        if problem.expression:
+            issue["expression"] = problem.expression
+        return {"resourceType": "OperationOutcome", "issue": [issue]}
+    return {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "information", "code": "informational",
+        "diagnostics": f"No issues found validating this {definition.type}"}]}
+
+
+def entry_bytes(full_url: str, raw: bytes | None, **parts: bytes) -> bytes:
+    """One Bundle entry spliced from stored JSON bytes: the resource is never re-serialised."""
+    body = b'{"fullUrl":' + fhirjson.dumps(full_url)
+    if raw is not None:
+        body += b',"resource":' + raw
+    for name, value in parts.items():
+        body += b',"' + name.encode() + b'":' + value
+    return body + b"}"
+
+
+def bundle_bytes(head: dict[str, Any], entries: list[bytes]) -> bytes:
+    """A Bundle spliced from entry bytes: entries are never parsed or re-serialised."""
     opening = fhirjson.dumps(head)[:-1]
     if not entries:
         return opening + b"}"
-    parts = [
-        b'{"fullUrl":' + fhirjson.dumps(url) + b',"resource":' + raw
-        + b',"search":{"mode":"' + mode.encode() + b'"}}'
-        for url, raw, mode in entries
-    ]
-    return opening + b',"entry":[' + b",".join(parts) + b"]}"
+    return opening + b',"entry":[' + b",".join(entries) + b"]}"
+
+
+# What routes.py implements, stated once for the CapabilityStatement.
+TYPE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance",
+                     "history-type", "create", "search-type")
+SYSTEM_INTERACTIONS = ("transaction", "batch")
+COMMON_SEARCH_PARAMS = (
+    ("_id", "token", "Resource-id"), ("_lastUpdated", "date", "Resource-lastUpdated"),
+    ("_security", "token", "Resource-security"), ("_tag", "token", "Resource-tag"),
+)
+VALIDATE_OPERATION = {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+
+
+def _capability_resource(d: ResourceDef) -> dict[str, Any]:
+    references = [p for p in d.params if p.type == "reference"]
+    revincludes = sorted(f"{other.type}:{p.name}" for other in RESOURCES.values()
+                         for p in other.params if p.type == "reference" and other.type != d.type
+                         and (p.target in (None, d.type)))
+    return {
+        "type": d.type,
+        "supportedProfile": list(d.profiles),
+        "interaction": [{"code": c} for c in TYPE_INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": True,
+        "conditionalDelete": "not-supported",
+        "searchInclude": ["*", *(f"{d.type}:{p.name}" for p in references)],
+        "searchRevInclude": revincludes,
+        "searchParam": [
+            {"name": p.name, "definition": p.definition, "type": p.type} for p in d.params
+        ] + [{"name": name, "type": kind, "definition": f"http://hl7.org/fhir/SearchParameter/{ref}"}
+             for name, kind, ref in COMMON_SEARCH_PARAMS],
+        "operation": [VALIDATE_OPERATION],
+    }
 
 
 def capability_statement(base_url: str, issuer: str, resources: list[ResourceDef]) -> dict[str, Any]:
@@ -105,6 +307,7 @@ def capability_statement(base_url: str, issuer: str, resources: list[ResourceDef
         "implementation": {"description": "Mindchart progress notes and measures", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["json"],
+        "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
             "security": {
@@ -122,27 +325,12 @@ def capability_statement(base_url: str, issuer: str, resources: list[ResourceDef
                     ],
                 }],
             },
-            "resource": [
-                {
-                    "type": d.type,
-                    "supportedProfile": list(d.profiles),
-                    "interaction": [{"code": c} for c in
-                                    ("create", "read", "vread", "update", "search-type")],
-                    "versioning": "versioned",
-                    "readHistory": True,
-                    "updateCreate": True,
-                    "searchParam": [
-                        {"name": p.name, "definition": p.definition, "type": p.type}
-                        for p in d.params
-                    ] + [{"name": "_id", "type": "token",
-                          "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
-                         {"name": "_lastUpdated", "type": "date",
-                          "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"}],
-                }
-                for d in resources
-            ],
+            "resource": [_capability_resource(d) for d in resources],
+            "interaction": [{"code": c} for c in SYSTEM_INTERACTIONS],
         }],
     }
 
 
-__all__ = ["bundle_bytes", "capability_statement", "instant", "resource_response", "search_type"]
+__all__ = ["bundle_bytes", "capability_statement", "entry_bytes", "history_bundle", "included",
+           "instant", "matching", "resource_response", "search_bundle", "search_type",
+           "validate_outcome"]

@@ -3,20 +3,30 @@
 Per resource type: a current-version collection `<Type>` and a history collection
 `<Type>_history`. A document keeps the resource as the exact JSON bytes we serve (`raw`), so reads
 never re-validate or re-model, beside the search values extracted at write time (`sp`) and the
-patient compartment (`c`). A new version and its history entry are written in one transaction;
-optimistic concurrency compares `vid`.
+patient compartment (`c`). History entries carry `sp` and `c` too, so the access policy narrows
+history exactly as it narrows search. A new version and its history entry are written in one
+transaction; optimistic concurrency compares `vid`.
+
+SecantusDB never uses an index for `sort()` (DESIGN.md), so every query here selects through
+indexed equality/range filters first; ordering happens on the matched candidates only, and
+`_sort` refuses candidate sets above `MAX_SORT_CANDIDATES` rather than sorting a collection.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from bson.binary import Binary
-from pymongo import ASCENDING, AsyncMongoClient
+from bson.objectid import ObjectId
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -24,6 +34,10 @@ from mindchart_core import errors
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
 from records.search import extract, query
+
+MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
+MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
+Session = AsyncClientSession | None
 
 
 @dataclass(frozen=True)
@@ -33,10 +47,20 @@ class StoredResource:
     version: int
     last_updated: datetime
     raw: bytes | None  # None for a deletion
+    sp: dict[str, Any] | None = None
+    method: str = "PUT"  # for history entries: POST, PUT or DELETE
 
     @property
     def etag(self) -> str:
         return f'W/"{self.version}"'
+
+
+@dataclass
+class SearchPage:
+    resources: list[StoredResource]
+    next_cursor: query.Cursor | None
+    previous_cursor: query.Cursor | None
+    total: int | None = None  # known without an extra count
 
 
 def _stored(resource_type: str, doc: dict[str, Any]) -> StoredResource:
@@ -47,6 +71,8 @@ def _stored(resource_type: str, doc: dict[str, Any]) -> StoredResource:
         version=int(doc["vid"]),
         last_updated=doc["ts"].replace(tzinfo=UTC),
         raw=bytes(raw) if raw is not None else None,
+        sp=doc.get("sp"),
+        method=doc.get("method", "PUT"),
     )
 
 
@@ -60,24 +86,36 @@ def instant(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _and(*clauses: dict[str, Any]) -> dict[str, Any]:
+    kept = [c for c in clauses if c]
+    if not kept:
+        return {}
+    return kept[0] if len(kept) == 1 else {"$and": kept}
+
+
+def index_specs(definition: ResourceDef) -> list[list[tuple[str, int]]]:
+    """Every index of a current-version collection (also used by tests to check plans)."""
+    specs: list[list[tuple[str, int]]] = [[("c", ASCENDING)], [("sp.lastUpdated_lo", ASCENDING)],
+                                          [("sp._security", ASCENDING)], [("sp._tag", ASCENDING)]]
+    for param in definition.params:
+        specs.append([(query.sort_field(param), ASCENDING)])
+        if param.type == "string":
+            specs.append([(f"sp.{param.name}_x", ASCENDING)])
+    for combo in definition.compound_indexes:
+        specs.append([(query.sort_field(definition.param(name)), ASCENDING) for name in combo])
+    specs.append([("c", ASCENDING), ("sp.lastUpdated_lo", ASCENDING)])
+    return specs
+
+
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
     for definition in RESOURCES.values():
         current = db[definition.type]
-        await current.create_index([("c", ASCENDING)])
-        await current.create_index([("sp.lastUpdated_lo", ASCENDING)])
-        for param in definition.params:
-            field = f"sp.{param.name}_lo" if param.type == "date" else f"sp.{param.name}"
-            await current.create_index([(field, ASCENDING)])
-        for combo in definition.compound_indexes:
-            keys = []
-            for name in combo:
-                param = definition.param(name)
-                is_date = param is not None and param.type == "date"
-                keys.append((f"sp.{name}_lo" if is_date else f"sp.{name}", ASCENDING))
-            await current.create_index(keys)
+        for spec in index_specs(definition):
+            await current.create_index(spec)
         history = db[f"{definition.type}_history"]
         await history.create_index([("id", ASCENDING), ("vid", ASCENDING)], unique=True)
         await history.create_index([("ts", ASCENDING)])
+        await history.create_index([("c", ASCENDING), ("ts", ASCENDING)])
 
 
 class ResourceStore:
@@ -91,12 +129,20 @@ class ResourceStore:
         self.db = db
         self.policy = policy
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncClientSession]:
+        """One MongoDB transaction: everything written through `session` commits or none does."""
+        async with self.client.start_session() as session, await session.start_transaction():
+            yield session
+
     # -- reads ------------------------------------------------------------------------------
 
-    async def read(self, definition: ResourceDef, resource_id: str) -> StoredResource:
-        scope = self.policy.filter_for(definition, "read")
+    async def read(self, definition: ResourceDef, resource_id: str, *, interaction: str = "read",
+                   session: Session = None) -> StoredResource:
+        scope = self.policy.filter_for(definition, interaction)
         doc = await self.db[definition.type].find_one(
-            {"$and": [{"_id": resource_id}, scope]}, {"raw": 1, "vid": 1, "ts": 1, "deleted": 1}
+            _and({"_id": resource_id}, scope), {"raw": 1, "vid": 1, "ts": 1, "deleted": 1},
+            session=session,
         )
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
@@ -105,92 +151,229 @@ class ResourceStore:
         return _stored(definition.type, doc)
 
     async def vread(self, definition: ResourceDef, resource_id: str, version: int) -> StoredResource:
-        await self._visible(definition, resource_id, "vread")
-        doc = await self.db[f"{definition.type}_history"].find_one({"id": resource_id, "vid": version})
+        scope = await self._visible(definition, resource_id, "vread")
+        doc = await self.db[f"{definition.type}_history"].find_one(
+            _and({"id": resource_id, "vid": version}, scope)
+        )
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id}/_history/{version} is not known")
         if doc.get("raw") is None:
             raise errors.Gone(f"Version {version} of {definition.type}/{resource_id} is a deletion")
         return _stored(definition.type, doc)
 
-    async def _visible(self, definition: ResourceDef, resource_id: str, interaction: str) -> dict[str, Any]:
+    async def _visible(self, definition: ResourceDef, resource_id: str, interaction: str,
+                       session: Session = None) -> dict[str, Any]:
+        """The policy filter, after checking the resource (maybe deleted) is visible: else 404."""
         scope = self.policy.filter_for(definition, interaction)
         doc = await self.db[definition.type].find_one(
-            {"$and": [{"_id": resource_id}, scope]}, {"vid": 1, "deleted": 1}
+            _and({"_id": resource_id}, scope), {"_id": 1}, session=session
         )
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
-        return doc
+        return scope
 
-    async def search(
-        self, definition: ResourceDef, request: query.SearchRequest
-    ) -> tuple[list[StoredResource], bool]:
-        """One page of matches in id order (keyset paging: stable under concurrent writes)."""
+    async def read_many(self, definition: ResourceDef, ids: list[str],
+                        interaction: str = "read") -> list[StoredResource]:
+        """Resources by id that the caller may see (for _include); the rest silently absent."""
+        try:
+            scope = self.policy.filter_for(definition, interaction)
+        except errors.Forbidden:
+            return []
+        docs = await self.db[definition.type].find(
+            _and({"_id": {"$in": ids[:MAX_INCLUDES]}}, scope, {"deleted": {"$ne": True}}),
+            {"raw": 1, "vid": 1, "ts": 1, "sp": 1},
+        ).to_list(MAX_INCLUDES)
+        return [_stored(definition.type, d) for d in docs]
+
+    async def referring(self, definition: ResourceDef, param: str, refs: list[str]) -> list[StoredResource]:
+        """Resources whose reference parameter points at any of `refs` (for _revinclude)."""
+        try:
+            scope = self.policy.filter_for(definition, "search-type")
+        except errors.Forbidden:
+            return []
+        docs = await self.db[definition.type].find(
+            _and({f"sp.{param}": {"$in": refs}}, scope, {"deleted": {"$ne": True}}),
+            {"raw": 1, "vid": 1, "ts": 1, "sp": 1},
+        ).limit(MAX_INCLUDES).to_list()
+        return [_stored(definition.type, d) for d in docs]
+
+    def _search_filter(self, definition: ResourceDef, request: query.SearchRequest) -> dict[str, Any]:
         scope = self.policy.filter_for(definition, "search-type")
-        clauses = [scope, request.filter, {"deleted": {"$ne": True}}]
-        if request.cursor:
-            clauses.append({"_id": {"$gt": request.cursor}})
-        filt = {"$and": [c for c in clauses if c]}
+        return _and(scope, request.filter, {"deleted": {"$ne": True}})
+
+    async def search(self, definition: ResourceDef, request: query.SearchRequest) -> SearchPage:
+        """One page of matches; keyset paging, so links stay stable under concurrent writes."""
+        base = self._search_filter(definition, request)
+        if request.sort:
+            return await self._search_sorted(definition, request, base)
+        collection = self.db[definition.type]
+        cursor = request.cursor
+        backwards = cursor is not None and cursor.backwards
+        filt = base
+        if cursor is not None:
+            filt = _and(base, {"_id": {"$lt" if backwards else "$gt": cursor.id}})
         if request.count == 0:
-            return [], False
-        cursor = self.db[definition.type].find(filt, {"raw": 1, "vid": 1, "ts": 1})
-        docs = await cursor.sort("_id", ASCENDING).limit(request.count + 1).to_list()
-        page = [_stored(definition.type, d) for d in docs[: request.count]]
-        return page, len(docs) > request.count
+            return SearchPage([], None, None)
+        docs = await collection.find(filt, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}).sort(
+            "_id", DESCENDING if backwards else ASCENDING
+        ).limit(request.count + 1).to_list()
+        more = len(docs) > request.count
+        docs = docs[: request.count]
+        if backwards:
+            docs.reverse()
+        page = [_stored(definition.type, d) for d in docs]
+        if not page:
+            return SearchPage([], None, None)
+        after = query.Cursor(False, [], page[-1].id)
+        before = query.Cursor(True, [], page[0].id)
+        has_next = more if not backwards else True
+        has_previous = (cursor is not None) if not backwards else more
+        return SearchPage(page, after if has_next else None, before if has_previous else None)
+
+    async def _search_sorted(
+        self, definition: ResourceDef, request: query.SearchRequest, filt: dict[str, Any]
+    ) -> SearchPage:
+        """`_sort`: order the (bounded) candidate set in memory on values extracted at write time."""
+        fields = {query.sort_field(key.param) if key.param else key.name for key in request.sort}
+        projection = {f: 1 for f in fields if f != "_id"}
+        candidates = await self.db[definition.type].find(filt, projection or {"_id": 1}).limit(
+            MAX_SORT_CANDIDATES + 1
+        ).to_list()
+        if len(candidates) > MAX_SORT_CANDIDATES:
+            raise errors.FhirError(
+                f"More than {MAX_SORT_CANDIDATES} matches to sort: narrow the search or omit _sort",
+                status=400, code="too-costly",
+            )
+        keyed = [(query.sort_key(request.sort, d), str(d["_id"])) for d in candidates]
+        compare = functools.cmp_to_key(lambda a, b: query.compare_keys(request.sort, a, b))
+        keyed.sort(key=compare)
+        start, stop = 0, len(keyed)
+        cursor = request.cursor
+        if cursor is not None:
+            mark = compare((cursor.keys, cursor.id))
+            if cursor.backwards:
+                stop = sum(1 for k in keyed if compare(k) < mark)
+                start = max(0, stop - request.count)
+            else:
+                start = sum(1 for k in keyed if compare(k) <= mark)
+        window = keyed[start: start + request.count] if request.count else []
+        docs = await self.db[definition.type].find(
+            {"_id": {"$in": [i for _, i in window]}}, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}
+        ).to_list() if window else []
+        by_id = {d["_id"]: d for d in docs}
+        page = [_stored(definition.type, by_id[i]) for _, i in window if i in by_id]
+        next_cursor = previous = None
+        if window and start + len(window) < len(keyed):
+            next_cursor = query.Cursor(False, window[-1][0], window[-1][1])
+        if window and start > 0:
+            previous = query.Cursor(True, window[0][0], window[0][1])
+        return SearchPage(page, next_cursor, previous, total=len(keyed))
 
     async def count(self, definition: ResourceDef, request: query.SearchRequest) -> int:
-        scope = self.policy.filter_for(definition, "search-type")
-        clauses = [scope, request.filter, {"deleted": {"$ne": True}}]
-        return await self.db[definition.type].count_documents({"$and": [c for c in clauses if c]})
+        return await self.db[definition.type].count_documents(self._search_filter(definition, request))
+
+    async def history(
+        self, definition: ResourceDef, resource_id: str | None, *, since: datetime | None,
+        count: int, cursor: query.Cursor | None,
+    ) -> tuple[list[StoredResource], query.Cursor | None]:
+        """Versions newest first (R4 http.html §history), narrowed by the same policy as search."""
+        if resource_id is not None:
+            scope = await self._visible(definition, resource_id, "history-instance")
+            clauses = [{"id": resource_id}, scope]
+        else:
+            clauses = [self.policy.filter_for(definition, "history-type")]
+        if since is not None:
+            clauses.append({"ts": {"$gte": since}})
+        if cursor is not None:
+            moment = datetime.fromisoformat(str(cursor.keys[0]))
+            oid = ObjectId(cursor.id) if ObjectId.is_valid(cursor.id) else ObjectId("0" * 24)
+            clauses.append({"$or": [{"ts": {"$lt": moment}}, {"ts": moment, "_id": {"$lt": oid}}]})
+        docs = await self.db[f"{definition.type}_history"].find(_and(*clauses)).sort(
+            [("ts", DESCENDING), ("_id", DESCENDING)]
+        ).limit(count + 1).to_list()
+        entries = [_stored(definition.type, d) for d in docs[:count]]
+        nxt = None
+        if len(docs) > count and count:
+            last = docs[count - 1]
+            nxt = query.Cursor(False, [last["ts"].replace(tzinfo=UTC).isoformat()], str(last["_id"]))
+        return entries, nxt
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def create(self, definition: ResourceDef, resource: dict[str, Any]) -> StoredResource:
-        resource_id = str(uuid.uuid4())
-        stored, _ = await self._write(definition, resource_id, resource, expected=None, create=True)
+    async def create(self, definition: ResourceDef, resource: dict[str, Any], *,
+                     resource_id: str | None = None, session: Session = None) -> StoredResource:
+        stored, _ = await self._write(definition, resource_id or str(uuid.uuid4()), resource,
+                                      expected=None, create=True, session=session)
         return stored
 
     async def update(
         self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],
-        if_match: int | None = None,
+        if_match: int | None = None, *, session: Session = None,
     ) -> tuple[StoredResource, bool]:
         """Update, or create with the client's id (update-as-create). Returns (stored, created)."""
         scope = self.policy.filter_for(definition, "update")
-        current = await self.db[definition.type].find_one({"_id": resource_id}, {"vid": 1, "c": 1, "sp": 1})
-        if current is not None:
-            visible = await self.db[definition.type].find_one(
-                {"$and": [{"_id": resource_id}, scope]}, {"_id": 1}
-            )
-            if visible is None:
-                raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
+        collection = self.db[definition.type]
+        current = await collection.find_one({"_id": resource_id}, {"vid": 1}, session=session)
+        if current is not None and scope and await collection.find_one(
+            _and({"_id": resource_id}, scope), {"_id": 1}, session=session
+        ) is None:
+            raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         if if_match is not None and (current is None or int(current["vid"]) != if_match):
             raise errors.PreconditionFailed("If-Match does not match the current version")
         expected = int(current["vid"]) if current is not None else None
         return await self._write(definition, resource_id, resource, expected=expected,
-                                 create=current is None)
+                                 create=current is None, session=session)
 
-    async def delete(self, definition: ResourceDef, resource_id: str) -> None:
-        current = await self._visible(definition, resource_id, "delete")
+    async def delete(self, definition: ResourceDef, resource_id: str, if_match: int | None = None,
+                     *, session: Session = None) -> None:
+        await self._visible(definition, resource_id, "delete", session)
+        current = await self.db[definition.type].find_one(
+            {"_id": resource_id}, {"vid": 1, "deleted": 1, "c": 1, "sp": 1}, session=session
+        )
+        if current is None:
+            raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
+        if if_match is not None and int(current["vid"]) != if_match:
+            raise errors.PreconditionFailed("If-Match does not match the current version")
         if current.get("deleted"):
             return
         moment = now()
         version = int(current["vid"]) + 1
-        async with self.client.start_session() as session, await session.start_transaction():
+
+        async def run(s: AsyncClientSession) -> None:
             result = await self.db[definition.type].update_one(
                 {"_id": resource_id, "vid": version - 1},
                 {"$set": {"vid": version, "ts": moment, "deleted": True, "raw": None}},
-                session=session,
+                session=s,
             )
             if result.matched_count != 1:
                 raise errors.Conflict("The resource changed while it was being deleted")
             await self.db[f"{definition.type}_history"].insert_one(
-                {"id": resource_id, "vid": version, "ts": moment, "raw": None, "method": "DELETE"},
-                session=session,
+                {"id": resource_id, "vid": version, "ts": moment, "raw": None, "method": "DELETE",
+                 "c": current.get("c", []), "sp": current.get("sp", {})},
+                session=s,
             )
+
+        if session is not None:
+            await run(session)
+            return
+        async with self.transaction() as own:
+            await run(own)
+
+    async def _compartment(self, definition: ResourceDef, body: dict[str, Any],
+                           session: Session) -> list[str]:
+        ids = set(extract.patient_compartment(body, definition, self.policy.base_url))
+        for path in definition.compartment_from_targets:
+            for node in extract.walk(body, path):
+                for ref in extract.reference_of(node, self.policy.base_url):
+                    kind, _, ident = ref.partition("/")
+                    if kind in RESOURCES and kind != "Patient" and ident:
+                        target = await self.db[kind].find_one({"_id": ident}, {"c": 1}, session=session)
+                        ids.update(target.get("c", []) if target else [])
+        return sorted(ids)
 
     async def _write(
         self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],
-        *, expected: int | None, create: bool,
+        *, expected: int | None, create: bool, session: Session,
     ) -> tuple[StoredResource, bool]:
         interaction = "create" if create else "update"
         scope = self.policy.filter_for(definition, interaction)
@@ -203,18 +386,18 @@ class ResourceStore:
         raw = orjson.dumps(body)
         sp = extract.extract(body, definition, self.policy.base_url)
         sp.update(query.last_updated_fields(moment))
-        doc = {
-            "vid": version, "ts": moment, "deleted": False, "raw": Binary(raw), "sp": sp,
-            "c": extract.patient_compartment(body, definition, self.policy.base_url),
-        }
+        compartment = await self._compartment(definition, body, session)
+        doc = {"vid": version, "ts": moment, "deleted": False, "raw": Binary(raw), "sp": sp,
+               "c": compartment}
         collection = self.db[definition.type]
-        async with self.client.start_session() as session, await session.start_transaction():
+
+        async def run(s: AsyncClientSession) -> None:
             try:
-                if create and expected is None:
-                    await collection.insert_one({"_id": resource_id, **doc}, session=session)
+                if expected is None:
+                    await collection.insert_one({"_id": resource_id, **doc}, session=s)
                 else:
                     result = await collection.update_one(
-                        {"_id": resource_id, "vid": expected}, {"$set": doc}, session=session
+                        {"_id": resource_id, "vid": expected}, {"$set": doc}, session=s
                     )
                     if result.matched_count != 1:
                         raise errors.Conflict("The resource changed meanwhile; retry with its new version")
@@ -223,14 +406,25 @@ class ResourceStore:
             # The written version must itself be visible to the writer: a patient-scoped client
             # cannot file a resource into another patient's compartment.
             if scope and await collection.find_one(
-                {"$and": [{"_id": resource_id}, scope]}, {"_id": 1}, session=session
+                _and({"_id": resource_id}, scope), {"_id": 1}, session=s
             ) is None:
                 raise errors.Forbidden(  # leaving the block aborts the transaction
                     f"The granted scopes do not permit writing this {definition.type}"
                 )
             await self.db[f"{definition.type}_history"].insert_one(
                 {"id": resource_id, "vid": version, "ts": moment, "raw": Binary(raw),
-                 "method": "POST" if create and expected is None else "PUT"},
-                session=session,
+                 "method": "POST" if expected is None else "PUT", "c": compartment, "sp": sp},
+                session=s,
             )
-        return StoredResource(definition.type, resource_id, version, moment, raw), create
+
+        if session is not None:
+            await run(session)
+        else:
+            async with self.transaction() as own:
+                await run(own)
+        return StoredResource(definition.type, resource_id, version, moment, raw, sp,
+                              "POST" if expected is None else "PUT"), create
+
+
+__all__ = ["MAX_SORT_CANDIDATES", "ResourceStore", "SearchPage", "StoredResource", "ensure_indexes",
+           "index_specs", "instant", "now"]

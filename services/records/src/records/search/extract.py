@@ -52,10 +52,12 @@ def tokens_of(value: Any) -> list[str]:
         return []
     if "coding" in value:
         return [t for coding in value["coding"] for t in tokens_of(coding)]
-    if "code" in value or "system" in value:
+    if "code" in value:  # Coding (and Quantity, ContactPoint-like code carriers)
         return token_forms(value.get("system"), value.get("code"))
-    if "value" in value:  # Identifier
-        return token_forms(value.get("system"), value.get("value"))
+    if isinstance(value.get("value"), str):  # Identifier
+        return token_forms(value.get("system"), value["value"])
+    if "system" in value:
+        return token_forms(value.get("system"), None)
     return []
 
 
@@ -70,6 +72,19 @@ def strings_of(value: Any) -> list[str]:
             items = item if isinstance(item, list) else [item]
             parts.extend(normalize_string(i) for i in items if isinstance(i, str))
         return parts
+    return []
+
+
+def exact_strings_of(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        found: list[str] = []
+        for key in ("text", "family", "given", "prefix", "suffix", "line", "city", "state",
+                    "postalCode", "country"):
+            item = value.get(key)
+            found.extend(i for i in (item if isinstance(item, list) else [item]) if isinstance(i, str))
+        return found
     return []
 
 
@@ -148,6 +163,10 @@ def extract_param(resource: dict[str, Any], param: SearchParam, base_url: str) -
     if param.type == "date":
         return {f"{param.name}_lo": min(v[0] for v in values),
                 f"{param.name}_hi": max(v[1] for v in values)}
+    if param.type == "string":  # `:exact` compares the text as written
+        exact = sorted({e.strip() for path in param.paths for node in walk(resource, path)
+                        for e in exact_strings_of(node)})
+        return {param.name: sorted(set(values)), f"{param.name}_x": exact}
     return {param.name: sorted(set(values))}
 
 

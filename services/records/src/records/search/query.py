@@ -6,10 +6,13 @@ names we chose, so operator injection (`{"$where": ...}`, `$gt` in a value) has 
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from mindchart_core import errors
 from records.resources import ResourceDef, SearchParam
@@ -18,19 +21,120 @@ from records.search import extract
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
 MAX_VALUES = 50  # comma-separated alternatives in one parameter
-DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+MAX_VALUE_LENGTH = 2048
+MAX_SORT_KEYS = 5
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+DATE_PREFIXES = PREFIXES
 RESULT_PARAMS = {"_count", "_cursor", "_format", "_sort", "_summary", "_elements", "_total",
                  "_include", "_revinclude", "_pretty"}
+SUMMARY_VALUES = ("true", "false", "text", "data", "count")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-.]{0,63}(?::[A-Za-z0-9\-]{1,64})?$")
+_ELEMENT = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
+# Values shaped like MongoDB operators or JSON documents: never data, always an attack or a bug.
+_HOSTILE_VALUE = re.compile(
+    r"^\s*[\[{]\s*[\"'$]|\$(?:where|ne|eq|gt|gte|lt|lte|in|nin|regex|expr|function|or|and|nor|not"
+    r"|exists|elemMatch|jsonSchema|accumulator)\b|\x00"
+)
+LAST_UPDATED = SearchParam("lastUpdated", "date", ("meta.lastUpdated",))
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """An opaque paging position: the sort key and id of the row a page ends (or starts) at."""
+
+    backwards: bool
+    keys: list[Any]
+    id: str
+
+    def encode(self) -> str:
+        raw = orjson.dumps([1 if self.backwards else 0, self.keys, self.id])
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @staticmethod
+    def decode(text: str) -> Cursor:
+        try:
+            if len(text) > 1024:
+                raise ValueError
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            backwards, keys, ident = orjson.loads(raw)
+            if backwards not in (0, 1) or not isinstance(keys, list) or not isinstance(ident, str):
+                raise ValueError
+            if not all(k is None or isinstance(k, str | int | float) for k in keys):
+                raise ValueError
+        except (ValueError, TypeError, orjson.JSONDecodeError):
+            raise errors.Invalid("Invalid paging cursor") from None
+        return Cursor(bool(backwards), keys, ident)
+
+
+@dataclass(frozen=True)
+class SortKey:
+    name: str  # `_id`, `_lastUpdated` or a search parameter
+    descending: bool
+    param: SearchParam | None  # None for `_id`
+
+
+@dataclass(frozen=True)
+class Include:
+    """`_include=Source:param[:Target]` or `_revinclude=Source:param[:Target]` (R4 search §3.3)."""
+
+    source: str
+    param: str
+    target: str | None
+    reverse: bool
+    iterate: bool
 
 
 @dataclass
 class SearchRequest:
     filter: dict[str, Any]
     count: int = DEFAULT_COUNT
-    cursor: str | None = None
+    cursor: Cursor | None = None
     applied: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    sort: list[SortKey] = field(default_factory=list)
+    includes: list[Include] = field(default_factory=list)
+    summary: str | None = None
+    elements: list[str] | None = None
+    total: str | None = None
+
+
+def sort_field(param: SearchParam | None) -> str:
+    """The stored (indexed) field a parameter is searched and sorted on."""
+    if param is None:
+        return "_id"
+    return f"sp.{param.name}_lo" if param.type == "date" else f"sp.{param.name}"
+
+
+def _sort_value(doc: dict[str, Any], key: SortKey) -> Any:
+    if key.param is None:
+        return str(doc["_id"])
+    name = sort_field(key.param).removeprefix("sp.")
+    value = doc.get("sp", {}).get(name)
+    if isinstance(value, list):
+        value = (max(value) if key.descending else min(value)) if value else None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")  # fixed width: sorts as text
+    return value
+
+
+def sort_key(keys: list[SortKey], doc: dict[str, Any]) -> list[Any]:
+    return [_sort_value(doc, k) for k in keys]
+
+
+def compare_keys(keys: list[SortKey], a: tuple[list[Any], str], b: tuple[list[Any], str]) -> int:
+    """Order by each key (missing values last either way), then by id for a total order."""
+    for key, va, vb in zip(keys, a[0], b[0], strict=False):
+        if va == vb:
+            continue
+        if va is None or vb is None:
+            return 1 if va is None else -1
+        if type(va) is not type(vb) and not (isinstance(va, int | float) and isinstance(vb, int | float)):
+            va, vb = str(va), str(vb)
+        result = -1 if va < vb else 1
+        return -result if key.descending else result
+    return (a[1] > b[1]) - (a[1] < b[1])
 
 
 def parse_count(raw: str | None) -> int:
@@ -51,12 +155,18 @@ def _split(value: str) -> list[str]:
     return parts
 
 
+def _prefixed(value: str) -> tuple[str, str]:
+    if value[:2] in PREFIXES and len(value) > 2 and not value[2].isalpha():
+        return value[:2], value[2:]
+    return "eq", value
+
+
 def _date_clause(name: str, value: str) -> dict[str, Any]:
-    prefix = value[:2] if value[:2] in DATE_PREFIXES else "eq"
-    text = value[2:] if value[:2] in DATE_PREFIXES else value
+    """R4 search.html §3.1.1.4: compare the value's range [lo, hi) with the stored range."""
+    prefix, text = _prefixed(value)
     try:
         lo, hi = extract.date_range(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise errors.Invalid(f"Invalid date value for {name}") from None
     flo, fhi = f"sp.{name}_lo", f"sp.{name}_hi"
     clauses: dict[str, dict[str, Any]] = {
@@ -75,15 +185,21 @@ def _date_clause(name: str, value: str) -> dict[str, Any]:
 
 
 def _quantity_clause(name: str, value: str) -> dict[str, Any]:
-    prefix = value[:2] if value[:2] in DATE_PREFIXES else "eq"
-    number = (value[2:] if value[:2] in DATE_PREFIXES else value).split("|")[0]
+    prefix, text = _prefixed(value)
+    number = text.split("|")[0]
     try:
         amount = float(number)
     except ValueError:
         raise errors.Invalid(f"Invalid quantity value for {name}") from None
+    if amount != amount or amount in (float("inf"), float("-inf")):
+        raise errors.Invalid(f"Invalid quantity value for {name}")
+    target = f"sp.{name}"
+    if prefix == "ap":  # approximately: within 10% (R4 search.html §3.1.1.1)
+        low, high = sorted((amount * 0.9, amount * 1.1))
+        return {target: {"$gte": low, "$lte": high}}
     ops = {"eq": "$eq", "ne": "$ne", "gt": "$gt", "lt": "$lt", "ge": "$gte", "le": "$lte",
-           "sa": "$gt", "eb": "$lt", "ap": "$eq"}
-    return {f"sp.{name}": {ops[prefix]: amount}}
+           "sa": "$gt", "eb": "$lt"}
+    return {target: {ops[prefix]: amount}}
 
 
 def _reference_value(param: SearchParam, value: str, base_url: str) -> str:
@@ -92,6 +208,9 @@ def _reference_value(param: SearchParam, value: str, base_url: str) -> str:
         if not param.target:
             raise errors.Invalid(f"{param.name} needs a typed reference (Type/id)")
         ref = f"{param.target}/{ref}"
+    kind, _, ident = ref.partition("/")
+    if not _TYPE.match(kind) or not _ID.match(ident):
+        raise errors.Invalid(f"Invalid reference value for {param.name}")
     return ref
 
 
@@ -106,13 +225,15 @@ def param_clause(
         target = f"{field_name}_lo" if param.type == "date" else field_name
         return {target: {"$exists": value == "false"}}
     values = _split(value)
+    if any(not v for v in values):
+        raise errors.Invalid(f"Empty value in {param.name}")
     if param.type == "token":
         if modifier not in ("", "not"):
             raise errors.Invalid(f"Modifier :{modifier} is not supported on {param.name}")
         op = "$nin" if modifier == "not" else "$in"
         return {field_name: {op: values}}
     if param.type == "reference":
-        if modifier and not modifier[0].isupper():
+        if modifier and not _TYPE.match(modifier):
             raise errors.Invalid(f"Modifier :{modifier} is not supported on {param.name}")
         refs = [_reference_value(param, f"{modifier}/{v}" if modifier else v, base_url)
                 for v in values]
@@ -122,7 +243,7 @@ def param_clause(
         for v in values:
             norm = extract.normalize_string(v)
             if modifier == "exact":
-                alternatives.append({field_name: v.casefold().strip()})
+                alternatives.append({f"{field_name}_x": v.strip()})
             elif modifier == "contains":
                 alternatives.append({field_name: {"$regex": re.escape(norm)}})
             elif modifier == "":
@@ -137,21 +258,58 @@ def param_clause(
     return clauses[0] if len(clauses) == 1 else {"$or": clauses}
 
 
-def _special_clause(name: str, value: str) -> dict[str, Any] | None:
+def _special_clause(name: str, modifier: str, value: str) -> dict[str, Any] | None:
     if name == "_id":
         ids = _split(value)
-        if not all(_ID.match(i) for i in ids):
+        if modifier or not all(_ID.match(i) for i in ids):
             raise errors.Invalid("Invalid _id value")
         return {"_id": {"$in": ids}}
     if name == "_lastUpdated":
-        clauses = []
-        for v in _split(value):
-            clause = _date_clause("lastUpdated", v)
-            clauses.append(clause)
+        if modifier:
+            raise errors.Invalid(f"Modifier :{modifier} is not supported on _lastUpdated")
+        clauses = [_date_clause("lastUpdated", v) for v in _split(value)]
         return clauses[0] if len(clauses) == 1 else {"$or": clauses}
     if name in ("_security", "_tag"):
-        return {f"sp.{name}": {"$in": _split(value)}}
+        if modifier not in ("", "not"):
+            raise errors.Invalid(f"Modifier :{modifier} is not supported on {name}")
+        return {f"sp.{name}": {"$nin" if modifier == "not" else "$in": _split(value)}}
     return None
+
+
+def _parse_sort(definition: ResourceDef, value: str) -> list[SortKey]:
+    keys: list[SortKey] = []
+    for item in _split(value)[:MAX_SORT_KEYS + 1]:
+        descending = item.startswith("-")
+        name = item.removeprefix("-")
+        if name == "_id":
+            keys.append(SortKey(name, descending, None))
+        elif name == "_lastUpdated":
+            keys.append(SortKey(name, descending, LAST_UPDATED))
+        elif (param := definition.param(name)) is not None:
+            keys.append(SortKey(name, descending, param))
+        else:
+            raise errors.Invalid(f"Cannot sort {definition.type} by '{name[:64]}'")
+    if len(keys) > MAX_SORT_KEYS:
+        raise errors.Invalid(f"At most {MAX_SORT_KEYS} _sort keys")
+    return keys
+
+
+def _parse_include(definition: ResourceDef, value: str, *, reverse: bool, iterate: bool,
+                   resources: dict[str, ResourceDef]) -> list[Include]:
+    if value == "*" and not reverse:
+        return [Include(definition.type, p.name, None, False, iterate)
+                for p in definition.params if p.type == "reference" and p.name != "patient"]
+    source, _, rest = value.partition(":")
+    param_name, _, target = rest.partition(":")
+    source_def = resources.get(source)
+    param = source_def.param(param_name) if source_def is not None else None
+    if param is None or param.type != "reference":
+        raise errors.Invalid(f"Unsupported {'_revinclude' if reverse else '_include'} '{value[:80]}'")
+    if target and target not in resources:
+        raise errors.Invalid(f"Unsupported include target type '{target[:64]}'")
+    if not reverse and not iterate and source != definition.type:
+        raise errors.Invalid(f"_include must start with {definition.type} (or use :iterate)")
+    return [Include(source, param_name, target or None, reverse, iterate)]
 
 
 def parse(
@@ -160,38 +318,63 @@ def parse(
     *,
     base_url: str,
     strict: bool = False,
+    resources: dict[str, ResourceDef] | None = None,
 ) -> SearchRequest:
     """Query-string pairs → filter. Repeated parameters AND; commas OR (R4 search.html §2.1.1.3)."""
     request = SearchRequest(filter={})
     clauses: list[dict[str, Any]] = []
     for raw_name, value in items:
+        if not _PARAM_NAME.match(raw_name):
+            raise errors.Invalid("Invalid search parameter name")
+        if len(value) > MAX_VALUE_LENGTH or _HOSTILE_VALUE.search(value):
+            raise errors.Invalid(f"Invalid value for search parameter {raw_name}")
         name, _, modifier = raw_name.partition(":")
         if name == "_count":
             request.count = parse_count(value)
             request.applied.append((raw_name, value))
+        elif name == "_cursor":
+            request.cursor = Cursor.decode(value)
+        elif name == "_sort":
+            request.sort = _parse_sort(definition, value)
+            request.applied.append((raw_name, value))
+        elif name in ("_include", "_revinclude"):
+            if modifier not in ("", "iterate", "recurse"):
+                raise errors.Invalid(f"Unsupported modifier on {name}")
+            request.includes += _parse_include(
+                definition, value, reverse=name == "_revinclude", iterate=bool(modifier),
+                resources=resources or {definition.type: definition},
+            )
+            request.applied.append((raw_name, value))
+        elif name == "_summary":
+            if value not in SUMMARY_VALUES:
+                raise errors.Invalid(f"_summary must be one of {', '.join(SUMMARY_VALUES)}")
+            request.summary = value
+            request.applied.append((raw_name, value))
+        elif name == "_elements":
+            elements = _split(value)
+            if not all(_ELEMENT.match(e) for e in elements):
+                raise errors.Invalid("Invalid _elements value")
+            request.elements = elements
+            request.applied.append((raw_name, value))
+        elif name == "_total":
+            if value not in ("none", "estimate", "accurate"):
+                raise errors.Invalid("_total must be none, estimate or accurate")
+            request.total = value
+            request.applied.append((raw_name, value))
+        elif name in RESULT_PARAMS:
             continue
-        if name == "_cursor":
-            if not _ID.match(value):
-                raise errors.Invalid("Invalid paging cursor")
-            request.cursor = value
-            continue
-        if name in RESULT_PARAMS:
-            continue
-        if not value:
+        elif not value:
             raise errors.Invalid(f"Parameter {name} has no value")
-        special = _special_clause(name, value)
-        if special is not None:
+        elif (special := _special_clause(name, modifier, value)) is not None:
             clauses.append(special)
             request.applied.append((raw_name, value))
-            continue
-        param = definition.param(name)
-        if param is None:
-            if strict:
-                raise errors.Invalid(f"Unknown search parameter '{name[:64]}' for {definition.type}")
+        elif (param := definition.param(name)) is not None:
+            clauses.append(param_clause(param, modifier, value, base_url))
+            request.applied.append((raw_name, value))
+        elif strict:
+            raise errors.Invalid(f"Unknown search parameter '{name[:64]}' for {definition.type}")
+        else:
             request.ignored.append(raw_name)
-            continue
-        clauses.append(param_clause(param, modifier, value, base_url))
-        request.applied.append((raw_name, value))
     if clauses:
         request.filter = clauses[0] if len(clauses) == 1 else {"$and": clauses}
     return request
