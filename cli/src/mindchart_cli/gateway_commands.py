@@ -1,4 +1,5 @@
-"""`mindchart client|user|key ...`: registrations and keys the gateway owns."""
+"""`mindchart client|user|key|launch|audit ...`: what the gateway owns: registrations, keys, EHR
+launches and the audit chain."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway import admin
+from gateway import admin, chain, launches
 from gateway.settings import GatewaySettings
-from mindchart_cli.datastores import emit, on_db
+from mindchart_cli.datastores import CommandError, emit, on_db
 
 client_app = typer.Typer(help="OAuth clients (apps, EHRs, insurers)", no_args_is_help=True)
 user_app = typer.Typer(help="People who sign in", no_args_is_help=True)
 key_app = typer.Typer(help="Gateway token-signing keys", no_args_is_help=True)
+launch_app = typer.Typer(help="EHR launches (SMART launch-ehr)", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit trail", no_args_is_help=True)
 
 
 def on_gateway_db(work: Any) -> Any:
@@ -24,7 +27,7 @@ def on_gateway_db(work: Any) -> Any:
 @client_app.command("create")
 def client_create(
     id: Annotated[str, typer.Option("--id", help="client_id")],
-    auth: Annotated[str, typer.Option(help="private_key_jwt | client_secret")],
+    auth: Annotated[str, typer.Option(help="private_key_jwt | client_secret | none (public app)")],
     scope: Annotated[str, typer.Option(help="the client's allowed maximum, e.g. 'system/*.rs'")],
     audience: Annotated[list[str], typer.Option(help="records and/or psychnotes")] = ["records"],  # noqa: B006
     jwks: Annotated[Path | None, typer.Option(help="JWK Set file with the client's public keys")] = None,
@@ -32,12 +35,16 @@ def client_create(
     secret: Annotated[str | None, typer.Option(help="client secret (client_secret auth)")] = None,
     redirect_uri: Annotated[list[str], typer.Option(help="registered redirect URIs")] = [],  # noqa: B006
     role: Annotated[list[str], typer.Option(help="roles, e.g. compliance")] = [],  # noqa: B006
+    name: Annotated[str | None, typer.Option(help="name shown to users on the sign-in pages")] = None,
+    rate_limit: Annotated[int | None, typer.Option(
+        help="requests per rate-limit window for this client (default: the gateway's)")] = None,
 ) -> None:
     """Register (or replace) an OAuth client."""
     keyset = json.loads(jwks.read_text()) if jwks else None
     emit(on_gateway_db(lambda db: admin.create_client(
         db, client_id=id, auth=auth, scope=scope, audiences=audience, jwks=keyset,
-        jwks_url=jwks_url, secret=secret, redirect_uris=redirect_uri, roles=role)))
+        jwks_url=jwks_url, secret=secret, redirect_uris=redirect_uri, roles=role, name=name,
+        rate_limit=rate_limit)))
 
 
 @user_app.command("create")
@@ -56,3 +63,37 @@ def user_create(
 def key_rotate() -> None:
     """Add a new signing key; it signs from now on, the old ones still verify."""
     emit(on_gateway_db(admin.rotate_signing_key))
+
+
+@launch_app.command("create")
+def launch_create(
+    patient: Annotated[str, typer.Option(help="Patient/ID (or ID) in context")],
+    encounter: Annotated[str | None, typer.Option(help="Encounter/ID in context")] = None,
+    client: Annotated[str | None, typer.Option(help="only this client_id may use the launch")] = None,
+    user: Annotated[str | None, typer.Option(help="only this username may sign in with it")] = None,
+    audience: Annotated[str, typer.Option(help="records | psychnotes: the iss given to the app")] = "records",
+    launch_url: Annotated[str | None, typer.Option(help="the app's launch URL, to print the full link")] = None,
+) -> None:
+    """Mint an opaque `launch` value carrying patient/encounter context, as an EHR does."""
+    settings = GatewaySettings()
+
+    async def work(db: Any) -> Any:
+        try:
+            return await launches.create_launch(
+                db, settings, patient=patient, encounter=encounter, client_id=client, username=user,
+                audience=audience, launch_url=launch_url)
+        except launches.LaunchError as exc:
+            raise CommandError(str(exc)) from None
+
+    emit(on_gateway_db(work))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit hash chain; name the first altered, removed or inserted record (exit 1)."""
+    result = on_gateway_db(chain.verify)
+    emit(result)
+    if not result["ok"]:
+        problem = result["first_problem"]
+        typer.echo(f"audit chain broken: {problem['kind']}: {problem['detail']}", err=True)
+        raise typer.Exit(1)

@@ -22,6 +22,8 @@ app = typer.Typer(help="Mindchart administration", no_args_is_help=True, add_com
 app.add_typer(gateway_commands.client_app, name="client")
 app.add_typer(gateway_commands.user_app, name="user")
 app.add_typer(gateway_commands.key_app, name="key")
+app.add_typer(gateway_commands.launch_app, name="launch")
+app.add_typer(gateway_commands.audit_app, name="audit")
 app.add_typer(psychnotes_commands.psychnotes_app, name="psychnotes")
 
 

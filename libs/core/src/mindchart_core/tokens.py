@@ -40,6 +40,7 @@ class AccessToken:
     fhir_user: str | None = None
     roles: tuple[str, ...] = ()
     purpose_of_use: str | None = None
+    session_id: str | None = None  # `sid`: the grant a user token belongs to (revocable as one)
 
     @property
     def fhir_user_ref(self) -> str | None:
@@ -143,6 +144,7 @@ def claims_to_token(claims: dict[str, Any]) -> AccessToken:
         fhir_user=claims.get("fhirUser"),
         roles=tuple(str(r) for r in roles) if isinstance(roles, list) else (),
         purpose_of_use=claims.get("purpose_of_use"),
+        session_id=claims.get("sid"),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -32,14 +33,22 @@ async def create_client(
     db: store.Db, *, client_id: str, auth: str, scope: str, audiences: list[str],
     jwks: dict[str, Any] | None = None, jwks_url: str | None = None, secret: str | None = None,
     redirect_uris: list[str] | None = None, roles: list[str] | None = None,
+    name: str | None = None, rate_limit: int | None = None,
 ) -> dict[str, Any]:
     if not _ID.match(client_id):
         raise RegistrationError("client id: 1-64 letters, digits, '.', '_' or '-'")
     if not audiences or any(a not in AUDIENCES for a in audiences):
         raise RegistrationError(f"audience must be among {', '.join(AUDIENCES)}")
+    for uri in redirect_uris or []:
+        parts = urlsplit(uri)
+        if not parts.scheme or parts.fragment or (parts.scheme in ("http", "https") and not parts.netloc):
+            raise RegistrationError(f"redirect URI {uri!r} must be absolute and have no fragment (RFC 6749 §3.1.2)")
+    if rate_limit is not None and rate_limit < 1:
+        raise RegistrationError("rate limit must be at least 1 request per window")
     client: dict[str, Any] = {
         "_id": client_id, "auth": auth, "scope": _check_scope(scope), "audiences": sorted(set(audiences)),
         "redirect_uris": redirect_uris or [], "roles": roles or [], "created": datetime.now(UTC),
+        "name": name or client_id, "rate_limit": rate_limit,
     }
     if auth == "private_key_jwt":
         if jwks is None:
@@ -56,8 +65,11 @@ async def create_client(
         if not secret or len(secret) < 16:
             raise RegistrationError("client_secret needs --secret of at least 16 characters")
         client["secret_hash"] = oauth.hash_secret(secret)
+    elif auth == "none":  # a public client (SMART client-public): PKCE, no secret
+        if not redirect_uris:
+            raise RegistrationError("a public client needs at least one --redirect-uri")
     else:
-        raise RegistrationError("auth must be private_key_jwt or client_secret")
+        raise RegistrationError("auth must be private_key_jwt, client_secret or none (public)")
     await store.put_client(db, client)
     return {k: v for k, v in client.items() if k not in ("secret_hash", "jwks")} | {
         "id": client_id, "created": client["created"].isoformat()}

@@ -10,10 +10,10 @@ import httpx
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from gateway import audit, routes, store
+from gateway import audit, chain, cors, routes, store
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_core import asgi, errors, health, logs, tokens
+from mindchart_core import asgi, errors, health, logs, metrics, tokens
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -23,11 +23,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
+            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
+            event_listeners=[metrics.CommandTimer("gateway")],
         )
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
+        await chain.ensure_head(app.state.db)
+        app.state.audit_chain = chain.AuditChain(app.state.db)
         app.state.keys = Keyring(app.state.db)
         pem = settings.signing_key_file.read_bytes() if settings.signing_key_file else None
         await app.state.keys.ensure_key(pem)
@@ -56,7 +59,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     errors.install_error_handlers(app)
     app.include_router(health.health_router(ready))
     app.include_router(routes.router)
-    # Starlette: the last middleware added is the outermost. Request context must wrap audit.
+    # Starlette: the last middleware added is the outermost. Request context must wrap audit,
+    # and audit wraps CORS so that preflight requests are audited too.
+    app.add_middleware(cors.CorsMiddleware)
     app.add_middleware(audit.AuditMiddleware, observer=settings.issuer)
     app.add_middleware(asgi.RequestContextMiddleware, service="gateway")
     return app

@@ -3,22 +3,28 @@
 A pure-ASGI middleware (not BaseHTTPMiddleware) wraps the whole gateway, so 401s, 404s, 429s and
 errors raised before any handler are audited too (Microsoft's FHIR server needed its own
 AuditMiddleware for the same reason). If the record cannot be stored, the client gets a 503 rather
-than an unaudited answer (45 CFR 164.312(b)).
+than an unaudited answer (45 CFR 164.312(b)). Records go into the hash chain (chain.py).
+
+Backends report releases of patient data (45 CFR 164.528) in an internal response header; it is
+stripped here from every response, readable or not, and each release becomes a PrivacyDisclosure
+record in the same chain.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import proxy, store
+from gateway import chain, proxy
 from mindchart_core import audit as audit_shape
 from mindchart_core import errors
 
 log = structlog.get_logger(__name__)
+DISCLOSURE_HEADER = audit_shape.DISCLOSURE_HEADER.encode()
 
 
 def _base_and_rest(path: str) -> tuple[str | None, str]:
@@ -54,18 +60,23 @@ def build_record(scope: Scope, status: int, latency_ms: float, observer: str) ->
         request_id=str(state.get("request_id", "")),
         client_ip=str(client[0]),
         observer=observer,
-        client_id=caller.get("client_id"),
+        client_id=caller.get("client_id") or state.get("oauth_client_id"),
         subject=caller.get("subject"),
         fhir_user=caller.get("fhir_user"),
         jti=caller.get("jti"),
         patient=patient,
         entity_ref=entity,
+        purpose_of_use=list(caller.get("purpose_of_use") or []),
         latency_ms=latency_ms,
         outcome_desc=state.get("refusal"),
+        recorded=chain.truncate_to_millis(datetime.now(UTC)),
     )
     event = audit_shape.rest_audit_event(audit)
+    agents = [a for a in (audit.client_id, audit.subject, audit.fhir_user,
+                          _relative(audit.fhir_user)) if a]
     return {
         "_id": event["id"],
+        "kind": "rest",
         "recorded": audit.recorded,
         "request_id": audit.request_id,
         "method": audit.method,
@@ -75,9 +86,52 @@ def build_record(scope: Scope, status: int, latency_ms: float, observer: str) ->
         "client_id": audit.client_id,
         "subject": audit.subject,
         "patient": patient,
+        "agents": sorted(set(agents)),
+        "entities": [e for e in (entity, patient) if e],
         "outcome": event["outcome"],
         "event": event,
     }
+
+
+def _relative(reference: str | None) -> str | None:
+    if not reference or "/" not in reference:
+        return None
+    return "/".join(reference.rstrip("/").split("/")[-2:])
+
+
+def disclosure_records(header_values: list[bytes], request_id: str, observer: str) -> tuple[
+        list[dict[str, Any]], str | None]:
+    """PrivacyDisclosure records for what a backend reported releasing; a malformed report is
+    itself recorded (as the request's outcome description), never passed to the client."""
+    records: list[dict[str, Any]] = []
+    problem = None
+    for raw in header_values:
+        try:
+            disclosures = audit_shape.decode_disclosures(raw.decode("latin-1"))
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            problem = "a backend reported a disclosure the gateway could not read"
+            log.error("disclosure_header_malformed")
+            continue
+        for disclosure in disclosures:
+            recorded = chain.truncate_to_millis(datetime.now(UTC))
+            event = audit_shape.disclosure_audit_event(
+                disclosure, custodian=observer, request_id=request_id, recorded=recorded)
+            patient = disclosure.patient if "/" in disclosure.patient else f"Patient/{disclosure.patient}"
+            records.append({
+                "_id": event["id"],
+                "kind": "disclosure",
+                "recorded": recorded,
+                "request_id": request_id,
+                "client_id": disclosure.recipient_client_id,
+                "subject": disclosure.recipient_user,
+                "patient": patient,
+                "agents": sorted({a for a in (disclosure.recipient_client_id, disclosure.recipient_user,
+                                              _relative(disclosure.recipient_user)) if a}),
+                "entities": [patient, *disclosure.entities],
+                "outcome": "0",
+                "event": event,
+            })
+    return records, problem
 
 
 class AuditMiddleware:
@@ -92,17 +146,25 @@ class AuditMiddleware:
         started = time.perf_counter()
         failed = False
         responded = False
+        audit_chain: chain.AuditChain = scope["app"].state.audit_chain
 
         async def audited_send(message: Message) -> None:
-            nonlocal failed
+            nonlocal failed, responded
             if failed:
                 return
             if message["type"] == "http.response.start":
                 responded = True
                 elapsed = (time.perf_counter() - started) * 1000
+                headers = list(message.get("headers", []))
+                reported = [v for k, v in headers if k.lower() == DISCLOSURE_HEADER]
+                message["headers"] = [(k, v) for k, v in headers if k.lower() != DISCLOSURE_HEADER]
                 try:
+                    request_id = str(scope.get("state", {}).get("request_id", ""))
+                    disclosures, problem = disclosure_records(reported, request_id, self.observer)
+                    if problem:
+                        scope.setdefault("state", {})["refusal"] = problem
                     record = build_record(scope, message["status"], elapsed, self.observer)
-                    await store.insert_audit(scope["app"].state.db, record)
+                    await audit_chain.append(record, *disclosures)
                 except Exception as exc:
                     failed = True
                     log.error("audit_write_failed", error_type=type(exc).__name__)
@@ -117,5 +179,5 @@ class AuditMiddleware:
             if not responded:  # the 500 that ServerErrorMiddleware is about to send
                 elapsed = (time.perf_counter() - started) * 1000
                 record = build_record(scope, 500, elapsed, self.observer)
-                await store.insert_audit(scope["app"].state.db, record)
+                await audit_chain.append(record)
             raise

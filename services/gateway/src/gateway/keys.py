@@ -16,6 +16,7 @@ from joserfc.jwk import KeySet, RSAKey
 from gateway import store
 
 SIGNING_ALG = "RS256"  # SMART 2.2 §id_token: RS256 SHALL be supported
+SIGNING_RELOAD_SECONDS = 2.0
 
 
 def new_private_jwk(pem: bytes | None = None) -> tuple[str, dict[str, Any]]:
@@ -49,13 +50,15 @@ class Keyring:
             await self.load(force=True)
 
     async def sign(self, claims: dict[str, Any], *, typ: str = "JWT") -> str:
-        await self.load()
+        # Signing is rare next to verifying: look for a newly rotated key every few seconds.
+        if time.monotonic() - self._loaded > SIGNING_RELOAD_SECONDS:
+            await self.load(force=True)
         key = self._keys[0]
         header = {"alg": SIGNING_ALG, "kid": key.kid, "typ": typ}
         return jwt.encode(header, claims, key)
 
-    async def public_jwks(self) -> dict[str, Any]:
-        await self.load()
+    async def public_jwks(self, *, fresh: bool = False) -> dict[str, Any]:
+        await self.load(force=fresh)
         return {"keys": [k.as_dict(private=False) for k in self._keys]}
 
     async def keyset(self, *, refresh: bool = False) -> KeySet:

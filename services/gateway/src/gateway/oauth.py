@@ -86,6 +86,30 @@ async def authenticate_client(
     return client
 
 
+def presents_credentials(form: dict[str, str], authorization: str | None) -> bool:
+    return ("client_assertion" in form or "client_assertion_type" in form or "client_secret" in form
+            or bool(authorization and authorization.lower().startswith("basic ")))
+
+
+async def identify_client(
+    db: store.Db, settings: GatewaySettings, form: dict[str, str], authorization: str | None
+) -> dict[str, Any]:
+    """A confidential client authenticates; a public one (auth "none") names itself with client_id
+    (RFC 6749 §3.2.1, SMART 2.2 §token-request: `client_id` for public clients only)."""
+    if presents_credentials(form, authorization):
+        client = await authenticate_client(db, settings, form, authorization)
+        if form.get("client_id") and form["client_id"] != client["_id"]:
+            raise OAuthError("invalid_client", "client_id does not match the authenticated client")
+        return client
+    client_id = form.get("client_id")
+    client = await store.get_client(db, client_id) if client_id else None
+    if client is None:
+        raise OAuthError("invalid_client", "Unknown client", 401)
+    if client.get("auth") != "none":
+        raise OAuthError("invalid_client", "This client must authenticate", 401)
+    return client
+
+
 async def _authenticate_assertion(db: store.Db, settings: GatewaySettings, assertion: str) -> dict[str, Any]:
     failed = OAuthError("invalid_client", "Client assertion is invalid")
     try:  # read (unverified) who claims to be asking, to know whose keys verify it

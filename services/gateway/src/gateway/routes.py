@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from gateway import oauth, proxy
+from gateway import (
+    audit_routes,
+    authorize,
+    grants,
+    introspection,
+    launches,
+    oauth,
+    pages,
+    proxy,
+    ratelimit,
+    store,
+)
 from gateway.settings import GatewaySettings
-from mindchart_core import errors, tokens
+from mindchart_core import errors, metrics, tokens
 
 router = APIRouter()
+router.include_router(audit_routes.router)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 CORS = {"Access-Control-Allow-Origin": "*"}
 
@@ -29,50 +43,227 @@ def oauth_error(exc: oauth.OAuthError) -> JSONResponse:
                         status_code=exc.status, headers=headers)
 
 
+async def _form(request: Request) -> dict[str, str]:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        raise oauth.OAuthError("invalid_request", "Use application/x-www-form-urlencoded")
+    form = await request.form()
+    for key in form:
+        if len(form.getlist(key)) > 1:
+            raise oauth.OAuthError("invalid_request", f"{key} is repeated")  # RFC 6749 §3.1
+    return {k: str(v) for k, v in form.items()}
+
+
+def _claimed_client(form: dict[str, str], authorization: str | None) -> str | None:
+    """The client a token request names (unverified), to count it against that client's budget."""
+    if form.get("client_id"):
+        return form["client_id"]
+    if authorization and authorization.lower().startswith("basic "):
+        try:
+            return base64.b64decode(authorization[6:].strip()).decode().partition(":")[0] or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if form.get("client_assertion"):
+        try:
+            payload = form["client_assertion"].split(".")[1]
+            return str(json.loads(base64.urlsafe_b64decode(payload + "==")).get("iss")) or None
+        except (ValueError, IndexError, UnicodeDecodeError, AttributeError):
+            return None
+    return None
+
+
+async def _limit(request: Request, key: str, client: dict[str, Any] | None = None) -> None:
+    try:
+        await ratelimit.check(request.app.state.db, _settings(request), key, client)
+    except ratelimit.RateLimited as exc:
+        request.state.refusal = "rate limit exceeded"
+        raise errors.Throttled("Too many requests for this client; slow down",
+                               headers={"Retry-After": str(exc.retry_after)}) from None
+
+
 @router.post("/oauth/token")
 async def token(request: Request) -> Response:
     """RFC 6749 §3.2 token endpoint; JSON errors per §5.2, never an OperationOutcome."""
     settings = _settings(request)
+    db, keys = request.app.state.db, request.app.state.keys
+    authorization = request.headers.get("authorization")
     try:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
-            raise oauth.OAuthError("invalid_request", "Use application/x-www-form-urlencoded")
-        form = {k: str(v) for k, v in (await request.form()).items()}
+        form = await _form(request)
+        claimed = _claimed_client(form, authorization)
+        request.state.oauth_client_id = claimed
+        try:
+            await _limit(request, f"token:{claimed or request.client.host if request.client else '?'}")
+        except errors.Throttled as exc:
+            return JSONResponse({"error": "slow_down", "error_description": exc.diagnostics},
+                                status_code=429, headers={**NO_STORE, **exc.headers})
         grant = form.get("grant_type")
         if grant == "client_credentials":
-            body = await oauth.client_credentials(
-                request.app.state.db, request.app.state.keys, settings, form,
-                request.headers.get("authorization"),
-            )
+            body = await oauth.client_credentials(db, keys, settings, form, authorization)
+        elif grant == "authorization_code":
+            body = await grants.authorization_code(db, keys, settings, form, authorization)
+        elif grant == "refresh_token":
+            body = await grants.refresh_token(db, keys, settings, form, authorization)
         elif not grant:
             raise oauth.OAuthError("invalid_request", "grant_type is required")
         else:
             raise oauth.OAuthError("unsupported_grant_type", "This grant type is not supported")
     except oauth.OAuthError as exc:
         request.state.refusal = exc.error
+        metrics.TOKEN_REFUSALS.labels(_grant_label(form if "form" in locals() else {}), exc.error).inc()
         return oauth_error(exc)
+    metrics.TOKENS_ISSUED.labels(_grant_label(form)).inc()
     return JSONResponse(body, headers={**NO_STORE, **CORS})
+
+
+def _grant_label(form: dict[str, str]) -> str:
+    grant = form.get("grant_type", "")
+    return grant if grant in ("client_credentials", "authorization_code", "refresh_token") else "other"
+
+
+@router.post("/oauth/introspect")
+async def introspect(request: Request) -> Response:
+    """RFC 7662 §2 with SMART 2.2 §token-introspection fields."""
+    settings = _settings(request)
+    db, keys = request.app.state.db, request.app.state.keys
+    try:
+        form = await _form(request)
+        request.state.oauth_client_id = await introspection.introspection_caller(
+            db, keys, settings, form, request.headers.get("authorization"))
+    except oauth.OAuthError as exc:
+        request.state.refusal = exc.error
+        response = oauth_error(exc)
+        if exc.error == "invalid_token":
+            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        return response
+    body = await introspection.introspect(db, keys, settings, form.get("token", ""))
+    return JSONResponse(body, headers=NO_STORE)
+
+
+@router.post("/oauth/revoke")
+async def revoke(request: Request) -> Response:
+    """RFC 7009 §2: 200 whether or not the token was known."""
+    settings = _settings(request)
+    try:
+        form = await _form(request)
+        request.state.oauth_client_id = form.get("client_id")
+        await introspection.revoke(request.app.state.db, request.app.state.keys, settings, form,
+                                   request.headers.get("authorization"))
+    except oauth.OAuthError as exc:
+        request.state.refusal = exc.error
+        return oauth_error(exc)
+    return Response(status_code=200, headers=NO_STORE)
+
+
+# -- authorization endpoint and its pages (SMART 2.2 §authorization-code) -----------------------
+
+@router.get("/oauth/authorize")
+async def authorize_get(request: Request) -> Response:
+    params = request.query_params
+    if any(len(params.getlist(k)) > 1 for k in params):
+        return pages.error_page("Invalid request", "A parameter is repeated.")
+    return await authorize.start(request, dict(params))
+
+
+async def _page_form(request: Request) -> tuple[dict[str, str], list[str]]:
+    form = await request.form()
+    return {k: str(v) for k, v in form.items() if k != "scope"}, [str(v) for v in form.getlist("scope")]
+
+
+@router.post("/oauth/authorize")
+async def authorize_post(request: Request) -> Response:
+    """SMART 2.2: the authorize endpoint SHALL accept form POST too (authorize-post)."""
+    form = await request.form()
+    if any(len(form.getlist(k)) > 1 for k in form):
+        return pages.error_page("Invalid request", "A parameter is repeated.")
+    return await authorize.start(request, {k: str(v) for k, v in form.items()})
+
+
+@router.post(authorize.LOGIN)
+async def authorize_login(request: Request) -> Response:
+    form, _ = await _page_form(request)
+    return await authorize.login(request, form)
+
+
+@router.post(authorize.PICK)
+async def authorize_patient(request: Request) -> Response:
+    form, _ = await _page_form(request)
+    return await authorize.pick_patient(request, form)
+
+
+@router.post(authorize.APPROVE)
+async def authorize_approve(request: Request) -> Response:
+    form, approved = await _page_form(request)
+    return await authorize.decide(request, form, approved)
+
+
+# -- EHR launch API ----------------------------------------------------------------------------
+
+@router.post("/oauth/launch")
+async def create_launch(request: Request) -> Response:
+    """An EHR user (practitioner or admin, with a token from this gateway) mints a launch id."""
+    settings = _settings(request)
+    db, keys = request.app.state.db, request.app.state.keys
+    header = request.headers.get("authorization", "")
+    claims = None
+    if header.lower().startswith("bearer "):
+        claims = await introspection.access_claims(db, keys, settings, header[7:].strip())
+    if claims is None:
+        raise errors.Unauthorized("A valid bearer token is required")
+    request.state.caller = {"client_id": claims["client_id"], "subject": claims["sub"],
+                            "fhir_user": claims.get("fhirUser"), "jti": claims["jti"]}
+    if not {"practitioner", "admin"} & set(claims.get("roles") or []):
+        raise errors.Forbidden("Only practitioners and administrators may create launches")
+    try:
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("patient"), str):
+            raise errors.Invalid("Send JSON with patient (and optionally encounter, client_id, launch_url)")
+        result = await launches.create_launch(
+            db, settings, patient=body["patient"], encounter=body.get("encounter"),
+            client_id=body.get("client_id"), username=str(claims["sub"]),
+            launch_url=body.get("launch_url"))
+    except launches.LaunchError as exc:
+        raise errors.Invalid(str(exc)) from None
+    except ValueError:
+        raise errors.Invalid("The body is not JSON") from None
+    return JSONResponse(result, status_code=201, headers=NO_STORE)
 
 
 @router.get("/oauth/jwks")
 async def jwks(request: Request) -> Response:
-    return JSONResponse(await request.app.state.keys.public_jwks(), headers=CORS)
+    return JSONResponse(await request.app.state.keys.public_jwks(fresh=True), headers=CORS)
+
+
+CAPABILITIES = [
+    "launch-standalone", "launch-ehr", "authorize-post", "client-public",
+    "client-confidential-symmetric", "client-confidential-asymmetric", "sso-openid-connect",
+    "context-banner", "context-standalone-patient", "context-ehr-patient", "context-ehr-encounter",
+    "permission-patient", "permission-user", "permission-offline", "permission-online",
+    "permission-v1", "permission-v2",
+]
+SCOPES_SUPPORTED = [
+    "openid", "fhirUser", "launch", "launch/patient", "launch/encounter", "offline_access",
+    "online_access", "patient/*.rs", "patient/*.cruds", "user/*.rs", "user/*.cruds", "system/*.rs",
+    "system/*.cruds", "patient/*.read", "user/*.read", "user/AuditEvent.rs", "system/AuditEvent.rs",
+]
 
 
 def smart_configuration(settings: GatewaySettings) -> dict[str, Any]:
-    """SMART App Launch 2.2 §well-known (grown to the full list by the gateway issue)."""
+    """SMART App Launch 2.2 §well-known: required, conditional and recommended fields."""
     issuer = settings.issuer
     return {
         "issuer": issuer,
         "jwks_uri": f"{issuer}/oauth/jwks",
+        "authorization_endpoint": f"{issuer}/oauth/authorize",
         "token_endpoint": f"{issuer}/oauth/token",
-        "grant_types_supported": ["client_credentials"],
+        "introspection_endpoint": f"{issuer}/oauth/introspect",
+        "revocation_endpoint": f"{issuer}/oauth/revoke",
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "response_types_supported": ["code"],
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic",
                                                   "client_secret_post"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        "scopes_supported": ["system/*.rs", "system/*.cruds"],
+        "scopes_supported": SCOPES_SUPPORTED,
         "code_challenge_methods_supported": ["S256"],
-        "capabilities": ["client-confidential-asymmetric", "client-confidential-symmetric",
-                         "permission-v1", "permission-v2"],
+        "capabilities": CAPABILITIES,
     }
 
 
@@ -82,6 +273,29 @@ async def well_known(request: Request) -> Response:
     return JSONResponse(smart_configuration(_settings(request)), headers=CORS)
 
 
+@router.get("/.well-known/openid-configuration")
+async def openid_configuration(request: Request) -> Response:
+    """OpenID Connect Discovery 1.0 §3 for `sso-openid-connect`."""
+    settings = _settings(request)
+    smart = smart_configuration(settings)
+    return JSONResponse({
+        "issuer": settings.issuer,
+        "authorization_endpoint": smart["authorization_endpoint"],
+        "token_endpoint": smart["token_endpoint"],
+        "jwks_uri": smart["jwks_uri"],
+        "introspection_endpoint": smart["introspection_endpoint"],
+        "revocation_endpoint": smart["revocation_endpoint"],
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": ["openid", "fhirUser", "offline_access", "online_access"],
+        "grant_types_supported": smart["grant_types_supported"],
+        "token_endpoint_auth_methods_supported": smart["token_endpoint_auth_methods_supported"],
+        "code_challenge_methods_supported": ["S256"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser"],
+    }, headers=CORS)
+
+
 async def _proxy(request: Request, base: str, rest: str, upstream: str, audience: str) -> Response:
     proxy.reject_unsafe_path(request.scope.get("raw_path", b"").decode("latin-1"))
     if proxy.needs_token(rest):
@@ -89,7 +303,12 @@ async def _proxy(request: Request, base: str, rest: str, upstream: str, audience
         request.state.caller = {
             "client_id": token.client_id, "subject": token.subject, "fhir_user": token.fhir_user,
             "jti": token.jti, "patient": f"Patient/{token.patient}" if token.patient else None,
+            "purpose_of_use": [token.purpose_of_use] if token.purpose_of_use else [],
         }
+        if await store.is_revoked(request.app.state.db, token.jti, token.session_id):
+            raise errors.Unauthorized("The access token has been revoked")
+        client = await store.get_client(request.app.state.db, token.client_id) if token.client_id else None
+        await _limit(request, f"client:{token.client_id or token.subject}", client)
         proxy.check_scopes(token, proxy.classify(request.method, rest))
     elif request.method != "GET":
         raise errors.MethodNotAllowed("Only GET is supported here")

@@ -22,6 +22,16 @@ class GatewaySettings(ServiceSettings):
     signing_key_file: Path | None = None
     backend_token_seconds: int = 300  # SMART Backend Services: SHOULD be <= 300
     upstream_timeout_seconds: float = 60.0
+    user_token_seconds: int = 3600  # SMART 2.2 §token-response: expires_in SHOULD be <= 1 h
+    authorization_code_seconds: int = 60  # RFC 6749 §4.1.2: short-lived, single use
+    authorization_session_seconds: int = 900  # time to sign in and approve
+    online_refresh_seconds: int = 8 * 3600
+    offline_refresh_seconds: int = 90 * 86400
+    launch_seconds: int = 3600  # an EHR launch id stays usable this long
+    login_max_failures: int = 5  # consecutive failures before the account is locked
+    login_lockout_seconds: int = 300
+    rate_limit_requests: int = 6000  # per client per window; generous so tests never trip it
+    rate_limit_window_seconds: int = 60
 
     @property
     def issuer(self) -> str:

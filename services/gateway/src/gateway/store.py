@@ -1,11 +1,13 @@
-"""Every gateway database query: clients, users, signing keys, assertion jtis, audit records."""
+"""Every gateway database query: clients, users, signing keys, assertion jtis, authorization
+sessions, codes, refresh tokens, launches, revocations and rate windows. The audit chain's queries
+live in chain.py, next to the hashing they must agree with."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -14,11 +16,22 @@ Db = AsyncDatabase[dict[str, Any]]
 
 async def ensure_indexes(db: Db) -> None:
     await db.assertion_jtis.create_index([("expires", ASCENDING)])
+    # The chain position is unique, so two writers can never both claim the same link.
+    await db.audit_events.create_index([("seq", ASCENDING)], unique=True)
     await db.audit_events.create_index([("recorded", ASCENDING)])
     await db.audit_events.create_index([("patient", ASCENDING)])
     await db.audit_events.create_index([("client_id", ASCENDING)])
     await db.audit_events.create_index([("request_id", ASCENDING)])
+    await db.audit_events.create_index([("agents", ASCENDING)])
+    await db.audit_events.create_index([("entities", ASCENDING)])
+    await db.audit_events.create_index([("kind", ASCENDING)])
     await db.signing_keys.create_index([("created", DESCENDING)])
+    await db.authorization_sessions.create_index([("expires", ASCENDING)])
+    await db.authorization_codes.create_index([("expires", ASCENDING)])
+    await db.refresh_tokens.create_index([("family", ASCENDING)])
+    await db.revoked_tokens.create_index([("expires", ASCENDING)])
+    await db.launches.create_index([("expires", ASCENDING)])
+    await db.rate_windows.create_index([("expires", ASCENDING)])
 
 
 # -- clients and users ------------------------------------------------------------------------
@@ -64,7 +77,105 @@ async def remember_assertion(db: Db, client_id: str, jti: str, expires: datetime
     return True
 
 
-# -- audit ------------------------------------------------------------------------------------
+async def record_login_failure(db: Db, username: str, *, max_failures: int, lockout_seconds: int) -> None:
+    user = await db.users.find_one_and_update(
+        {"_id": username}, {"$inc": {"failed_logins": 1}}, return_document=ReturnDocument.AFTER)
+    if user is not None and int(user.get("failed_logins", 0)) >= max_failures:
+        until = datetime.now(UTC) + timedelta(seconds=lockout_seconds)
+        await db.users.update_one({"_id": username},
+                                  {"$set": {"locked_until": until, "failed_logins": 0}})
 
-async def insert_audit(db: Db, record: dict[str, Any]) -> None:
-    await db.audit_events.insert_one(record)
+
+async def record_login_success(db: Db, username: str) -> None:
+    await db.users.update_one({"_id": username}, {"$set": {"failed_logins": 0, "last_login": datetime.now(UTC)},
+                                                  "$unset": {"locked_until": ""}})
+
+
+# -- authorization sessions, codes, refresh tokens, launches (SMART App Launch 2.2) ------------
+# Secrets (codes, refresh tokens) are stored by their SHA-256 only.
+
+async def put_session(db: Db, session: dict[str, Any]) -> None:
+    await db.authorization_sessions.insert_one(session)
+
+
+async def get_session(db: Db, session_id: str) -> dict[str, Any] | None:
+    return await db.authorization_sessions.find_one(
+        {"_id": session_id, "expires": {"$gt": datetime.now(UTC)}})
+
+
+async def update_session(db: Db, session_id: str, changes: dict[str, Any]) -> None:
+    await db.authorization_sessions.update_one({"_id": session_id}, {"$set": changes})
+
+
+async def end_session(db: Db, session_id: str) -> bool:
+    """Claim a session for its one outcome (code or error); False if already ended."""
+    result = await db.authorization_sessions.delete_one({"_id": session_id})
+    return result.deleted_count == 1
+
+
+async def put_code(db: Db, code: dict[str, Any]) -> None:
+    await db.authorization_codes.delete_many({"expires": {"$lt": datetime.now(UTC) - timedelta(hours=1)}})
+    await db.authorization_codes.insert_one(code)
+
+
+async def redeem_code(db: Db, code_hash: str) -> dict[str, Any] | None:
+    """Mark a code used and return it as it was; a second redemption sees used=True."""
+    return await db.authorization_codes.find_one_and_update(
+        {"_id": code_hash}, {"$set": {"used": True, "used_at": datetime.now(UTC)}})
+
+
+async def put_refresh(db: Db, refresh: dict[str, Any]) -> None:
+    await db.refresh_tokens.insert_one(refresh)
+
+
+async def get_refresh(db: Db, token_hash: str) -> dict[str, Any] | None:
+    return await db.refresh_tokens.find_one({"_id": token_hash})
+
+
+async def claim_refresh(db: Db, token_hash: str) -> dict[str, Any] | None:
+    """Rotate: the first caller gets the token document, every later one None."""
+    return await db.refresh_tokens.find_one_and_update(
+        {"_id": token_hash, "used": {"$ne": True}, "revoked": {"$ne": True}},
+        {"$set": {"used": True, "used_at": datetime.now(UTC)}})
+
+
+async def revoke_refresh_family(db: Db, family: str) -> None:
+    await db.refresh_tokens.update_many({"family": family}, {"$set": {"revoked": True}})
+
+
+async def revoke_family_tokens(db: Db, family: str) -> None:
+    await db.revoked_tokens.update_one(
+        {"_id": f"family:{family}"},
+        {"$set": {"expires": datetime.now(UTC) + timedelta(days=1)}}, upsert=True)
+
+
+async def revoke_jti(db: Db, jti: str, expires: datetime) -> None:
+    await db.revoked_tokens.update_one({"_id": f"jti:{jti}"}, {"$set": {"expires": expires}}, upsert=True)
+
+
+async def is_revoked(db: Db, jti: str, family: str | None) -> bool:
+    ids = [f"jti:{jti}"] + ([f"family:{family}"] if family else [])
+    return await db.revoked_tokens.find_one({"_id": {"$in": ids}}) is not None
+
+
+async def put_launch(db: Db, launch: dict[str, Any]) -> None:
+    await db.launches.insert_one(launch)
+
+
+async def get_launch(db: Db, launch_id: str) -> dict[str, Any] | None:
+    return await db.launches.find_one({"_id": launch_id, "expires": {"$gt": datetime.now(UTC)}})
+
+
+# -- rate limiting: fixed windows counted in the datastore, so every replica shares them -------
+
+async def count_in_window(db: Db, key: str, window_start: int, window_seconds: int) -> int:
+    doc = await db.rate_windows.find_one_and_update(
+        {"_id": f"{key}\n{window_start}"},
+        {"$inc": {"count": 1},
+         "$setOnInsert": {"expires": datetime.fromtimestamp(window_start + window_seconds, UTC)}},
+        upsert=True, return_document=ReturnDocument.AFTER)
+    return int(doc["count"]) if doc else 1
+
+
+async def forget_old_windows(db: Db) -> None:
+    await db.rate_windows.delete_many({"expires": {"$lt": datetime.now(UTC) - timedelta(minutes=5)}})

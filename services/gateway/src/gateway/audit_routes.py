@@ -1,0 +1,168 @@
+"""Reading the audit trail: `GET /audit/AuditEvent` (search), `GET /audit/AuditEvent/{id}`, and
+`GET /audit/Patient/{id}/$disclosures`, the 45 CFR 164.528 accounting of disclosures.
+
+Only administrators: an access token with `user/AuditEvent.rs` (or `.read`) whose user has the
+admin role, or `system/AuditEvent.rs` for a registered backend client. Search parameters (R4
+AuditEvent): `date` (with ge/gt/le/lt/eq prefixes, repeatable), `patient`, `agent` (client id,
+username or fhirUser), `entity` (a reference such as Patient/1 or DocumentReference/2), `outcome`
+(0, 4, 8, 12), `_count` (default 50, at most 500). Newest first; `next` links page by chain position.
+
+The accounting is a FHIR `searchset` Bundle of IHE.BasicAudit.PrivacyDisclosure AuditEvents, one
+per release, newest first, filterable by `date`. 164.528(b)(2) elements map to: date =
+`recorded`; recipient = the `agent` with type DCM#110152 (`who`, and `altId` = the app's
+client_id); description of what was disclosed = the `entity` entries with role object-role#4 plus
+`outcomeDesc`; purpose = `purposeOfEvent`; basis (authorization or exception) = the `entity` with
+role object-role#13.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway import introspection
+from gateway.settings import GatewaySettings
+from mindchart_core import errors, fhirjson, scopes
+
+router = APIRouter()
+
+_PARAMS = {"date", "patient", "agent", "entity", "outcome", "_count", "_cursor", "_format"}
+_DATE = re.compile(r"^(eq|ge|gt|le|lt)?(\d{4}-\d{2}-\d{2})(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?$")
+_REF = re.compile(r"^[A-Za-z0-9._:/|-]{1,256}$")
+
+
+async def require_auditor(request: Request) -> dict[str, Any]:
+    """The caller's token claims if they may read the audit trail; else 401/403."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthorized("A bearer token is required", error="invalid_request")
+    app = request.app
+    claims = await introspection.access_claims(app.state.db, app.state.keys, app.state.settings, token.strip())
+    if claims is None:
+        raise errors.Unauthorized("The access token is invalid, expired or revoked")
+    request.state.caller = {"client_id": claims.get("client_id"), "subject": claims.get("sub"),
+                            "fhir_user": claims.get("fhirUser"), "jti": claims.get("jti")}
+    granted = scopes.parse(str(claims.get("scope", "")))
+    if granted.matching("AuditEvent", "search-type", ("system",)):
+        return claims
+    if granted.matching("AuditEvent", "search-type", ("user",)) and "admin" in (claims.get("roles") or []):
+        return claims
+    raise errors.Forbidden("Reading the audit trail needs user/AuditEvent.rs as an administrator "
+                           "or system/AuditEvent.rs")
+
+
+def _date_clause(value: str) -> dict[str, datetime]:
+    match = _DATE.match(value)
+    if match is None:
+        raise errors.Invalid(f"date must be YYYY-MM-DD or an instant, with an optional prefix: {value!r}")
+    prefix = match[1] or "eq"
+    text = match[2] + (match[3] or "")
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.Invalid(f"date is not a valid date: {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    end = moment + (timedelta(days=1) if match[3] is None else timedelta(milliseconds=1))
+    return {"eq": {"$gte": moment, "$lt": end}, "ge": {"$gte": moment}, "gt": {"$gte": end},
+            "le": {"$lt": end}, "lt": {"$lt": moment}}[prefix]
+
+
+def search_filter(request: Request) -> tuple[dict[str, Any], int, int | None]:
+    params = request.query_params
+    unknown = set(params.keys()) - _PARAMS
+    if unknown:
+        raise errors.Invalid(f"Unsupported search parameter(s): {', '.join(sorted(unknown))}")
+    clauses: list[dict[str, Any]] = []
+    for value in params.getlist("date"):
+        clauses.append({"recorded": _date_clause(value)})
+    for name, field in (("patient", "patient"), ("agent", "agents"), ("entity", "entities")):
+        for value in params.getlist(name):
+            if not _REF.match(value):
+                raise errors.Invalid(f"{name} is not a valid reference or identifier")
+            if name == "patient" and "/" not in value:
+                value = f"Patient/{value}"
+            if name != "agent" and value.startswith(("http://", "https://")):
+                value = "/".join(value.rstrip("/").split("/")[-2:])
+            clauses.append({field: value})
+    for value in params.getlist("outcome"):
+        if value not in ("0", "4", "8", "12"):
+            raise errors.Invalid("outcome must be 0, 4, 8 or 12")
+        clauses.append({"outcome": value})
+    try:
+        count = min(max(int(params.get("_count", "50")), 1), 500)
+        cursor = int(params["_cursor"]) if "_cursor" in params else None
+    except ValueError:
+        raise errors.Invalid("_count and _cursor must be integers") from None
+    if cursor is not None:
+        clauses.append({"seq": {"$lt": cursor}})
+    query: dict[str, Any] = {"$and": clauses} if len(clauses) > 1 else (clauses[0] if clauses else {})
+    return query, count, cursor
+
+
+def _bundle(settings: GatewaySettings, records: list[dict[str, Any]], self_url: str,
+            next_url: str | None) -> dict[str, Any]:
+    links = [{"relation": "self", "url": self_url}]
+    if next_url:
+        links.append({"relation": "next", "url": next_url})
+    return {
+        "resourceType": "Bundle", "type": "searchset", "link": links,
+        "entry": [{"fullUrl": f"{settings.issuer}/audit/AuditEvent/{r['event']['id']}",
+                   "resource": r["event"], "search": {"mode": "match"}} for r in records],
+    }
+
+
+async def _page(request: Request, query: dict[str, Any], count: int) -> tuple[list[dict[str, Any]], int | None]:
+    found = await request.app.state.db.audit_events.find(query).sort("seq", -1).limit(count + 1).to_list()
+    more = len(found) > count
+    found = found[:count]
+    return found, (int(found[-1]["seq"]) if more and found else None)
+
+
+def _next(request: Request, cursor: int | None) -> str | None:
+    if cursor is None:
+        return None
+    pairs = [(k, v) for k, v in request.query_params.multi_items() if k != "_cursor"]
+    pairs.append(("_cursor", str(cursor)))
+    settings: GatewaySettings = request.app.state.settings
+    return f"{settings.issuer}{request.url.path}?{urlencode(pairs)}"
+
+
+@router.get("/audit/AuditEvent")
+async def search_audit(request: Request) -> Response:
+    await require_auditor(request)
+    query, count, _ = search_filter(request)
+    records, cursor = await _page(request, query, count)
+    settings: GatewaySettings = request.app.state.settings
+    self_url = f"{settings.issuer}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
+    return fhirjson.FhirResponse(_bundle(settings, records, self_url, _next(request, cursor)))
+
+
+@router.get("/audit/AuditEvent/{event_id}")
+async def read_audit(request: Request, event_id: str) -> Response:
+    await require_auditor(request)
+    record = await request.app.state.db.audit_events.find_one({"_id": event_id})
+    if record is None:
+        raise errors.NotFound(f"AuditEvent/{event_id} is not known")
+    return fhirjson.FhirResponse(record["event"])
+
+
+@router.get("/audit/Patient/{patient_id}/$disclosures")
+async def disclosures(request: Request, patient_id: str) -> Response:
+    """45 CFR 164.528: who received this patient's data, when, why, and on what basis."""
+    await require_auditor(request)
+    if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", patient_id):
+        raise errors.Invalid("patient id is not a FHIR id")
+    query, count, _ = search_filter(request)
+    clauses = [{"kind": "disclosure"}, {"patient": f"Patient/{patient_id}"}] + ([query] if query else [])
+    records, cursor = await _page(request, {"$and": clauses}, count if "_count" in request.query_params else 1000)
+    settings: GatewaySettings = request.app.state.settings
+    self_url = f"{settings.issuer}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
+    bundle = _bundle(settings, records, self_url, _next(request, cursor))
+    return fhirjson.FhirResponse(bundle)

@@ -1,0 +1,187 @@
+"""The tamper-evident audit trail: every audit record is a link in one SHA-256 hash chain.
+
+Each record carries `seq` (its position, unique-indexed), `prev_hash` (the previous record's hash)
+and `hash` (SHA-256 of its own canonical form, `prev_hash` included). A writer claims position
+`head.seq + 1` by inserting it; the unique index lets only one writer win a position, the losers
+re-read the head and retry, so concurrent requests and several gateway replicas cannot fork the
+chain. Within one process the writes are batched behind a lock, so a busy replica rarely contends.
+Records are never updated; `verify` walks the chain and names the first broken link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from gateway import store
+
+GENESIS = "0" * 64
+HEAD_ID = "head"
+_MAX_ATTEMPTS = 200
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        # BSON keeps milliseconds: hash what the datastore can give back.
+        return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    if isinstance(value, dict):
+        return {str(k): _canonical_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical_value(v) for v in value]
+    return value
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """SHA-256 over the record's canonical JSON, everything but `hash` itself."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    text = json.dumps(_canonical_value(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def truncate_to_millis(moment: datetime) -> datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+async def ensure_head(db: store.Db) -> None:
+    try:
+        await db.audit_chain.insert_one({"_id": HEAD_ID, "seq": 0, "hash": GENESIS})
+    except DuplicateKeyError:
+        pass
+
+
+async def _current_head(db: store.Db) -> tuple[int, str]:
+    """The last link: the head document, advanced past links a crashed writer left behind."""
+    head = await db.audit_chain.find_one({"_id": HEAD_ID}) or {"seq": 0, "hash": GENESIS}
+    seq, digest = int(head["seq"]), str(head["hash"])
+    while True:
+        following = await db.audit_events.find_one({"seq": seq + 1}, {"seq": 1, "hash": 1})
+        if following is None:
+            return seq, digest
+        seq, digest = int(following["seq"]), str(following["hash"])
+
+
+async def _advance_head(db: store.Db, seq: int, digest: str) -> None:
+    await db.audit_chain.update_one(
+        {"_id": HEAD_ID, "seq": {"$lt": seq}}, {"$set": {"seq": seq, "hash": digest}})
+
+
+async def _write(db: store.Db, records: list[dict[str, Any]]) -> None:
+    pending = list(records)
+    for _ in range(_MAX_ATTEMPTS):
+        seq, digest = await _current_head(db)
+        for record in pending:
+            seq += 1
+            record["seq"], record["prev_hash"] = seq, digest
+            record["hash"] = digest = record_hash(record)
+        try:
+            await db.audit_events.insert_many(pending, ordered=True)
+        except BulkWriteError as exc:
+            inserted = int(exc.details.get("nInserted", 0))
+            if inserted:
+                last = pending[inserted - 1]
+                await _advance_head(db, last["seq"], last["hash"])
+            pending = pending[inserted:]
+            for record in pending:
+                for key in ("seq", "prev_hash", "hash"):
+                    record.pop(key, None)
+            await asyncio.sleep(random.uniform(0, 0.005))  # noqa: S311 - jitter, not security
+            continue
+        last = pending[-1]
+        await _advance_head(db, last["seq"], last["hash"])
+        return
+    raise RuntimeError("could not append to the audit chain")
+
+
+class AuditChain:
+    """Appends records for one process; callers wait until their record is stored."""
+
+    def __init__(self, db: store.Db) -> None:
+        self.db = db
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._lock = asyncio.Lock()
+
+    async def append(self, *records: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for record in records:
+            future: asyncio.Future[None] = loop.create_future()
+            self._pending.append((record, future))
+            futures.append(future)
+        async with self._lock:
+            if not all(f.done() for f in futures):
+                batch, self._pending = self._pending, []
+                try:
+                    await _write(self.db, [r for r, _ in batch])
+                except Exception as exc:  # every waiter of this batch learns it failed
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(exc)
+                else:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_result(None)
+        for future in futures:
+            await future
+
+
+# -- verification ------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    seq: int | None
+    record_id: str | None
+    kind: str  # altered | removed | inserted | relinked
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "id": self.record_id, "kind": self.kind, "detail": self.detail}
+
+
+async def verify(db: store.Db, *, page: int = 1000) -> dict[str, Any]:
+    """Walk the chain from its first link; report the first altered, removed or inserted record."""
+    head = await db.audit_chain.find_one({"_id": HEAD_ID}) or {"seq": 0, "hash": GENESIS}
+    last_seq, _ = await _current_head(db)
+    expected_prev, checked, problem = GENESIS, 0, None
+    position = 0
+    while position < last_seq and problem is None:
+        upper = min(position + page, last_seq)
+        batch = {int(r["seq"]): r async for r in db.audit_events.find(
+            {"seq": {"$gt": position, "$lte": upper}})}
+        for seq in range(position + 1, upper + 1):
+            record = batch.get(seq)
+            if record is None:
+                problem = Problem(seq, None, "removed",
+                                  f"record #{seq} is missing: the chain has a gap after #{seq - 1}")
+                break
+            if record.get("hash") != record_hash(record):
+                problem = Problem(seq, str(record["_id"]), "altered",
+                                  f"record #{seq} ({record['_id']}) does not match its hash")
+                break
+            if record.get("prev_hash") != expected_prev:
+                problem = Problem(seq, str(record["_id"]), "relinked",
+                                  f"record #{seq} ({record['_id']}) does not follow record #{seq - 1}")
+                break
+            expected_prev = str(record["hash"])
+            checked += 1
+        position = upper
+    if problem is None:
+        stray = await db.audit_events.find_one(
+            {"$or": [{"seq": {"$exists": False}}, {"seq": {"$gt": last_seq}}]})
+        if stray is not None:
+            problem = Problem(stray.get("seq"), str(stray["_id"]), "inserted",
+                              f"record {stray['_id']} is not a link of the chain")
+    if problem is None and int(head["seq"]) > last_seq:
+        problem = Problem(int(head["seq"]), None, "removed",
+                          f"the chain ends at #{last_seq} but its head says #{head['seq']}")
+    result: dict[str, Any] = {"ok": problem is None, "checked": checked, "length": last_seq}
+    if problem is not None:
+        result["first_problem"] = problem.as_dict()
+    return result
