@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from mindchart_core import asgi, errors, health, logs, tokens
+from mindchart_core import asgi, errors, health, logs, metrics, tokens
 from psychnotes import keys, routes, store
 from psychnotes.settings import PsychnotesSettings
 
@@ -21,13 +21,15 @@ from psychnotes.settings import PsychnotesSettings
 def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     settings = settings or PsychnotesSettings()
     logs.configure("psychnotes", settings.log_level)
+    settings.refuse_unsafe_production()
     keyring = keys.load_keyring(settings)
     signing_key = keys.load_signing_key(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
+            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
+            event_listeners=[metrics.CommandTimer("psychnotes")],
         )
         app.state.mongo = client
         app.state.db = client[settings.db_name]

@@ -4,7 +4,8 @@ key, header `typ: consent+jwt`, sent as the `Consent-Token` request header.
 Claims: `iss` and `aud` = the psychnotes base URL; `patient`; `basis` (`Consent/<id>` or
 `exception:<basis>`); `grantee` (`client_id`, `fhirUser`); `purpose_of_use` (v3-ActReason codes);
 `notes` (which notes: `ids`, a `start`/`end` date range on DocumentReference.date, and for the
-originator exception the `author`; every present part must match); `iat`, `nbf`, `exp`, `jti`.
+originator exception the `author`; every present part must match; `{"all": true}` when an
+exception covers every note of the patient); `iat`, `nbf`, `exp`, `jti`.
 Verification here is cryptographic and structural only; the live checks (grantee = caller,
 authorization still in force, note in scope) are the gate's (policy.py).
 """
@@ -61,12 +62,14 @@ class NoteScope:
             out["end"] = int(self.end.timestamp())
         if self.author is not None:
             out["author"] = self.author
-        return out
+        return out or {"all": True}  # every note of the token's patient, said explicitly
 
     @classmethod
     def from_claims(cls, claims: Any) -> NoteScope:
         if not isinstance(claims, dict) or not claims:
             raise InvalidConsentToken("the consent token names no notes")
+        if claims == {"all": True}:
+            return cls()
         ids = claims.get("ids")
         if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
             raise InvalidConsentToken("malformed notes.ids claim")

@@ -21,7 +21,7 @@ import orjson
 from joserfc.jwk import ECKey
 from starlette.responses import Response
 
-from mindchart_core import audit, errors, fhirjson, validation
+from mindchart_core import audit, errors, fhirjson, metrics, validation
 from mindchart_core.tokens import AccessToken
 from psychnotes import consent_token, labels, notes, policy, store, vault
 from psychnotes.consent import Authorization, check_authorization, parse_instant, with_defaults
@@ -60,7 +60,22 @@ def instant(moment: datetime) -> str:
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    """BSON dates come back with bson's own UTC tzinfo; email.utils wants datetime.UTC."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+_REASON_CODES = (  # a bounded label set for /metrics; the full reason is in the audit record
+    ("no consent token", "no-token"), ("several consent tokens", "several-tokens"),
+    ("another caller", "other-caller"), ("revoked", "revoked"), ("expired", "expired"),
+    ("signature", "invalid-token"), ("consent token", "invalid-token"), ("scope", "scope"),
+    ("recipient", "not-recipient"), ("purpose", "purpose"), ("compliance", "role"),
+    ("justification", "justification"), ("author", "not-author"),
+)
+
+
+def reason_code(reason: str) -> str:
+    lowered = reason.lower()
+    return next((code for words, code in _REASON_CODES if words in lowered), "other")
 
 
 # -- audit --------------------------------------------------------------------------------------
@@ -75,6 +90,8 @@ async def record_decision(ctx: Context, *, permit: bool, reason: str, action: st
         token_jti=jti, entities=entities or [], request_id=ctx.request_id,
         recorded=store.now())
     event = audit.consent_decision_audit_event(decision, observer=ctx.base)
+    metrics.CONSENT_DECISIONS.labels("permit" if permit else "deny",
+                                     action if permit else reason_code(reason)).inc()
     await store.insert_decision(ctx.db, {
         "_id": event["id"], "recorded": decision.recorded, "permit": permit, "action": action,
         "reason": reason, "patient": patient, "client_id": ctx.token.client_id,
@@ -601,6 +618,10 @@ async def mint_for_exception(ctx: Context, body: Any) -> Response:
     try:
         purpose = policy.check_exception_mint(basis, ctx.token, purpose, justification,
                                               ctx.settings.min_justification_chars)
+        if basis == policy.ORIGINATOR and not await store.authored_for(
+                ctx.db, str(ctx.user), patient):
+            raise policy.Refusal("The originator-treatment exception is only for the author of "
+                                 "this patient's notes")
     except policy.Refusal as exc:
         await record_decision(ctx, permit=False, action="mint", reason=exc.diagnostics,
                               patient=patient, basis=f"exception:{basis}",

@@ -37,5 +37,14 @@ class PsychnotesSettings(ServiceSettings):
     def base_url(self) -> str:
         return self.public_base_url.rstrip("/")
 
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if self.kek_file is None:
+            problems.append("MINDCHART_PSYCHNOTES_KEK_FILE is not set (notes would be unreadable "
+                            "after a redeploy)")
+        if self.signing_key_file is None:
+            problems.append("MINDCHART_PSYCHNOTES_SIGNING_KEY_FILE is not set")
+        return problems
+
     def previous_kek_paths(self) -> list[Path]:
         return [Path(p.strip()) for p in self.previous_kek_files.split(",") if p.strip()]
