@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
 from mindchart_core import asgi, errors, health, logs, tokens
-from records import routes, store
+from records import export, routes, store
 from records.settings import RecordsSettings
 
 
@@ -26,7 +26,9 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
+        await export.start(app)
         yield
+        await export.stop(app)
         await client.close()
 
     app = FastAPI(title="Mindchart records", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -43,6 +45,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
 
     errors.install_error_handlers(app)
     app.include_router(health.health_router(ready))
+    export.install(app)  # before routes.router: its /{type}/{id} would match $export URLs
     app.include_router(routes.router)
     app.add_middleware(asgi.RequestContextMiddleware, service="records")
     return app

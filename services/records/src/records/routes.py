@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
 from records import bundles, patch, service
+from records.export import declare as declare_bulk_export
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
 from records.search import query
@@ -67,6 +68,7 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
     statement = service.capability_statement(
         settings.public_base_url, settings.issuer, list(RESOURCES.values())
     )
+    declare_bulk_export(statement)  # Bulk Data operations (records/export)
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})
 
 

@@ -1,0 +1,35 @@
+"""Bulk export settings: environment variables prefixed MINDCHART_RECORDS_EXPORT_."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ExportSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MINDCHART_RECORDS_EXPORT_", extra="ignore")
+
+    # Exports of one client that may be queued or running at once; the next kick-off gets 429.
+    max_concurrent_per_client: int = 1
+    # Resources per NDJSON file: a type with more is split over several files.
+    resources_per_file: int = 10_000
+    # How long a finished export's files stay downloadable (the manifest's `Expires`).
+    file_ttl_seconds: int = 3600
+    # A job's lease: a worker that has not renewed it for this long is presumed dead and any
+    # replica may reclaim the job. Renewed every `heartbeat_seconds`.
+    lease_seconds: float = 10.0
+    heartbeat_seconds: float = 2.0
+    # Idle workers look for queued or abandoned jobs this often (kick-offs on this replica wake
+    # its workers at once).
+    poll_seconds: float = 1.0
+    sweep_seconds: float = 30.0
+    workers: int = 2
+    max_attempts: int = 5
+    # Cursor batch: documents fetched per round trip, and the unit of progress and lease checks.
+    batch_size: int = 500
+    # Pause between batches: caps one export's load on the shared datastore (0 = full speed).
+    batch_pause_seconds: float = 0.0
+    retry_after_seconds: int = 2
+    # Custom scope (SMART 2.2 §scopes: custom scopes start with `__`) that lets a client receive
+    # resources labelled R or V (v3-Confidentiality) in exports; without it they are withheld and
+    # counted in the manifest's `error[]`.
+    restricted_scope: str = "__export-restricted"

@@ -1,0 +1,316 @@
+"""Every database query of bulk export, and nothing else: jobs, their files, the disclosure log,
+and the streams of resources a job writes out.
+
+Collections (records datastore):
+- `export_jobs`: one document per kick-off. Workers claim a job by taking its lease with
+  `find_one_and_update` (state `queued`, or `running` with an expired lease), renew the lease while
+  they work, and commit each finished resource type with a write that only the lease holder's
+  attempt can make. Any records replica can therefore run any job, and a crashed worker's job is
+  resumed by whoever claims it next.
+- GridFS bucket `export` (`export.files` / `export.chunks`): file contents, tagged with job id,
+  type and attempt in `metadata`, so a dead attempt's partial files can be found and discarded.
+- `export_files`: one document per finished file (kind output | deleted | error, its resource
+  type, count, and the patients it holds, for download disclosures).
+- `disclosures`: the 45 CFR 164.528 disclosure log (one entry per patient per export or download).
+
+Resource streams use only indexed equality/range filters and never sort (SecantusDB, DESIGN.md),
+and are always ANDed with `AccessPolicy.filter_for(...)`, exactly as records.store does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from gridfs import AsyncGridFSBucket
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from mindchart_core import errors
+
+Db = AsyncDatabase[dict[str, Any]]
+ACTIVE = ("queued", "running")
+CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+RESTRICTED_LABELS = [f"{CONFIDENTIALITY}|R", f"{CONFIDENTIALITY}|V"]
+MAX_DISCLOSURES = 1000
+
+
+def now() -> datetime:
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def and_(*clauses: dict[str, Any]) -> dict[str, Any]:
+    kept = [c for c in clauses if c]
+    if not kept:
+        return {}
+    return kept[0] if len(kept) == 1 else {"$and": kept}
+
+
+def bucket(db: Db) -> AsyncGridFSBucket:
+    return AsyncGridFSBucket(db, bucket_name="export")
+
+
+async def ensure_indexes(db: Db) -> None:
+    await db.export_jobs.create_index([("state", ASCENDING)])
+    await db.export_jobs.create_index([("client_id", ASCENDING), ("state", ASCENDING)])
+    await db.export_jobs.create_index([("expires_at", ASCENDING)])
+    await db.export_files.create_index([("job", ASCENDING)])
+    await db["export.files"].create_index([("metadata.job", ASCENDING)])
+    await db.disclosures.create_index([("patient", ASCENDING), ("state", ASCENDING)])
+    await db.disclosures.create_index([("job", ASCENDING)])
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+async def create_job(db: Db, job: dict[str, Any], cap: int) -> bool:
+    """Queue a job unless its client already has `cap` active ones (then False, nothing stored).
+
+    Insert first, then count: two simultaneous kick-offs may both be refused, never both accepted.
+    """
+    await db.export_jobs.insert_one(job)
+    active = await db.export_jobs.count_documents(
+        {"client_id": job["client_id"], "state": {"$in": list(ACTIVE)}}
+    )
+    if active > cap:
+        await db.export_jobs.delete_one({"_id": job["_id"]})
+        return False
+    return True
+
+
+async def job(db: Db, job_id: str) -> dict[str, Any] | None:
+    return await db.export_jobs.find_one({"_id": job_id}, {"patients": 0})
+
+
+async def claim(db: Db, owner: str, lease_seconds: float) -> dict[str, Any] | None:
+    """Take the lease of a queued job, or of a running one whose worker stopped renewing it."""
+    moment = now()
+    return await db.export_jobs.find_one_and_update(
+        {"$or": [{"state": "queued"}, {"state": "running", "lease_expires": {"$lt": moment}}]},
+        {"$set": {"state": "running", "owner": owner,
+                  "lease_expires": moment + timedelta(seconds=lease_seconds),
+                  "started": moment},
+         "$inc": {"attempt": 1}},
+        return_document=ReturnDocument.AFTER,
+    )
+
+
+def _mine(job_id: str, attempt: int) -> dict[str, Any]:
+    return {"_id": job_id, "attempt": attempt, "state": "running"}
+
+
+async def renew(db: Db, job_id: str, attempt: int, lease_seconds: float, progress: str) -> bool:
+    """Extend the lease; False when it is no longer ours (cancelled, or reclaimed by another)."""
+    result = await db.export_jobs.update_one(_mine(job_id, attempt), {"$set": {
+        "lease_expires": now() + timedelta(seconds=lease_seconds), "progress": progress}})
+    return result.matched_count == 1
+
+
+async def commit_type(db: Db, job_id: str, attempt: int, resource_type: str,
+                      summary: dict[str, Any]) -> bool:
+    result = await db.export_jobs.update_one(
+        _mine(job_id, attempt), {"$set": {f"done.{resource_type}": {**summary, "attempt": attempt}}}
+    )
+    return result.matched_count == 1
+
+
+async def complete(db: Db, job_id: str, attempt: int, ttl_seconds: int) -> bool:
+    moment = now()
+    result = await db.export_jobs.update_one(_mine(job_id, attempt), {"$set": {
+        "state": "complete", "completed": moment, "error_attempt": attempt,
+        "expires_at": moment + timedelta(seconds=ttl_seconds), "progress": "complete"},
+        "$unset": {"lease_expires": "", "owner": ""}})
+    return result.matched_count == 1
+
+
+async def fail(db: Db, job_id: str, attempt: int | None, reason: str, ttl_seconds: int) -> None:
+    moment = now()
+    filt = _mine(job_id, attempt) if attempt is not None else {"_id": job_id}
+    await db.export_jobs.update_one(filt, {"$set": {
+        "state": "failed", "reason": reason, "completed": moment,
+        "expires_at": moment + timedelta(seconds=ttl_seconds)}, "$unset": {"lease_expires": ""}})
+
+
+async def cancel(db: Db, job_id: str) -> bool:
+    """Mark cancelled (the worker notices at its next lease renewal) and discard the files now."""
+    result = await db.export_jobs.update_one(
+        {"_id": job_id, "state": {"$in": [*ACTIVE, "complete", "failed"]}},
+        {"$set": {"state": "cancelled", "expires_at": now()}},
+    )
+    if result.matched_count != 1:
+        return False
+    await discard_files(db, job_id)
+    await db.disclosures.delete_many({"job": job_id, "state": "pending"})
+    return True
+
+
+async def expired_jobs(db: Db, limit: int = 100) -> list[str]:
+    docs = await db.export_jobs.find(
+        {"expires_at": {"$lt": now()}}, {"_id": 1}
+    ).limit(limit).to_list()
+    return [d["_id"] for d in docs]
+
+
+async def delete_job(db: Db, job_id: str) -> None:
+    await discard_files(db, job_id)
+    await db.disclosures.delete_many({"job": job_id, "state": "pending"})
+    await db.export_jobs.delete_one({"_id": job_id})
+
+
+async def job_patients(db: Db, job_id: str) -> list[str] | None:
+    doc = await db.export_jobs.find_one({"_id": job_id}, {"patients": 1})
+    return None if doc is None else doc.get("patients")
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+async def add_file(db: Db, doc: dict[str, Any]) -> None:
+    await db.export_files.insert_one(doc)
+
+
+async def files_of(db: Db, job_id: str) -> list[dict[str, Any]]:
+    return await db.export_files.find({"job": job_id}, {"patients": 0}).to_list()
+
+
+async def file_of(db: Db, job_id: str, file_id: str) -> dict[str, Any] | None:
+    return await db.export_files.find_one({"_id": file_id, "job": job_id})
+
+
+async def discard_files(db: Db, job_id: str, keep: set[tuple[str, int]] | None = None) -> None:
+    """Delete a job's files (GridFS contents included), except those of committed (type, attempt)s.
+
+    On a reclaim this removes what a dead attempt had written of its unfinished type, so the
+    type is exported again from its start and no resource appears twice.
+    """
+    keep = keep or set()
+    grid = bucket(db)
+    async for meta in db["export.files"].find({"metadata.job": job_id}, {"metadata": 1}):
+        tag = meta.get("metadata") or {}
+        if (tag.get("type"), tag.get("attempt")) not in keep:
+            await grid.delete(meta["_id"])
+    async for doc in db.export_files.find({"job": job_id}, {"source_type": 1, "attempt": 1}):
+        if (doc.get("source_type"), doc.get("attempt")) not in keep:
+            await db.export_files.delete_one({"_id": doc["_id"]})
+
+
+def grid_id(job_id: str, source_type: str, kind: str, attempt: int, seq: int) -> str:
+    """GridFS file ids are predictable, so chunks of a file whose upload never closed (its
+    writer was killed) can still be found and deleted."""
+    return f"{job_id}.{source_type}.{kind}.{attempt}.{seq}"
+
+
+async def discard_unclosed_uploads(db: Db, job_id: str, kinds: list[tuple[str, str]],
+                                   attempts: range) -> None:
+    """Delete chunks left by uploads that dead attempts never closed (no `export.files` entry)."""
+    for source_type, kind in kinds:
+        for attempt in attempts:
+            seq = 1
+            while True:
+                ident = grid_id(job_id, source_type, kind, attempt, seq)
+                removed = await db["export.chunks"].delete_many({"files_id": ident})
+                known = await db["export.files"].count_documents({"_id": ident})
+                if not removed.deleted_count and not known:
+                    break
+                seq += 1
+
+
+async def stream_file(db: Db, gridfs_id: Any) -> AsyncIterator[bytes]:
+    """A stored file chunk by chunk (255 KiB at a time): never the whole file in memory."""
+    download = await bucket(db).open_download_stream(gridfs_id)
+    try:
+        while chunk := await download.readchunk():
+            yield chunk
+    finally:
+        await download.close()
+
+
+# -- resources ------------------------------------------------------------------------------------
+
+def stream(db: Db, resource_type: str, filt: dict[str, Any], batch_size: int) -> Any:
+    """A cursor over current versions matching `filt` (which already holds the policy filter)."""
+    return db[resource_type].find(
+        and_(filt, {"deleted": {"$ne": True}}), {"raw": 1, "c": 1}, batch_size=batch_size
+    )
+
+
+async def count(db: Db, resource_type: str, filt: dict[str, Any]) -> int:
+    return await db[resource_type].count_documents(and_(filt, {"deleted": {"$ne": True}}))
+
+
+def deletions(db: Db, resource_type: str, filt: dict[str, Any], batch_size: int) -> Any:
+    """DELETE entries of the history collection matching `filt` (policy and time window in it)."""
+    return db[f"{resource_type}_history"].find(
+        and_(filt, {"method": "DELETE"}), {"id": 1, "c": 1, "ts": 1}, batch_size=batch_size
+    )
+
+
+async def still_deleted(db: Db, resource_type: str, ids: list[str]) -> set[str]:
+    docs = await db[resource_type].find({"_id": {"$in": ids}, "deleted": True}, {"_id": 1}).to_list()
+    return {d["_id"] for d in docs}
+
+
+async def find_one(db: Db, resource_type: str, filt: dict[str, Any]) -> dict[str, Any] | None:
+    return await db[resource_type].find_one(and_(filt, {"deleted": {"$ne": True}}), {"raw": 1})
+
+
+# -- disclosure log -------------------------------------------------------------------------------
+
+async def add_pending_disclosures(db: Db, job: dict[str, Any], resource_type: str,
+                                  per_patient: dict[str, int]) -> None:
+    """Count what this export releases per patient; recorded when the export completes."""
+    if not per_patient:
+        return
+    await db.disclosures.bulk_write([
+        UpdateOne(
+            {"_id": f"{job['_id']}:{patient}"},
+            {"$inc": {f"counts.{resource_type}": n},
+             "$setOnInsert": {"patient": patient, "job": job["_id"], "event": "export",
+                              "state": "pending", "recipient": job["client_id"],
+                              "recipient_user": job.get("recipient_user"),
+                              "purpose": job["purpose"]}},
+            upsert=True,
+        )
+        for patient, n in per_patient.items()
+    ], ordered=False)
+
+
+async def reset_pending_type(db: Db, job_id: str, resource_type: str) -> None:
+    """Forget a dead attempt's counts of a type before that type is exported again."""
+    await db.disclosures.update_many({"job": job_id, "state": "pending"},
+                                     {"$unset": {f"counts.{resource_type}": ""}})
+
+
+async def record_export_disclosures(db: Db, job_id: str) -> None:
+    await db.disclosures.delete_many({"job": job_id, "state": "pending", "counts": {}})
+    await db.disclosures.update_many({"job": job_id, "state": "pending"},
+                                     {"$set": {"state": "recorded", "recorded": now()}})
+
+
+async def record_download(db: Db, job: dict[str, Any], file_doc: dict[str, Any],
+                          recipient_user: str | None) -> None:
+    moment = now()
+    docs = [{"_id": uuid.uuid4().hex, "patient": patient, "job": job["_id"], "event": "download",
+             "file": file_doc["_id"], "state": "recorded", "recorded": moment,
+             "recipient": job["client_id"], "recipient_user": recipient_user,
+             "purpose": job["purpose"], "counts": {file_doc["source_type"]: n}}
+            for patient, n in file_doc.get("patients", [])]
+    if docs:
+        await db.disclosures.insert_many(docs, ordered=False)
+
+
+async def disclosures_of(db: Db, patient: str) -> list[dict[str, Any]]:
+    docs = await db.disclosures.find({"patient": patient, "state": "recorded"}).limit(
+        MAX_DISCLOSURES).to_list()
+    docs.sort(key=lambda d: d["recorded"], reverse=True)
+    return docs
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+__all__ = ["ACTIVE", "RESTRICTED_LABELS", "Db", "and_", "bucket", "cancel", "claim", "commit_type",
+           "complete", "create_job", "ensure_indexes", "errors", "fail", "job", "new_id", "now",
+           "renew", "stream"]
