@@ -1,0 +1,112 @@
+"""Progress notes for measurement 3, bulk-loaded straight into the records datastore in records'
+storage shape: the search values and compartment come from records' own code
+(`records.search.extract`, `records.resources`), so what is searched is what records would store.
+
+Note `i` is a US Core progress note (DocumentReference, LOINC 11506-3, category clinical-note)
+with one score Observation (PHQ-9 for even `i`, GAD-7 for odd), for patient `bench-p<i // per>`,
+dated monthly from 2025-01-01. Every patient has the same number of notes whatever the total, so a
+search for one patient matches the same resources at 1k and at 100k: only the store grows.
+History entries are not written (search never reads them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from bson.binary import Binary
+from pymongo.asynchronous.database import AsyncDatabase
+
+from mindchart_cli import seed
+from records import store as records_store
+from records.resources import RESOURCES, ResourceDef
+from records.search import extract, query
+
+FIRST_DAY = datetime(2025, 1, 1, 16, 0, tzinfo=UTC)
+PHQ9, GAD7 = "44261-6", "70274-6"
+NOTE_TEXT = base64.b64encode(
+    b"S: Reports low mood most days, poor sleep.\nO: Affect flat, PHQ-9 = 12.\n"
+    b"A: Moderate depressive episode (F32.1).\nP: Weekly CBT; sleep hygiene.").decode()
+BATCH = 500
+
+
+def patient_of(i: int, per_patient: int) -> str:
+    return f"bench-p{i // per_patient}"
+
+
+def note_day(i: int, per_patient: int) -> datetime:
+    return FIRST_DAY + timedelta(days=30 * (i % per_patient))
+
+
+def progress_note(i: int, per_patient: int) -> dict[str, Any]:
+    day = note_day(i, per_patient)
+    return {
+        "resourceType": "DocumentReference", "id": f"bench-note-{i}", "status": "current",
+        "meta": {"security": seed.RESTRICTED_BH},
+        "type": {"coding": [{"system": seed.LOINC, "code": "11506-3", "display": "Progress note"}]},
+        "category": [{"coding": [seed.CLINICAL_NOTE]}],
+        "subject": {"reference": f"Patient/{patient_of(i, per_patient)}"},
+        "date": day.isoformat().replace("+00:00", "Z"),
+        "author": [{"reference": f"Practitioner/{seed.DEMO_THERAPIST}"}],
+        "content": [{"attachment": {"contentType": "text/plain", "data": NOTE_TEXT}}],
+        "context": {"period": {"start": (day - timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+                               "end": (day - timedelta(minutes=5)).isoformat().replace("+00:00", "Z")}},
+    }
+
+
+def score(i: int, per_patient: int) -> dict[str, Any]:
+    code, display = (PHQ9, "PHQ-9 total score") if i % 2 == 0 else (GAD7, "GAD-7 total score")
+    return {
+        "resourceType": "Observation", "id": f"bench-obs-{i}", "status": "final",
+        "meta": {"security": seed.RESTRICTED_BH},
+        "category": [{"coding": [seed.SURVEY]}],
+        "code": {"coding": [{"system": seed.LOINC, "code": code, "display": display}]},
+        "subject": {"reference": f"Patient/{patient_of(i, per_patient)}"},
+        "effectiveDateTime": note_day(i, per_patient).isoformat().replace("+00:00", "Z"),
+        "performer": [{"reference": f"Practitioner/{seed.DEMO_THERAPIST}"}],
+        "valueQuantity": {"value": 5 + i % 20, "system": "http://unitsofmeasure.org",
+                          "code": "{score}", "unit": "{score}"},
+        "derivedFrom": [{"reference": f"DocumentReference/bench-note-{i}"}],
+    }
+
+
+def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url: str,
+                    moment: datetime) -> dict[str, Any]:
+    """A current-version document as records' store writes one (version 1): the exact JSON bytes,
+    the extracted search values, the patient compartment."""
+    meta = dict(resource.get("meta", {}))  # as records.store.ResourceStore._write builds it
+    meta.update(versionId="1", lastUpdated=records_store.instant(moment))
+    body = {**resource, "meta": meta}
+    body = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), **body}
+    sp = extract.extract(body, definition, base_url)
+    sp.update(query.last_updated_fields(moment))
+    return {"_id": body["id"], "vid": 1, "ts": moment, "deleted": False, "raw": Binary(orjson.dumps(body)),
+            "sp": sp, "c": extract.patient_compartment(body, definition, base_url)}
+
+
+async def load_notes(db: AsyncDatabase[dict[str, Any]], first: int, last: int, per_patient: int,
+                     base_url: str, budget_s: float = float("inf")) -> tuple[int, float]:
+    """Insert notes [first, last) with their scores, stopping after the batch that exhausts
+    `budget_s`. Returns (notes stored up to, seconds it took)."""
+    started = time.perf_counter()
+    notes, scores = RESOURCES["DocumentReference"], RESOURCES["Observation"]
+    for start in range(first, last, BATCH):
+        moment = records_store.now()
+        numbers = range(start, min(start + BATCH, last))
+        # Two collections, two connections: the datastore serves each on its own thread.
+        await asyncio.gather(
+            db[notes.type].insert_many(
+                [stored_document(notes, progress_note(i, per_patient), base_url, moment) for i in numbers],
+                ordered=False),
+            db[scores.type].insert_many(
+                [stored_document(scores, score(i, per_patient), base_url, moment) for i in numbers],
+                ordered=False))
+        elapsed, done = time.perf_counter() - started, numbers[-1] + 1
+        per_batch = elapsed * BATCH / (done - first)
+        if done < last and elapsed + per_batch > budget_s:  # the next batch would overrun it
+            return done, elapsed
+    return last, time.perf_counter() - started

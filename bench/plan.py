@@ -1,0 +1,39 @@
+"""How long and how hard each measurement runs: `--quick` (under 3 minutes on a 2-core machine)
+or full (about 15 minutes). Every figure in a result names the plan it ran under."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    concurrency: int  # workers of the load generator (one keep-alive connection each)
+    seconds: float  # per side per round of a side-by-side comparison
+    rounds: int  # sides alternate A B A B ... so drift in background load hits both alike
+    max_requests: int  # per side per round (the count bound beside the duration bound)
+    warmup: int
+    notes_small: int  # measurement 3: stored progress notes, small and large
+    notes_large: int
+    notes_per_patient: int
+    load_budget_s: float  # bulk loading stops here even short of notes_large (the result says so)
+    search_requests: int  # per search per size, one at a time (latency, not throughput)
+    search_seconds: float
+    write_seconds: float
+    token_assertions: int  # pre-signed, so signing stays outside the timed loop
+    profile_seconds: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = Plan(mode="quick", concurrency=8, seconds=2.5, rounds=2, max_requests=5000, warmup=20,
+             notes_small=500, notes_large=5000, notes_per_patient=10, load_budget_s=25,
+             search_requests=20, search_seconds=2.5, write_seconds=3.0, token_assertions=300,
+             profile_seconds=4)
+FULL = Plan(mode="full", concurrency=8, seconds=8.0, rounds=3, max_requests=50_000, warmup=100,
+            notes_small=1000, notes_large=100_000, notes_per_patient=10, load_budget_s=360,
+            search_requests=100, search_seconds=10.0, write_seconds=10.0, token_assertions=2000,
+            profile_seconds=10)

@@ -1,0 +1,89 @@
+"""Results: one JSON file per measurement under bench/results/<mode>/, and the printed table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import machine
+
+RESULTS = machine.REPO / "bench" / "results"
+
+
+@dataclass
+class Row:
+    """One line of the table: a figure, its value, its ratio against the target."""
+
+    figure: str
+    value: str
+    ratio: float | None = None
+    target: str = "—"
+    met: bool | None = None  # None: no target, or nothing measured
+    note: str = ""
+
+
+@dataclass
+class Result:
+    key: str  # file name: "1-gateway-overhead"
+    title: str
+    status: str = "measured"  # measured | not available | failed
+    rows: list[Row] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # raw numbers behind the rows
+    profiles: list[dict[str, Any]] = field(default_factory=list)
+    load_average_before: list[float] = field(default_factory=list)
+    load_average_after: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def unavailable(self, why: str) -> Result:
+        self.status = "not available"
+        self.rows = [Row(self.title, why)]
+        return self
+
+    def failed(self, why: str) -> Result:
+        self.status = "failed"
+        self.rows = [Row(self.title, f"failed: {why}")]
+        return self
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}"
+
+
+def fmt_met(row: Row) -> str:
+    return "—" if row.met is None else ("yes" if row.met else "**no**")
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| figure | value | ratio | target | met? |", "|---|---|---|---|---|"]
+    for result in results:
+        for row in result.rows:
+            value = row.value + (f" — {row.note}" if row.note else "")
+            cells = [row.figure, value, fmt_ratio(row.ratio), row.target, fmt_met(row)]
+            lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write(result: Result, *, mode: str, context: dict[str, Any]) -> Path:
+    folder = RESULTS / mode
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{result.key}.json"
+    body = {
+        "measurement": result.key,
+        "title": result.title,
+        "mode": mode,
+        "status": result.status,
+        "timestamp": machine.timestamp(),
+        **context,
+        "load_average_before": result.load_average_before,
+        "load_average_after": result.load_average_after,
+        "elapsed_s": round(result.elapsed_s, 1),
+        "parameters": result.parameters,
+        "rows": [asdict(r) for r in result.rows],
+        "figures": result.figures,
+        "profiles": result.profiles,
+    }
+    path.write_text(json.dumps(body, indent=2, default=str) + "\n")
+    return path
