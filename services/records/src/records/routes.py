@@ -57,7 +57,8 @@ def if_match_version(request: Request) -> int | None:
     return int(match.group(1))
 
 
-async def incoming_resource(request: Request, definition: ResourceDef, settings: RecordsSettings) -> dict[str, Any]:
+async def incoming_resource(request: Request, definition: ResourceDef,
+                            settings: RecordsSettings) -> dict[str, Any]:
     body = await fhirjson.read_json_body(request, settings.max_body_bytes)
     return validation.validate_resource(body, definition.type)
 
@@ -83,7 +84,8 @@ async def batch_or_transaction(request: Request, store: StoreDep, settings: Sett
 
 
 @router.post("/{resource_type}/_search")
-async def search_post(resource_type: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def search_post(resource_type: str, request: Request, store: StoreDep,
+                      settings: SettingsDep) -> Response:
     definition = definition_of(resource_type)
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype not in ("application/x-www-form-urlencoded", ""):
@@ -95,7 +97,8 @@ async def search_post(resource_type: str, request: Request, store: StoreDep, set
 
 
 @router.post("/{resource_type}/$validate")
-async def validate_type(resource_type: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def validate_type(resource_type: str, request: Request, store: StoreDep,
+                        settings: SettingsDep) -> Response:
     """R4 Resource $validate at type level: an OperationOutcome, stores nothing."""
     definition = definition_of(resource_type)
     _may_validate(store, definition)
@@ -111,7 +114,8 @@ async def validate_instance(resource_type: str, resource_id: str, request: Reque
     await store.read(definition, resource_id)
     body = await fhirjson.read_json_body(request, settings.max_body_bytes)
     outcome = service.validate_outcome(body, definition)
-    if isinstance(body, dict) and body.get("resourceType") == definition.type and body.get("id") != resource_id:
+    same_type = isinstance(body, dict) and body.get("resourceType") == definition.type
+    if same_type and body.get("id") != resource_id:
         outcome["issue"].append({"severity": "error", "code": "invalid",
                                  "diagnostics": "The resource id must match the id in the URL"})
         outcome["issue"] = [i for i in outcome["issue"] if i["severity"] != "information"]
@@ -125,7 +129,8 @@ def _may_validate(store: ResourceStore, definition: ResourceDef) -> None:
 
 
 @router.get("/{resource_type}/_history")
-async def history_type(resource_type: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def history_type(resource_type: str, request: Request, store: StoreDep,
+                       settings: SettingsDep) -> Response:
     definition = definition_of(resource_type)
     body = await service.history_bundle(store, definition, None, list(request.query_params.multi_items()),
                                         settings.public_base_url)
@@ -142,7 +147,8 @@ async def history_instance(resource_type: str, resource_id: str, request: Reques
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version}")
-async def vread(resource_type: str, resource_id: str, version: str, store: StoreDep, settings: SettingsDep) -> Response:
+async def vread(resource_type: str, resource_id: str, version: str, store: StoreDep,
+                settings: SettingsDep) -> Response:
     definition = definition_of(resource_type)
     if not version.isdigit() or len(version) > 12:
         raise errors.NotFound("Unknown version")
@@ -209,7 +215,8 @@ async def conditional_update(resource_type: str, request: Request, store: StoreD
 
 
 @router.put("/{resource_type}/{resource_id}")
-async def update(resource_type: str, resource_id: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def update(resource_type: str, resource_id: str, request: Request, store: StoreDep,
+                 settings: SettingsDep) -> Response:
     definition = definition_of(resource_type)
     if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", resource_id):
         raise errors.Invalid("Invalid resource id")

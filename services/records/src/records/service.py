@@ -107,10 +107,10 @@ async def search_bundle(
         pass
     elif page.total is not None:
         head["total"] = page.total
-    elif request.cursor is None and page.next_cursor is None:
-        head["total"] = len(page.resources)
     elif request.total == "accurate" or request.count == 0:
         head["total"] = await store.count(definition, request)
+    elif request.cursor is None and page.next_cursor is None:
+        head["total"] = len(page.resources)
     head["link"] = links
     entries = [
         entry_bytes(f"{base_url}/{s.resource_type}/{s.id}",

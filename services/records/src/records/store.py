@@ -7,9 +7,22 @@ patient compartment (`c`). History entries carry `sp` and `c` too, so the access
 history exactly as it narrows search. A new version and its history entry are written in one
 transaction; optimistic concurrency compares `vid`.
 
-SecantusDB never uses an index for `sort()` (DESIGN.md), so every query here selects through
-indexed equality/range filters first; ordering happens on the matched candidates only, and
-`_sort` refuses candidate sets above `MAX_SORT_CANDIDATES` rather than sorting a collection.
+How searches stay indexed on the embedded SecantusDB (DESIGN.md), as measured with explain():
+its planner uses an index only when the *whole* filter matches one (a single field, or a compound
+index with exactly those fields; any `$and` or extra residual clause means COLLSCAN), and `sort()`
+never uses one. So every query here carries a `hint()` naming the single-field index of its most
+selective conjunct (`_id`, then patient/subject/target, then the compartment `c`, then other
+equalities, then ranges — `query.driving_field`): the datastore scans that index and checks the
+other clauses (policy, parameters, `deleted`) on FETCH. Ordering then happens on that bounded
+candidate set only (a patient's notes, say), never on a collection.
+
+Paging is keyset, not offset: the default order is `_id` (next page = `_id > last`), and `_sort`
+orders the candidate set in memory on values extracted at write time and pages by (sort key, id);
+it refuses candidate sets above `MAX_SORT_CANDIDATES` rather than sorting a whole collection. A
+cursor names the row a page ended at, so writes between pages neither repeat nor skip rows that
+were already there. We chose this over an index-ordered `sp.lastUpdated_lo` scan because
+SecantusDB cannot return index order for a compound filter anyway, and `_id` order is stable
+under updates (lastUpdated moves a row on every write).
 """
 
 from __future__ import annotations
@@ -97,14 +110,36 @@ def index_specs(definition: ResourceDef) -> list[list[tuple[str, int]]]:
     """Every index of a current-version collection (also used by tests to check plans)."""
     specs: list[list[tuple[str, int]]] = [[("c", ASCENDING)], [("sp.lastUpdated_lo", ASCENDING)],
                                           [("sp._security", ASCENDING)], [("sp._tag", ASCENDING)]]
+    specs.append([("sp.lastUpdated_hi", ASCENDING)])
     for param in definition.params:
         specs.append([(query.sort_field(param), ASCENDING)])
         if param.type == "string":
             specs.append([(f"sp.{param.name}_x", ASCENDING)])
+        if param.type == "date":
+            specs.append([(f"sp.{param.name}_hi", ASCENDING)])
     for combo in definition.compound_indexes:
         specs.append([(query.sort_field(definition.param(name)), ASCENDING) for name in combo])
     specs.append([("c", ASCENDING), ("sp.lastUpdated_lo", ASCENDING)])
     return specs
+
+
+@functools.cache
+def indexed_fields(resource_type: str) -> frozenset[str]:
+    """Fields with a single-field index on a current-version collection (hint candidates)."""
+    specs = index_specs(RESOURCES[resource_type])
+    return frozenset({"_id"} | {spec[0][0] for spec in specs if len(spec) == 1})
+
+
+def hint_for(resource_type: str, filt: dict[str, Any]) -> list[tuple[str, int]] | None:
+    """The index a query on `<Type>` must scan (SecantusDB picks none for compound filters)."""
+    field = query.driving_field(filt, set(indexed_fields(resource_type)))
+    return [(field, ASCENDING)] if field else None
+
+
+def history_hint(filt: dict[str, Any]) -> list[tuple[str, int]] | None:
+    field = query.driving_field(filt, {"id", "c", "ts"})
+    return {"id": [("id", ASCENDING), ("vid", ASCENDING)], "c": [("c", ASCENDING), ("ts", ASCENDING)],
+            "ts": [("ts", ASCENDING)]}.get(field or "")
 
 
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
@@ -135,15 +170,31 @@ class ResourceStore:
         async with self.client.start_session() as session, await session.start_transaction():
             yield session
 
+    def _find(self, definition: ResourceDef, filt: dict[str, Any], projection: dict[str, Any],
+              session: Session = None) -> Any:
+        """Every query of a current-version collection: driven by an index whenever one applies."""
+        cursor = self.db[definition.type].find(filt, projection, session=session)
+        hint = hint_for(definition.type, filt)
+        return cursor.hint(hint) if hint else cursor
+
+    async def _find_one(self, definition: ResourceDef, filt: dict[str, Any], projection: dict[str, Any],
+                        session: Session = None) -> dict[str, Any] | None:
+        docs = await self._find(definition, filt, projection, session).limit(1).to_list()
+        return docs[0] if docs else None
+
+    async def explain_search(self, definition: ResourceDef, request: query.SearchRequest) -> dict[str, Any]:
+        """The datastore's plan for a search's candidate query (tests check it scans an index)."""
+        plan: dict[str, Any] = await self._find(definition, self._search_filter(definition, request),
+                                                {"_id": 1}).explain()
+        return plan
+
     # -- reads ------------------------------------------------------------------------------
 
     async def read(self, definition: ResourceDef, resource_id: str, *, interaction: str = "read",
                    session: Session = None) -> StoredResource:
         scope = self.policy.filter_for(definition, interaction)
-        doc = await self.db[definition.type].find_one(
-            _and({"_id": resource_id}, scope), {"raw": 1, "vid": 1, "ts": 1, "deleted": 1},
-            session=session,
-        )
+        doc = await self._find_one(definition, _and({"_id": resource_id}, scope),
+                                   {"raw": 1, "vid": 1, "ts": 1, "deleted": 1}, session)
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         if doc.get("deleted"):
@@ -153,7 +204,8 @@ class ResourceStore:
     async def vread(self, definition: ResourceDef, resource_id: str, version: int) -> StoredResource:
         scope = await self._visible(definition, resource_id, "vread")
         doc = await self.db[f"{definition.type}_history"].find_one(
-            _and({"id": resource_id, "vid": version}, scope)
+            _and({"id": resource_id, "vid": version}, scope),
+            hint=[("id", ASCENDING), ("vid", ASCENDING)],
         )
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id}/_history/{version} is not known")
@@ -165,9 +217,7 @@ class ResourceStore:
                        session: Session = None) -> dict[str, Any]:
         """The policy filter, after checking the resource (maybe deleted) is visible: else 404."""
         scope = self.policy.filter_for(definition, interaction)
-        doc = await self.db[definition.type].find_one(
-            _and({"_id": resource_id}, scope), {"_id": 1}, session=session
-        )
+        doc = await self._find_one(definition, _and({"_id": resource_id}, scope), {"_id": 1}, session)
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         return scope
@@ -179,8 +229,8 @@ class ResourceStore:
             scope = self.policy.filter_for(definition, interaction)
         except errors.Forbidden:
             return []
-        docs = await self.db[definition.type].find(
-            _and({"_id": {"$in": ids[:MAX_INCLUDES]}}, scope, {"deleted": {"$ne": True}}),
+        docs = await self._find(
+            definition, _and({"_id": {"$in": ids[:MAX_INCLUDES]}}, scope, {"deleted": {"$ne": True}}),
             {"raw": 1, "vid": 1, "ts": 1, "sp": 1},
         ).to_list(MAX_INCLUDES)
         return [_stored(definition.type, d) for d in docs]
@@ -191,8 +241,8 @@ class ResourceStore:
             scope = self.policy.filter_for(definition, "search-type")
         except errors.Forbidden:
             return []
-        docs = await self.db[definition.type].find(
-            _and({f"sp.{param}": {"$in": refs}}, scope, {"deleted": {"$ne": True}}),
+        docs = await self._find(
+            definition, _and({f"sp.{param}": {"$in": refs}}, scope, {"deleted": {"$ne": True}}),
             {"raw": 1, "vid": 1, "ts": 1, "sp": 1},
         ).limit(MAX_INCLUDES).to_list()
         return [_stored(definition.type, d) for d in docs]
@@ -206,7 +256,6 @@ class ResourceStore:
         base = self._search_filter(definition, request)
         if request.sort:
             return await self._search_sorted(definition, request, base)
-        collection = self.db[definition.type]
         cursor = request.cursor
         backwards = cursor is not None and cursor.backwards
         filt = base
@@ -214,7 +263,7 @@ class ResourceStore:
             filt = _and(base, {"_id": {"$lt" if backwards else "$gt": cursor.id}})
         if request.count == 0:
             return SearchPage([], None, None)
-        docs = await collection.find(filt, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}).sort(
+        docs = await self._find(definition, filt, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}).sort(
             "_id", DESCENDING if backwards else ASCENDING
         ).limit(request.count + 1).to_list()
         more = len(docs) > request.count
@@ -236,7 +285,7 @@ class ResourceStore:
         """`_sort`: order the (bounded) candidate set in memory on values extracted at write time."""
         fields = {query.sort_field(key.param) if key.param else key.name for key in request.sort}
         projection = {f: 1 for f in fields if f != "_id"}
-        candidates = await self.db[definition.type].find(filt, projection or {"_id": 1}).limit(
+        candidates = await self._find(definition, filt, projection or {"_id": 1}).limit(
             MAX_SORT_CANDIDATES + 1
         ).to_list()
         if len(candidates) > MAX_SORT_CANDIDATES:
@@ -245,7 +294,10 @@ class ResourceStore:
                 status=400, code="too-costly",
             )
         keyed = [(query.sort_key(request.sort, d), str(d["_id"])) for d in candidates]
-        compare = functools.cmp_to_key(lambda a, b: query.compare_keys(request.sort, a, b))
+        def order(a: tuple[list[Any], str], b: tuple[list[Any], str]) -> int:
+            return query.compare_keys(request.sort, a, b)
+
+        compare = functools.cmp_to_key(order)
         keyed.sort(key=compare)
         start, stop = 0, len(keyed)
         cursor = request.cursor
@@ -257,8 +309,8 @@ class ResourceStore:
             else:
                 start = sum(1 for k in keyed if compare(k) <= mark)
         window = keyed[start: start + request.count] if request.count else []
-        docs = await self.db[definition.type].find(
-            {"_id": {"$in": [i for _, i in window]}}, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}
+        docs = await self._find(
+            definition, {"_id": {"$in": [i for _, i in window]}}, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}
         ).to_list() if window else []
         by_id = {d["_id"]: d for d in docs}
         page = [_stored(definition.type, by_id[i]) for _, i in window if i in by_id]
@@ -270,7 +322,11 @@ class ResourceStore:
         return SearchPage(page, next_cursor, previous, total=len(keyed))
 
     async def count(self, definition: ResourceDef, request: query.SearchRequest) -> int:
-        return await self.db[definition.type].count_documents(self._search_filter(definition, request))
+        filt = self._search_filter(definition, request)
+        hint = hint_for(definition.type, filt)
+        if hint is None:
+            return await self.db[definition.type].count_documents(filt)
+        return await self.db[definition.type].count_documents(filt, hint=hint)
 
     async def history(
         self, definition: ResourceDef, resource_id: str | None, *, since: datetime | None,
@@ -288,7 +344,12 @@ class ResourceStore:
             moment = datetime.fromisoformat(str(cursor.keys[0]))
             oid = ObjectId(cursor.id) if ObjectId.is_valid(cursor.id) else ObjectId("0" * 24)
             clauses.append({"$or": [{"ts": {"$lt": moment}}, {"ts": moment, "_id": {"$lt": oid}}]})
-        docs = await self.db[f"{definition.type}_history"].find(_and(*clauses)).sort(
+        filt = _and(*clauses)
+        cursor_h = self.db[f"{definition.type}_history"].find(filt)
+        hint = history_hint(filt)
+        if hint:
+            cursor_h = cursor_h.hint(hint)
+        docs = await cursor_h.sort(
             [("ts", DESCENDING), ("_id", DESCENDING)]
         ).limit(count + 1).to_list()
         entries = [_stored(definition.type, d) for d in docs[:count]]
@@ -314,8 +375,8 @@ class ResourceStore:
         scope = self.policy.filter_for(definition, "update")
         collection = self.db[definition.type]
         current = await collection.find_one({"_id": resource_id}, {"vid": 1}, session=session)
-        if current is not None and scope and await collection.find_one(
-            _and({"_id": resource_id}, scope), {"_id": 1}, session=session
+        if current is not None and scope and await self._find_one(
+            definition, _and({"_id": resource_id}, scope), {"_id": 1}, session
         ) is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         if if_match is not None and (current is None or int(current["vid"]) != if_match):
@@ -405,8 +466,8 @@ class ResourceStore:
                 raise errors.Conflict(f"{definition.type}/{resource_id} was created meanwhile") from None
             # The written version must itself be visible to the writer: a patient-scoped client
             # cannot file a resource into another patient's compartment.
-            if scope and await collection.find_one(
-                _and({"_id": resource_id}, scope), {"_id": 1}, session=s
+            if scope and await self._find_one(
+                definition, _and({"_id": resource_id}, scope), {"_id": 1}, s
             ) is None:
                 raise errors.Forbidden(  # leaving the block aborts the transaction
                     f"The granted scopes do not permit writing this {definition.type}"
@@ -427,4 +488,4 @@ class ResourceStore:
 
 
 __all__ = ["MAX_SORT_CANDIDATES", "ResourceStore", "SearchPage", "StoredResource", "ensure_indexes",
-           "index_specs", "instant", "now"]
+           "hint_for", "index_specs", "indexed_fields", "instant", "now"]

@@ -27,7 +27,7 @@ def _elements_flagged(resource_type: str, flag: str) -> frozenset[str]:
     names = set()
     for name, info in model.model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if extra.get(flag):
+        if extra.get(flag) or (flag == "element_required" and info.is_required()):
             names.add(info.alias or name)
     return frozenset(names)
 

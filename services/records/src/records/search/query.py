@@ -112,6 +112,8 @@ def _sort_value(doc: dict[str, Any], key: SortKey) -> Any:
         return str(doc["_id"])
     name = sort_field(key.param).removeprefix("sp.")
     value = doc.get("sp", {}).get(name)
+    if isinstance(value, list) and key.param.type == "token":
+        value = [v for v in value if "|" not in v]  # order tokens by their codes
     if isinstance(value, list):
         value = (max(value) if key.descending else min(value)) if value else None
     if isinstance(value, datetime):
@@ -135,6 +137,48 @@ def compare_keys(keys: list[SortKey], a: tuple[list[Any], str], b: tuple[list[An
         result = -1 if va < vb else 1
         return -result if key.descending else result
     return (a[1] > b[1]) - (a[1] < b[1])
+
+
+# Which conjunct drives a query (SecantusDB's planner only picks an index when the whole filter
+# matches one; a hint makes it scan the best single-field index and filter the rest on FETCH).
+_DRIVER_RANK = (("_id",), ("id",), ("sp.patient", "sp.subject", "sp.target"), ("c",),
+                ("sp.identifier",))
+_EQUALITY_OPS = {"$in", "$eq"}
+_RANGE_OPS = {"$gt", "$gte", "$lt", "$lte"}
+
+
+def _conjuncts(filt: dict[str, Any]) -> list[dict[str, Any]]:
+    if not filt:
+        return []
+    if set(filt) == {"$and"}:
+        return [c for clause in filt["$and"] for c in _conjuncts(clause)]
+    return [{k: v} for k, v in filt.items()]
+
+
+def driving_field(filt: dict[str, Any], indexed: set[str]) -> str | None:
+    """The indexed field whose conjunct should select candidates: equality beats range, and
+    compartment-like fields (id, patient, c) beat everything else. None: no index applies."""
+    equal: list[str] = []
+    ranged: list[str] = []
+    for clause in _conjuncts(filt):
+        (name, condition), = clause.items()
+        if name.startswith("$") or name not in indexed:
+            continue
+        if not isinstance(condition, dict):
+            equal.append(name)
+        elif set(condition) <= _EQUALITY_OPS:
+            equal.append(name)
+        elif set(condition) <= _RANGE_OPS and name != "_id":  # ranges on _id scan (DESIGN.md)
+            ranged.append(name)
+        elif set(condition) == {"$elemMatch"} and set(condition["$elemMatch"]) <= _RANGE_OPS:
+            ranged.append(name)
+    for group in _DRIVER_RANK:
+        for name in equal:
+            if name in group:
+                return name
+    if equal:
+        return equal[0]
+    return ranged[0] if ranged else None
 
 
 def parse_count(raw: str | None) -> int:
@@ -196,7 +240,7 @@ def _quantity_clause(name: str, value: str) -> dict[str, Any]:
     target = f"sp.{name}"
     if prefix == "ap":  # approximately: within 10% (R4 search.html §3.1.1.1)
         low, high = sorted((amount * 0.9, amount * 1.1))
-        return {target: {"$gte": low, "$lte": high}}
+        return {target: {"$elemMatch": {"$gte": low, "$lte": high}}}
     ops = {"eq": "$eq", "ne": "$ne", "gt": "$gt", "lt": "$lt", "ge": "$gte", "le": "$lte",
            "sa": "$gt", "eb": "$lt"}
     return {target: {ops[prefix]: amount}}
@@ -239,15 +283,19 @@ def param_clause(
                 for v in values]
         return {field_name: {"$in": refs}}
     if param.type == "string":
-        alternatives = []
+        alternatives: list[dict[str, Any]] = []
         for v in values:
             norm = extract.normalize_string(v)
             if modifier == "exact":
                 alternatives.append({f"{field_name}_x": v.strip()})
             elif modifier == "contains":
                 alternatives.append({field_name: {"$regex": re.escape(norm)}})
-            elif modifier == "":
-                alternatives.append({field_name: {"$regex": "^" + re.escape(norm)}})
+            elif modifier == "":  # starts-with as a range, so an index answers it
+                if not norm:
+                    raise errors.Invalid(f"Empty value in {param.name}")
+                upper = norm[:-1] + chr(ord(norm[-1]) + 1)
+                # $elemMatch: both bounds must hold for one value, not across a name's parts.
+                alternatives.append({field_name: {"$elemMatch": {"$gte": norm, "$lt": upper}}})
             else:
                 raise errors.Invalid(f"Modifier :{modifier} is not supported on {param.name}")
         return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
