@@ -58,7 +58,8 @@ async def run_all(plan: Plan, selected: set[str]) -> int:
             result.load_average_before, result.load_average_after = before, machine.load_average()
             result.elapsed_s = time.monotonic() - t0
             report.write(result, mode=plan.mode, context=context)
-            print(report.table([result]).splitlines()[-1], flush=True)
+            for line in report.table([result], with_notes=False).splitlines()[2:]:
+                print(line, flush=True)
             results.append(result)
     results.sort(key=lambda r: r.key)
     table = report.table(results)

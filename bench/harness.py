@@ -61,6 +61,14 @@ class BenchStack:
     def pid(self, service: str) -> int:
         return int(self.runner.processes[service].pid)
 
+    def pids(self) -> dict[str, int]:
+        """Every process of the stack: services and embedded datastores ("records-db")."""
+        return {label.replace("datastore-", "") + ("-db" if label.startswith("datastore-") else ""):
+                int(process.pid) for label, process in self.runner.processes.items()}
+
+    def datastores(self, *services: str) -> dict[str, str]:
+        return {f"{name}-db": self.mongo_url(name) for name in services}
+
     def mongo_url(self, service: str) -> str:
         return str(self.config.mongo_url(service))
 

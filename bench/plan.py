@@ -24,16 +24,17 @@ class Plan:
     write_seconds: float
     token_assertions: int  # pre-signed, so signing stays outside the timed loop
     profile_seconds: int
+    cost_requests: int  # requests made one at a time to count datastore operations and CPU
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-QUICK = Plan(mode="quick", concurrency=8, seconds=2.5, rounds=2, max_requests=5000, warmup=20,
-             notes_small=500, notes_large=5000, notes_per_patient=10, load_budget_s=25,
-             search_requests=20, search_seconds=2.5, write_seconds=3.0, token_assertions=300,
-             profile_seconds=4)
+QUICK = Plan(mode="quick", concurrency=8, seconds=2.0, rounds=2, max_requests=5000, warmup=20,
+             notes_small=500, notes_large=5000, notes_per_patient=10, load_budget_s=20,
+             search_requests=20, search_seconds=2.0, write_seconds=2.5, token_assertions=250,
+             profile_seconds=3, cost_requests=40)
 FULL = Plan(mode="full", concurrency=8, seconds=8.0, rounds=3, max_requests=50_000, warmup=100,
-            notes_small=1000, notes_large=100_000, notes_per_patient=10, load_budget_s=360,
+            notes_small=1000, notes_large=100_000, notes_per_patient=10, load_budget_s=300,
             search_requests=100, search_seconds=10.0, write_seconds=10.0, token_assertions=2000,
-            profile_seconds=10)
+            profile_seconds=10, cost_requests=100)

@@ -21,7 +21,7 @@ class Row:
     ratio: float | None = None
     target: str = "—"
     met: bool | None = None  # None: no target, or nothing measured
-    note: str = ""
+    notes: list[str] = field(default_factory=list)  # printed under the table: profiles, op counts
 
 
 @dataclass
@@ -56,13 +56,22 @@ def fmt_met(row: Row) -> str:
     return "—" if row.met is None else ("yes" if row.met else "**no**")
 
 
-def table(results: list[Result]) -> str:
+def table(results: list[Result], *, with_notes: bool = True) -> str:
+    """The markdown table; each row's notes are numbered and listed under it."""
     lines = ["| figure | value | ratio | target | met? |", "|---|---|---|---|---|"]
+    notes: list[str] = []
     for result in results:
         for row in result.rows:
-            value = row.value + (f" — {row.note}" if row.note else "")
+            refs = []
+            for note in row.notes:
+                notes.append(note)
+                refs.append(f"[{len(notes)}]")
+            value = row.value + (f" {' '.join(refs)}" if refs and with_notes else "")
             cells = [row.figure, value, fmt_ratio(row.ratio), row.target, fmt_met(row)]
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if with_notes and notes:
+        lines.append("")
+        lines.extend(f"{n}. {note}" for n, note in enumerate(notes, start=1))
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ concurrency. Target: records ≥ 0.6 x the floor."""
 
 from __future__ import annotations
 
-from bench import load, opcount, sides
+from bench import cost, load, sides
 from bench.measures.context import Context
 from bench.report import Result, Row
 
@@ -18,7 +18,7 @@ async def run(ctx: Context) -> Result:
     result = Result(KEY, TITLE)
     token = ctx.stack.token()
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
-    with ctx.stack.floor() as (floor_url, _floor_pid):
+    with ctx.stack.floor() as (floor_url, floor_pid):
         bases = {"records": ctx.stack.direct_url("records"), "floor": floor_url}
         clients = {side: load.loopback_client(url, concurrency=ctx.plan.concurrency, headers=headers)
                    for side, url in bases.items()}
@@ -36,26 +36,30 @@ async def run(ctx: Context) -> Result:
                 return read
 
             pooled = await sides.compare(["floor", "records"], make, ctx.plan)
-            stores = {"records-db": ctx.stack.mongo_url("records")}
-            ops = {side: await opcount.per_request(stores, make(side)) for side in ("floor", "records")}
+            pids = {**ctx.stack.pids(), "floor": floor_pid}
+            costs = {side: await cost.per_request(make(side), datastores=ctx.stack.datastores("records"),
+                                                  pids=pids, n=ctx.plan.cost_requests)
+                     for side in ("floor", "records")}
             ratio = pooled["records"].throughput / pooled["floor"].throughput
             met = ratio >= TARGET
             result.parameters = {"path": READ_PATH, "bytes": len(bodies["records"].content),
                                  "same_bytes_as_records": same, **ctx.plan.as_dict()}
-            result.figures = {side: {**r.summary(), "datastore_ops_per_request": ops[side]}
+            result.figures = {side: {**r.summary(), "cost": costs[side].to_json()}
                               for side, r in pooled.items()}
             row = Row(result.title,
                       f"records {sides.describe(pooled['records'])}; floor {sides.describe(pooled['floor'])}"
-                      + f"; records {opcount.describe(ops['records'])}"
                       + ("" if same else " (floor bytes differ from records'!)"),
-                      ratio, f"≥ {TARGET}", met)
+                      ratio, f"≥ {TARGET}", met,
+                      [f"Per records read: {costs['records'].describe()}.",
+                       f"Per floor read: {costs['floor'].describe()}.",
+                       cost.server_ratio("records", costs["records"], "the floor", costs["floor"])])
             if not met:
                 async def again() -> load.LoadResult:
                     return await load.drive(make("records"), load.Bounds(
                         ctx.plan.concurrency, ctx.plan.max_requests, ctx.plan.profile_seconds + 1))
                 _, profiles = await ctx.profiled({"records": ctx.stack.pid("records")}, "2-records", again)
                 result.profiles = [p.to_json() for p in profiles]
-                row.note = "profile of records: " + profiles[0].describe()
+                row.notes.append("Profile of records: " + profiles[0].describe() + ".")
             result.rows = [row]
             return result
         finally:

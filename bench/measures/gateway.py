@@ -4,7 +4,7 @@ throughput ≥ 0.8 x direct."""
 
 from __future__ import annotations
 
-from bench import load, opcount, sides
+from bench import cost, load, sides
 from bench.measures.context import Context
 from bench.report import Result, Row
 
@@ -36,29 +36,32 @@ async def run(ctx: Context) -> Result:
             return read
 
         pooled = await sides.compare(["direct", "gateway"], make, ctx.plan)
-        stores = {"records-db": ctx.stack.mongo_url("records"), "gateway-db": ctx.stack.mongo_url("gateway")}
-        ops = {side: await opcount.per_request(stores, make(side)) for side in ("direct", "gateway")}
+        stores = ctx.stack.datastores("records", "gateway")
+        costs = {side: await cost.per_request(make(side), datastores=stores, pids=ctx.stack.pids(),
+                                              n=ctx.plan.cost_requests)
+                 for side in ("direct", "gateway")}
         ratio = pooled["gateway"].throughput / pooled["direct"].throughput
         met = ratio >= TARGET
         result.parameters = {"path": READ_PATH, "bytes": len(bodies["direct"].content),
                              **ctx.plan.as_dict()}
-        result.figures = {side: {**r.summary(), "datastore_ops_per_request": ops[side]}
-                          for side, r in pooled.items()}
+        result.figures = {side: {**r.summary(), "cost": costs[side].to_json()} for side, r in pooled.items()}
         row = Row(result.title,
-                  f"gateway {sides.describe(pooled['gateway'])}; direct {sides.describe(pooled['direct'])}; "
-                  f"via gateway {opcount.describe(ops['gateway'])}",
-                  ratio, f"≥ {TARGET}", met)
+                  f"gateway {sides.describe(pooled['gateway'])}; direct {sides.describe(pooled['direct'])}",
+                  ratio, f"≥ {TARGET}", met,
+                  [f"Per read via the gateway: {costs['gateway'].describe()}.",
+                   f"Per direct read: {costs['direct'].describe()}.",
+                   cost.server_ratio("via the gateway", costs["gateway"], "direct", costs["direct"])])
         if not met:
             async def again() -> load.LoadResult:
                 return await load.drive(make("gateway"), load.Bounds(
                     ctx.plan.concurrency, ctx.plan.max_requests, ctx.plan.profile_seconds + 1))
             targets = {"gateway": ctx.stack.pid("gateway")}
             if "datastore-gateway" in ctx.stack.runner.processes:
-                targets["gateway-datastore"] = ctx.stack.pid("datastore-gateway")
+                targets["gateway-db"] = ctx.stack.pid("datastore-gateway")
             _, profiles = await ctx.profiled(targets, "1-gateway", again)
             result.profiles = [p.to_json() for p in profiles]
-            row.note = "profiles: " + "; ".join(
-                f"{label}: {p.describe()}" for label, p in zip(targets, profiles, strict=True))
+            row.notes.extend(f"Profile of {label} under gateway reads: {p.describe()}."
+                             for label, p in zip(targets, profiles, strict=True))
         result.rows = [row]
         return result
     finally:

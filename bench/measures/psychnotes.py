@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import dataset, load, opcount, sides
+from bench import cost, dataset, load, sides
 from bench.measures.context import Context
 from bench.report import Result, Row
 from mindchart_cli import seed
@@ -73,17 +73,19 @@ async def run(ctx: Context) -> Result:
             return read
 
         pooled = await sides.compare(["records", "psychnotes"], make, plan)
-        ops = await opcount.per_request({"psychnotes-db": stack.mongo_url("psychnotes"),
-                                         "gateway-db": stack.mongo_url("gateway")}, make("psychnotes"))
+        costs = {side: await cost.per_request(
+            make(side), datastores=stack.datastores("psychnotes", "records", "gateway"), pids=stack.pids(),
+            n=plan.cost_requests)
+            for side in ("records", "psychnotes")}
     finally:
         await vault.aclose()
         await records.aclose()
     result.parameters = {"bytes": {s: len(r.content) for s, r in bodies.items()}, "via": "gateway",
                          "basis": "exception:originator-treatment", **plan.as_dict()}
-    result.figures = {side: r.summary() for side, r in pooled.items()}
-    result.figures["psychnotes"]["datastore_ops_per_request"] = ops
+    result.figures = {side: {**r.summary(), "cost": costs[side].to_json()} for side, r in pooled.items()}
     ratio = pooled["psychnotes"].throughput / pooled["records"].throughput
     result.rows = [Row(TITLE, f"psychnotes {sides.describe(pooled['psychnotes'])}; "
-                              f"records {sides.describe(pooled['records'])}; psychnotes read "
-                              f"{opcount.describe(ops)}", ratio, "— (no target)", None)]
+                              f"records {sides.describe(pooled['records'])}", ratio, "— (no target)", None,
+                       [f"Per psychnotes read via the gateway: {costs['psychnotes'].describe()}.",
+                        f"Per records read via the gateway: {costs['records'].describe()}."])]
     return result

@@ -6,7 +6,7 @@ issuance costs."""
 
 from __future__ import annotations
 
-from bench import load, opcount, sides
+from bench import cost, load, sides
 from bench.measures.context import Context
 from bench.report import Result, Row
 from tests.actors import JWT_BEARER
@@ -44,15 +44,16 @@ async def run(ctx: Context) -> Result:
                                                      plan.seconds * plan.rounds, plan.warmup))
         reads = await load.drive(read, load.Bounds(plan.concurrency, plan.max_requests,
                                                    plan.seconds * plan.rounds, plan.warmup))
-        ops = await opcount.per_request({"gateway-db": ctx.stack.mongo_url("gateway")}, issue, n=probe_n,
-                                        first=plan.token_assertions + plan.warmup)
+        per_token = await cost.per_request(issue, datastores=ctx.stack.datastores("gateway"),
+                                           pids=ctx.stack.pids(), n=probe_n,
+                                           first=plan.token_assertions + plan.warmup)
     finally:
         await http.aclose()
     result.parameters = {"scope": SCOPE, "assertion_alg": "ES384", **plan.as_dict()}
-    result.figures = {"token": {**issued.summary(), "datastore_ops_per_request": ops},
+    result.figures = {"token": {**issued.summary(), "cost": per_token.to_json()},
                       "gateway_read": reads.summary()}
     ratio = issued.throughput / reads.throughput if reads.throughput else None
-    result.rows = [Row(TITLE, f"tokens {sides.describe(issued)}; gateway reads {sides.describe(reads)}; "
-                       f"per token {opcount.describe(ops)}",
-                       ratio, "— (no target)", None)]
+    result.rows = [Row(TITLE, f"tokens {sides.describe(issued)}; gateway reads {sides.describe(reads)}",
+                       ratio, "— (no target)", None,
+                       [f"Per token issued: {per_token.describe()}."])]
     return result
