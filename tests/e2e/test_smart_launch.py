@@ -211,7 +211,7 @@ def test_picker_lists_patients_and_searches_by_name(live: RunningStack, world: W
         assert "Okafor" in picker.text and "<label" in picker.text
         found = http.post("/oauth/authorize/patient", data={"session": session, "name": "Lindqvist",
                                                             "search": "1"})
-        assert "Lindqvist" in found.text and "Okafor" not in found.text
+        assert "Bo Lindqvist" in found.text and "Ada Okafor" not in found.text, found.text
         refused = http.post("/oauth/authorize/patient", data={"session": session, "choose": "1",
                                                               "patient": "no-such-patient"})
         assert 'role="alert"' in refused.text

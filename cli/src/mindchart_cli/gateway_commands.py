@@ -72,7 +72,8 @@ def launch_create(
     client: Annotated[str | None, typer.Option(help="only this client_id may use the launch")] = None,
     user: Annotated[str | None, typer.Option(help="only this username may sign in with it")] = None,
     audience: Annotated[str, typer.Option(help="records | psychnotes: the iss given to the app")] = "records",
-    launch_url: Annotated[str | None, typer.Option(help="the app's launch URL, to print the full link")] = None,
+    launch_url: Annotated[str | None, typer.Option(
+        help="the app's launch URL, to print the full link")] = None,
 ) -> None:
     """Mint an opaque `launch` value carrying patient/encounter context, as an EHR does."""
     settings = GatewaySettings()

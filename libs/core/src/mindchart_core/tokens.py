@@ -123,7 +123,8 @@ class TokenVerifier:
         except errors.FhirError:
             raise
         except (JoseError, ValueError, TypeError, KeyError):
-            raise errors.Unauthorized("The access token is invalid, expired or not for this server")
+            raise errors.Unauthorized(
+                "The access token is invalid, expired or not for this server") from None
         if decoded.header.get("typ") not in (None, "JWT", "at+jwt"):
             raise errors.Unauthorized("The access token is invalid, expired or not for this server")
         return claims_to_token(decoded.claims)

@@ -15,6 +15,7 @@ from mindchart_core import scopes
 
 AUDIENCES = ("records", "psychnotes")
 ROLES = ("practitioner", "patient", "admin", "compliance")
+_FHIR_USER = r"(Practitioner|Patient|PractitionerRole|RelatedPerson|Person)/[A-Za-z0-9\-.]{1,64}"
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -42,7 +43,8 @@ async def create_client(
     for uri in redirect_uris or []:
         parts = urlsplit(uri)
         if not parts.scheme or parts.fragment or (parts.scheme in ("http", "https") and not parts.netloc):
-            raise RegistrationError(f"redirect URI {uri!r} must be absolute and have no fragment (RFC 6749 §3.1.2)")
+            raise RegistrationError(
+                f"redirect URI {uri!r} must be absolute and have no fragment (RFC 6749 §3.1.2)")
     if rate_limit is not None and rate_limit < 1:
         raise RegistrationError("rate limit must be at least 1 request per window")
     client: dict[str, Any] = {
@@ -50,9 +52,13 @@ async def create_client(
         "redirect_uris": redirect_uris or [], "roles": roles or [], "created": datetime.now(UTC),
         "name": name or client_id, "rate_limit": rate_limit,
     }
-    if auth == "private_key_jwt":
-        if jwks is None:
-            raise RegistrationError("private_key_jwt needs --jwks FILE (public keys)")
+    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
+        raise RegistrationError("--jwks-url must be an http(s) URL")
+    if auth == "private_key_jwt" and jwks is None:
+        if jwks_url is None:
+            raise RegistrationError("private_key_jwt needs --jwks FILE (public keys) or --jwks-url URL")
+        client["jwks_url"] = jwks_url  # keys fetched from there at each authentication
+    elif auth == "private_key_jwt" and jwks is not None:
         try:
             keyset = KeySet.import_key_set(jwks)
         except (JoseError, ValueError, KeyError, TypeError):
@@ -84,7 +90,7 @@ async def create_user(
         raise RegistrationError(f"role must be one of {', '.join(ROLES)}")
     if len(password) < 12:
         raise RegistrationError("password must be at least 12 characters")
-    if fhir_user and not re.fullmatch(r"(Practitioner|Patient|PractitionerRole|RelatedPerson|Person)/[A-Za-z0-9\-.]{1,64}", fhir_user):
+    if fhir_user and not re.fullmatch(_FHIR_USER, fhir_user):
         raise RegistrationError("fhir-user must look like Practitioner/ID or Patient/ID")
     if role in ("practitioner", "patient") and not fhir_user:
         raise RegistrationError(f"a {role} user needs --fhir-user")

@@ -34,7 +34,8 @@ def _base_and_rest(path: str) -> tuple[str | None, str]:
     return None, path
 
 
-def build_record(scope: Scope, status: int, latency_ms: float, observer: str) -> dict[str, Any]:
+def build_record(scope: Scope, status: int, latency_ms: float, observer: str,
+                 location: str | None = None) -> dict[str, Any]:
     state = scope.get("state", {})
     caller: dict[str, Any] = state.get("caller", {})
     path: str = scope.get("path", "")
@@ -46,10 +47,17 @@ def build_record(scope: Scope, status: int, latency_ms: float, observer: str) ->
         parts = [p for p in rest.split("/") if p]
         if len(parts) >= 2 and not parts[1].startswith(("$", "_")):
             entity = f"{parts[0]}/{parts[1]}"
+        if interaction_name == "create" and location and status < 300:
+            # BALP Create: the data entity is the created resource, named by Location.
+            created = location.split("/_history/")[0].rstrip("/").split("/")
+            if len(created) >= 2 and created[-2] == interaction.resource_type:
+                entity = f"{created[-2]}/{created[-1]}"
     else:
         interaction_name = "token" if path.startswith("/oauth") else "operation"
         entity = None
     patient = caller.get("patient") or (proxy.patient_of(rest, query) if base else None)
+    if patient is None and entity and entity.startswith("Patient/"):
+        patient = entity
     client = scope.get("client") or ("", 0)
     audit = audit_shape.RestAudit(
         interaction=interaction_name,
@@ -163,7 +171,9 @@ class AuditMiddleware:
                     disclosures, problem = disclosure_records(reported, request_id, self.observer)
                     if problem:
                         scope.setdefault("state", {})["refusal"] = problem
-                    record = build_record(scope, message["status"], elapsed, self.observer)
+                    location = next(
+                        (v.decode("latin-1") for k, v in headers if k.lower() == b"location"), None)
+                    record = build_record(scope, message["status"], elapsed, self.observer, location)
                     await audit_chain.append(record, *disclosures)
                 except Exception as exc:
                     failed = True

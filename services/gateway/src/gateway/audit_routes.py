@@ -2,7 +2,8 @@
 `GET /audit/Patient/{id}/$disclosures`, the 45 CFR 164.528 accounting of disclosures.
 
 Only administrators: an access token with `user/AuditEvent.rs` (or `.read`) whose user has the
-admin role, or `system/AuditEvent.rs` for a registered backend client. Search parameters (R4
+admin role, or `system/AuditEvent.rs` for a registered backend client; wildcards (`system/*.rs`)
+do not count. Search parameters (R4
 AuditEvent): `date` (with ge/gt/le/lt/eq prefixes, repeatable), `patient`, `agent` (client id,
 username or fhirUser), `entity` (a reference such as Patient/1 or DocumentReference/2), `outcome`
 (0, 4, 8, 12), `_count` (default 50, at most 500). Newest first; `next` links page by chain position.
@@ -43,15 +44,18 @@ async def require_auditor(request: Request) -> dict[str, Any]:
     if scheme.lower() != "bearer" or not token.strip():
         raise errors.Unauthorized("A bearer token is required", error="invalid_request")
     app = request.app
-    claims = await introspection.access_claims(app.state.db, app.state.keys, app.state.settings, token.strip())
+    claims = await introspection.access_claims(
+        app.state.db, app.state.keys, app.state.settings, token.strip())
     if claims is None:
         raise errors.Unauthorized("The access token is invalid, expired or revoked")
     request.state.caller = {"client_id": claims.get("client_id"), "subject": claims.get("sub"),
                             "fhir_user": claims.get("fhirUser"), "jti": claims.get("jti")}
-    granted = scopes.parse(str(claims.get("scope", "")))
-    if granted.matching("AuditEvent", "search-type", ("system",)):
+    # The trail is not clinical data: a wildcard such as system/*.rs does not open it.
+    granted = [s for s in scopes.parse(str(claims.get("scope", ""))).matching("AuditEvent", "search-type")
+               if s.resource_type == "AuditEvent"]
+    if any(s.context == "system" for s in granted):
         return claims
-    if granted.matching("AuditEvent", "search-type", ("user",)) and "admin" in (claims.get("roles") or []):
+    if any(s.context == "user" for s in granted) and "admin" in (claims.get("roles") or []):
         return claims
     raise errors.Forbidden("Reading the audit trail needs user/AuditEvent.rs as an administrator "
                            "or system/AuditEvent.rs")
@@ -118,7 +122,9 @@ def _bundle(settings: GatewaySettings, records: list[dict[str, Any]], self_url: 
     }
 
 
-async def _page(request: Request, query: dict[str, Any], count: int) -> tuple[list[dict[str, Any]], int | None]:
+async def _page(
+    request: Request, query: dict[str, Any], count: int
+) -> tuple[list[dict[str, Any]], int | None]:
     found = await request.app.state.db.audit_events.find(query).sort("seq", -1).limit(count + 1).to_list()
     more = len(found) > count
     found = found[:count]
@@ -161,7 +167,8 @@ async def disclosures(request: Request, patient_id: str) -> Response:
         raise errors.Invalid("patient id is not a FHIR id")
     query, count, _ = search_filter(request)
     clauses = [{"kind": "disclosure"}, {"patient": f"Patient/{patient_id}"}] + ([query] if query else [])
-    records, cursor = await _page(request, {"$and": clauses}, count if "_count" in request.query_params else 1000)
+    limit = count if "_count" in request.query_params else 1000
+    records, cursor = await _page(request, {"$and": clauses}, limit)
     settings: GatewaySettings = request.app.state.settings
     self_url = f"{settings.issuer}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
     bundle = _bundle(settings, records, self_url, _next(request, cursor))

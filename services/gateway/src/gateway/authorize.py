@@ -75,7 +75,8 @@ async def start(request: Request, params: dict[str, str]) -> Response:
     if params.get("response_type") != "code":
         return refuse("unsupported_response_type", "response_type must be code")
     if params.get("code_challenge_method") != "S256":
-        return refuse("invalid_request", "PKCE with code_challenge_method=S256 is required (plain is refused)")
+        return refuse("invalid_request",
+                      "PKCE with code_challenge_method=S256 is required (plain is refused)")
     challenge = params.get("code_challenge", "")
     if not _CHALLENGE.match(challenge):
         return refuse("invalid_request", "code_challenge must be a base64url SHA-256 digest")
@@ -263,7 +264,7 @@ async def _patient_visible(request: Request, session: dict[str, Any], patient_id
                      "Accept": "application/fhir+json"})
     except httpx.HTTPError:
         return False
-    return response.status_code == 200
+    return bool(response.status_code == 200)
 
 
 async def decide(request: Request, form: dict[str, str], approved_words: list[str]) -> Response:

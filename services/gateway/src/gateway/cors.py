@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _PREFIXES = ("/fhir", "/psychnotes/fhir", "/oauth/token", "/oauth/jwks", "/oauth/introspect",
              "/oauth/revoke", "/oauth/launch", "/.well-known", "/audit")
 _EXPOSE = b"Location, ETag, Last-Modified, Content-Location, X-Request-ID, Retry-After, WWW-Authenticate"
+_OURS = (b"access-control-allow-origin", b"access-control-expose-headers")
 _METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
@@ -37,8 +38,7 @@ class CorsMiddleware:
 
         async def with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept = [(k, v) for k, v in message.get("headers", [])
-                        if k.lower() not in (b"access-control-allow-origin", b"access-control-expose-headers")]
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _OURS]
                 kept += [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", _EXPOSE)]
                 message["headers"] = kept
             await send(message)

@@ -22,7 +22,9 @@ from mindchart_core import tokens
 INACTIVE: dict[str, Any] = {"active": False}
 
 
-async def access_claims(db: store.Db, keys: Keyring, settings: GatewaySettings, token: str) -> dict[str, Any] | None:
+async def access_claims(
+    db: store.Db, keys: Keyring, settings: GatewaySettings, token: str
+) -> dict[str, Any] | None:
     """Claims of an access token this gateway issued, still valid and not revoked; else None."""
     if token.count(".") != 2:
         return None
@@ -58,7 +60,8 @@ async def introspect(db: store.Db, keys: Keyring, settings: GatewaySettings, tok
             body["username"] = claims["sub"]
         return body
     stored = await store.get_refresh(db, grants.secret_hash(token)) if token else None
-    if stored is None or stored.get("used") or stored.get("revoked") or stored["expires"] <= datetime.now(UTC):
+    if (stored is None or stored.get("used") or stored.get("revoked")
+            or stored["expires"] <= datetime.now(UTC)):
         return INACTIVE
     grant = stored["grant"]
     body = {"active": True, "token_type": "refresh_token", "scope": grant["scope"],

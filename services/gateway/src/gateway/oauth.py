@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
+import httpx
 import structlog
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -127,7 +128,10 @@ async def _authenticate_assertion(db: store.Db, settings: GatewaySettings, asser
     if jku is not None and jku != client.get("jwks_url"):
         raise failed  # SMART: a jku must match the registered JWKS URL
     try:
-        keyset = KeySet.import_key_set(client["jwks"])
+        if jku is not None or not client.get("jwks"):
+            keyset = await fetch_client_jwks(str(client.get("jwks_url") or ""))
+        else:
+            keyset = KeySet.import_key_set(client["jwks"])
         token = jwt.decode(assertion, keyset, algorithms=ASSERTION_ALGORITHMS)
         jwt.JWTClaimsRegistry(
             leeway=5,
@@ -147,6 +151,24 @@ async def _authenticate_assertion(db: store.Db, settings: GatewaySettings, asser
     ):
         raise OAuthError("invalid_client", "Client assertion was already used (jti replay)")
     return client
+
+
+async def fetch_client_jwks(url: str) -> KeySet:
+    """A client's JWKS by URL (SMART Backend Services §registration). Fetched for each assertion:
+    never cached beyond what the client's Cache-Control would allow, since nothing is cached."""
+    if not url.startswith(("https://", "http://")):
+        raise ValueError("no JWKS URL is registered")
+    try:
+        async with httpx.AsyncClient(timeout=5.0, follow_redirects=False) as http:
+            response = await http.get(url, headers={"Accept": "application/json"})
+            response.raise_for_status()
+        keyset = KeySet.import_key_set(response.json())
+    except (httpx.HTTPError, JoseError, KeyError, TypeError) as exc:
+        log.warning("client_jwks_unavailable", error_type=type(exc).__name__)
+        raise ValueError("the client's JWKS could not be fetched") from None
+    if any(k.is_private for k in keyset.keys):
+        raise ValueError("the client's JWKS holds private keys")
+    return keyset
 
 
 async def client_credentials(

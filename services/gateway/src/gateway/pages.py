@@ -53,7 +53,7 @@ def describe_scope(word: str) -> str:
 def _page(title: str, body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
     html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)} – Mindchart</title><style>{_STYLE}</style></head>"
+            f"<title>{escape(title)} - Mindchart</title><style>{_STYLE}</style></head>"
             f"<body><main>{body}</main></body></html>")
     return HTMLResponse(html, status_code=status, headers={**PAGE_HEADERS, **(headers or {})})
 
@@ -76,7 +76,8 @@ def sign_in(session_id: str, client_name: str, *, action: str, error: str | None
 <form method="post" action="{escape(action)}">
 <input type="hidden" name="session" value="{escape(session_id)}">
 <label for="username">Username</label>
-<input type="text" id="username" name="username" autocomplete="username" required value="{escape(username)}"{described}>
+<input type="text" id="username" name="username" autocomplete="username" required
+ value="{escape(username)}"{described}>
 <label for="password">Password</label>
 <input type="password" id="password" name="password" autocomplete="current-password" required{described}>
 <button type="submit">Sign in</button>
@@ -123,7 +124,8 @@ def approve(session_id: str, client_name: str, requested: list[str], *, action: 
     patient = (f"<p>Patient: <strong>{escape(patient_label)}</strong></p>" if patient_label else "")
     body = f"""<h1>Allow access?</h1>
 <p>Signed in as <strong>{escape(user_label)}</strong>.</p>
-<p><strong>{escape(client_name)}</strong> asks for the access below. Untick anything you do not want to allow.</p>
+<p><strong>{escape(client_name)}</strong> asks for the access below.
+Untick anything you do not want to allow.</p>
 {patient}
 <form method="post" action="{escape(action)}">
 <input type="hidden" name="session" value="{escape(session_id)}">

@@ -87,8 +87,8 @@ async def record_login_failure(db: Db, username: str, *, max_failures: int, lock
 
 
 async def record_login_success(db: Db, username: str) -> None:
-    await db.users.update_one({"_id": username}, {"$set": {"failed_logins": 0, "last_login": datetime.now(UTC)},
-                                                  "$unset": {"locked_until": ""}})
+    await db.users.update_one({"_id": username}, {
+        "$set": {"failed_logins": 0, "last_login": datetime.now(UTC)}, "$unset": {"locked_until": ""}})
 
 
 # -- authorization sessions, codes, refresh tokens, launches (SMART App Launch 2.2) ------------
