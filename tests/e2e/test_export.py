@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,15 +32,16 @@ except ImportError:  # pragma: no cover - fallback: the fhir.resources R4B model
 
 EXPORT_ENV = {
     "MINDCHART_RECORDS_EXPORT_RESOURCES_PER_FILE": "40",
-    "MINDCHART_RECORDS_EXPORT_BATCH_SIZE": "25",
-    "MINDCHART_RECORDS_EXPORT_LEASE_SECONDS": "3",
-    "MINDCHART_RECORDS_EXPORT_HEARTBEAT_SECONDS": "0.5",
+    "MINDCHART_RECORDS_EXPORT_BATCH_SIZE": "6",
+    "MINDCHART_RECORDS_EXPORT_LEASE_SECONDS": "2",
+    "MINDCHART_RECORDS_EXPORT_HEARTBEAT_SECONDS": "0.4",
     "MINDCHART_RECORDS_EXPORT_POLL_SECONDS": "0.2",
     "MINDCHART_RECORDS_EXPORT_RETRY_AFTER_SECONDS": "1",
+    "MINDCHART_RECORDS_EXPORT_SWEEP_SECONDS": "0.5",
     # Paced, so the crash test can kill records while an export is surely half done.
     "MINDCHART_RECORDS_EXPORT_BATCH_PAUSE_SECONDS": "0.04",
 }
-CRASH_SIZE = 1500
+CRASH_SIZE = 240
 ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 PHQ9_TOTAL = {"system": "http://loinc.org", "code": "44261-6"}
@@ -96,6 +96,20 @@ def create(http: httpx.Client, resource: dict[str, Any]) -> str:
     response = http.post(f"/{resource['resourceType']}", json=resource)
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
+
+
+def create_many(http: httpx.Client, resources: list[dict[str, Any]], per_bundle: int = 200) -> list[str]:
+    """Seed through transaction Bundles (R4 http.html §transaction): one request per 200."""
+    ids: list[str] = []
+    for start in range(0, len(resources), per_bundle):
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": r,
+             "request": {"method": "POST", "url": r["resourceType"]}}
+            for r in resources[start:start + per_bundle]]}
+        response = http.post("", json=bundle)
+        assert response.status_code == 200, response.text
+        ids += [e["response"]["location"].split("/")[1] for e in response.json()["entry"]]
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +240,9 @@ def test_group_export_holds_the_members_data_only(payer: httpx.Client, cohort: d
         f"Patient/{cohort['a']}", f"Patient/{cohort['b']}"}
     unknown = kick_off(payer, "/Group/no-such-group/$export")
     assert unknown.status_code == 404
+    found = payer.get("/Group", params={"member": f"Patient/{cohort['b']}"}).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [cohort["group"]]
+    assert payer.get(f"/Group/{cohort['group']}").json()["type"] == "person"
 
 
 def test_post_kick_off_takes_parameters_with_patient_type_filter_and_elements(
@@ -297,8 +314,7 @@ def test_cancel_then_polls_answer_404(payer: httpx.Client, cohort: dict[str, Any
 
 
 def test_files_need_the_kick_off_clients_token(
-    bulk: RunningStack, payer: httpx.Client, cohort: dict[str, Any],
-    tmp_path_factory: pytest.TempPathFactory,
+    bulk: RunningStack, payer: httpx.Client, cohort: dict[str, Any]
 ) -> None:
     response = kick_off(payer, f"/Group/{cohort['group']}/$export?_type=Patient")
     location = response.headers["content-location"]
@@ -306,12 +322,33 @@ def test_files_need_the_kick_off_clients_token(
     url = manifest["output"][0]["url"]
     tokenless = httpx.get(url)
     assert tokenless.status_code == 401
-    other = backend(bulk, "other-payer", "system/*.rs", tmp_path_factory.mktemp("other"))
-    with http_for(bulk, other, "system/*.rs") as stranger:
+    other = mint_token(bulk, sub="other-payer", client_id="other-payer", scope="system/*.rs")
+    with httpx.Client(headers={"Authorization": f"Bearer {other}"}) as stranger:
         assert stranger.get(url).status_code == 403
         assert stranger.get(location).status_code == 403
         assert stranger.delete(location).status_code == 403
     assert payer.get(url).status_code == 200
+
+
+def test_expired_exports_answer_404_and_their_files_are_swept(
+    bulk: RunningStack, payer: httpx.Client, cohort: dict[str, Any]
+) -> None:
+    response = kick_off(payer, f"/Group/{cohort['group']}/$export?_type=Patient")
+    location = response.headers["content-location"]
+    manifest = wait_for_manifest(payer, location)
+    job = location.rsplit("/", 1)[1]
+    db = bulk.db("records")
+    assert db["export.files"].count_documents({"metadata.job": job}) == len(manifest["output"])
+    # As if the configured time to live had passed:
+    db.export_jobs.update_one({"_id": job}, {"$set": {"expires_at": datetime(2000, 1, 1, tzinfo=UTC)}})
+    assert payer.get(location).status_code == 404
+    assert payer.get(manifest["output"][0]["url"]).status_code == 404
+    deadline = time.monotonic() + 30
+    while db.export_jobs.count_documents({"_id": job}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert db.export_jobs.count_documents({"_id": job}) == 0
+    assert db["export.files"].count_documents({"metadata.job": job}) == 0
+    assert db.export_files.count_documents({"job": job}) == 0
 
 
 def test_disclosures_list_each_export_and_download_for_the_patient(
@@ -383,9 +420,8 @@ def test_a_second_export_waits_and_a_crash_mid_export_loses_and_duplicates_nothi
     reclaims the job once its lease lapses, and the manifest holds every resource exactly once."""
     patient = create(writer_http, {"resourceType": "Patient", "gender": "unknown",
                                    "name": [{"family": "Crashtest"}]})
-    with ThreadPoolExecutor(8) as pool:
-        seeded = set(pool.map(lambda i: create(writer_http, observation(patient, PHQ9_TOTAL, i % 27)),
-                              range(CRASH_SIZE)))
+    seeded = set(create_many(writer_http, [observation(patient, PHQ9_TOTAL, i % 27)
+                                            for i in range(CRASH_SIZE)]))
     assert len(seeded) == CRASH_SIZE
     body = {"resourceType": "Parameters", "parameter": [
         {"name": "_type", "valueString": "Observation"},
@@ -412,6 +448,10 @@ def test_a_second_export_waits_and_a_crash_mid_export_loses_and_duplicates_nothi
     written = int(progress.split()[1])
     assert 0 < written < CRASH_SIZE, progress
     bulk.runner.kill("records")
+    job = location.rsplit("/", 1)[1]
+    db = bulk.db("records")
+    first_attempt = {"files_id": {"$regex": f"^{job}\\..*\\.1\\.[0-9]+$"}}
+    assert db["export.chunks"].count_documents(first_attempt) > 0
     bulk.runner.restart_service("records")
 
     manifest = wait_for_manifest(payer, location, timeout=90)
@@ -419,3 +459,8 @@ def test_a_second_export_waits_and_a_crash_mid_export_loses_and_duplicates_nothi
     assert len(exported) == len(set(exported)), "a resource was exported twice"
     assert set(exported) == seeded
     assert sum(item["count"] for item in manifest["output"]) == CRASH_SIZE
+    # It was a reclaim, and nothing the killed attempt wrote is left behind, not even chunks of
+    # the file it was writing when it died.
+    assert db.export_jobs.find_one({"_id": job})["attempt"] >= 2
+    assert db["export.files"].count_documents({"metadata.job": job}) == len(manifest["output"])
+    assert db["export.chunks"].count_documents(first_attempt) == 0

@@ -192,7 +192,7 @@ async def export_status(job_id: str, request: Request) -> Response:
     """Bulk Data 2.0 §bulk-data-status-request."""
     job, _ = await _own_job(request, job_id)
     settings = _settings(request)
-    if job["state"] in store.ACTIVE:
+    if job["state"] in (*store.ACTIVE, "admitting"):
         progress = str(job.get("progress") or job["state"])[:95]
         return Response(status_code=202, headers={
             "X-Progress": progress, "Retry-After": str(settings.retry_after_seconds)})

@@ -68,15 +68,17 @@ async def ensure_indexes(db: Db) -> None:
 async def create_job(db: Db, job: dict[str, Any], cap: int) -> bool:
     """Queue a job unless its client already has `cap` active ones (then False, nothing stored).
 
-    Insert first, then count: two simultaneous kick-offs may both be refused, never both accepted.
+    Insert (as `admitting`, which no worker claims), then count, then queue: two simultaneous
+    kick-offs may both be refused, never both accepted.
     """
-    await db.export_jobs.insert_one(job)
+    await db.export_jobs.insert_one({**job, "state": "admitting"})
     active = await db.export_jobs.count_documents(
-        {"client_id": job["client_id"], "state": {"$in": list(ACTIVE)}}
+        {"client_id": job["client_id"], "state": {"$in": ["admitting", *ACTIVE]}}
     )
     if active > cap:
         await db.export_jobs.delete_one({"_id": job["_id"]})
         return False
+    await db.export_jobs.update_one({"_id": job["_id"]}, {"$set": {"state": "queued"}})
     return True
 
 
