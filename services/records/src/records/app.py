@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from mindchart_core import asgi, errors, health, logs, tokens
+from mindchart_core import asgi, errors, health, logs, metrics, tokens
 from records import export, routes, store
 from records.settings import RecordsSettings
 
@@ -21,7 +21,8 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
+            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
+            event_listeners=[metrics.CommandTimer("records")],
         )
         app.state.mongo = client
         app.state.db = client[settings.db_name]
