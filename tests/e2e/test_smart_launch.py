@@ -502,3 +502,11 @@ def test_rate_limit_per_client(live: RunningStack, tmp_path: Any) -> None:
     assert limited.json()["issue"][0]["code"] == "throttled"
     record = live.db("gateway").audit_events.find_one({"request_id": limited.headers["x-request-id"]})
     assert record["status"] == 429 and record["client_id"] == client.client_id
+
+
+def test_authorize_accepts_form_post(live: RunningStack, world: World) -> None:
+    """SMART 2.2 `authorize-post`: the same request as a form POST."""
+    page = httpx.post(f"{live.gateway_url}/oauth/authorize", data=authorize_url(live, world.app))
+    assert page.status_code == 200 and "Sign in to Mindchart" in page.text
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-frame-options"] == "DENY"
+    assert '<label for="username">' in page.text and '<html lang="en">' in page.text

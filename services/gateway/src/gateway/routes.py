@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -69,6 +70,23 @@ def _claimed_client(form: dict[str, str], authorization: str | None) -> str | No
         except (ValueError, IndexError, UnicodeDecodeError, AttributeError):
             return None
     return None
+
+
+_REGISTRATIONS: dict[str, tuple[float, dict[str, Any] | None]] = {}
+_REGISTRATION_TTL = 10.0
+
+
+async def _registration(request: Request, client_id: str) -> dict[str, Any] | None:
+    """A client's registration for per-request policy (its rate limit), cached for a few seconds."""
+    now = time.monotonic()
+    cached = _REGISTRATIONS.get(client_id)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    client = await store.get_client(request.app.state.db, client_id)
+    if len(_REGISTRATIONS) > 10_000:
+        _REGISTRATIONS.clear()
+    _REGISTRATIONS[client_id] = (now + _REGISTRATION_TTL, client)
+    return client
 
 
 async def _limit(request: Request, key: str, client: dict[str, Any] | None = None) -> None:
@@ -307,7 +325,7 @@ async def _proxy(request: Request, base: str, rest: str, upstream: str, audience
         }
         if await store.is_revoked(request.app.state.db, token.jti, token.session_id):
             raise errors.Unauthorized("The access token has been revoked")
-        client = await store.get_client(request.app.state.db, token.client_id) if token.client_id else None
+        client = await _registration(request, token.client_id) if token.client_id else None
         await _limit(request, f"client:{token.client_id or token.subject}", client)
         proxy.check_scopes(token, proxy.classify(request.method, rest))
     elif request.method != "GET":
