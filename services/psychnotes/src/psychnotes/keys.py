@@ -3,8 +3,9 @@ keys, and the EC key that signs consent tokens. Never the gateway's keys, never 
 
 A KEK file is base64 of 32 random bytes on one line. Its id is the first 16 hex digits of the
 SHA-256 of the key, so every wrapped data key records which KEK wrapped it without a registry.
-In production both files are required (a KMS-backed deployment mounts them from the secret
-store: deploy/README); in development they are generated once under `<data dir>/keys/`, 0600.
+In production both files are required (with a KMS, mount the KEK it releases as that file, e.g.
+through the Kubernetes secrets-store CSI driver); in development they are generated once under
+`<data dir>/keys/`, mode 0600.
 """
 
 from __future__ import annotations

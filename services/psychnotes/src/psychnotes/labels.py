@@ -19,6 +19,10 @@ PSYCHOTHERAPY_NOTE_LABELS: list[dict[str, Any]] = [
 
 
 def label(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource's labels (meta.security) and the document's (securityLabel) set by the server."""
     meta = {k: v for k, v in resource.get("meta", {}).items() if k != "security"}
     meta["security"] = [dict(c) for c in PSYCHOTHERAPY_NOTE_LABELS]
-    return {**resource, "meta": meta}
+    out = {**resource, "meta": meta}
+    if resource.get("resourceType") == "DocumentReference":
+        out["securityLabel"] = [{"coding": [dict(c)]} for c in PSYCHOTHERAPY_NOTE_LABELS]
+    return out

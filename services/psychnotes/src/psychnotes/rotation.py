@@ -1,6 +1,6 @@
 """KEK rotation: re-wrap every data key under the current KEK, never decrypting a note.
 
-Procedure (README, "Psychotherapy-note keys"): create a new KEK (`mindchart psychnotes new-kek`);
+Procedure: create a new KEK (`mindchart psychnotes new-kek`);
 restart psychnotes with `KEK_FILE` = the new one and `PREVIOUS_KEK_FILES` = the old one (new writes
 use the new KEK, old notes still open); run `mindchart psychnotes rotate-key --new-kek-file NEW`;
 then drop `PREVIOUS_KEK_FILES` and destroy the old KEK. Re-running is harmless: only data keys not

@@ -8,7 +8,8 @@ A missing consent token is 403 (the caller is known but not authorized); a prese
 is forged, expired or not ours is 401 with `WWW-Authenticate: Consent-Token`. Only the exact
 `Consent-Token` header counts: look-alikes (`X-Consent-Token`, query parameters) are ignored.
 
-Authorizations: `POST Consent` records one, `GET Consent/{id}` shows it to the patient, the
+Authorizations: `POST Consent` records one, `GET Consent?patient=` lists a patient's for the
+patient or a treating practitioner, `GET Consent/{id}` shows it to the patient, the
 treating practitioner and the named recipients, `POST Consent/{id}/$revoke` revokes it (status
 inactive, effective at once). A Consent is never edited (PUT/PATCH/DELETE: 405).
 Tokens: `POST Consent/{id}/$consent-token`, `POST $consent-token` (164.508(a)(2) exceptions).
@@ -124,6 +125,11 @@ async def delete_note(note_id: str, ctx: ContextDep) -> Response:
 @router.post("/Consent")
 async def create_consent(request: Request, ctx: ContextDep) -> Response:
     return await service.create_consent(ctx, await body_of(request, ctx))
+
+
+@router.get("/Consent")
+async def search_consents(request: Request, ctx: ContextDep) -> Response:
+    return await service.search_consents(ctx, list(request.query_params.multi_items()))
 
 
 @router.get("/Consent/{consent_id}")

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
+import structlog
 from joserfc.jwk import ECKey
 from starlette.responses import Response
 
@@ -28,6 +29,7 @@ from psychnotes.consent import Authorization, check_authorization, parse_instant
 from psychnotes.keys import Keyring
 from psychnotes.settings import PsychnotesSettings
 
+log = structlog.get_logger(__name__)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 SEARCH_PARAMS = frozenset({"patient", "subject", "_id", "date", "author", "_count", "_cursor",
@@ -266,7 +268,9 @@ async def _open(ctx: Context, doc: dict[str, Any], note_id: str) -> bytes:
     try:
         return vault.open_sealed(ctx.keyring, doc["sealed"], vault.Binding(
             "DocumentReference", note_id, int(doc["vid"]), doc["patient"]))
-    except vault.VaultError:
+    except vault.VaultError as exc:
+        # Tampering, a swapped ciphertext or a missing KEK: never answer with anything but this.
+        log.error("note_unsealable", resource_id=note_id, version=doc["vid"], problem=str(exc))
         raise errors.FhirError("The note cannot be decrypted; the incident is logged",
                                status=500, code="exception") from None
 
@@ -490,6 +494,25 @@ async def read_consent(ctx: Context, consent_id: str) -> Response:
         raise errors.Forbidden("The granted scopes do not permit reading authorizations")
     doc, _ = await _visible_consent(ctx, consent_id)
     return fhirjson.FhirResponse(_open_consent(ctx, doc), headers={**NO_STORE, **_resource_headers(doc)})
+
+
+async def search_consents(ctx: Context, items: list[tuple[str, str]]) -> Response:
+    """`GET Consent?patient=X`: a patient's authorizations, for the patient or a treating clinician."""
+    if not ctx.token.scope.allows("Consent", "search-type"):
+        raise errors.Forbidden("The granted scopes do not permit searching authorizations")
+    wanted = [v for k, v in items if k in ("patient", "subject")]
+    unknown = [k for k, _ in items if k not in ("patient", "subject", "_format")]
+    if unknown or len(wanted) != 1:
+        raise errors.Invalid("Search authorizations by exactly one patient (patient=<id>)")
+    patient = wanted[0] if wanted[0].startswith("Patient/") else f"Patient/{wanted[0]}"
+    if not _ID.match(patient.removeprefix("Patient/")) or await _may_manage(ctx, patient) is None:
+        raise errors.Forbidden("Only the patient or a treating practitioner may list authorizations")
+    entries = [b'{"fullUrl":' + orjson.dumps(f"{ctx.base}/Consent/{doc['_id']}") + b',"resource":'
+               + _open_consent(ctx, doc) + b',"search":{"mode":"match"}}'
+               for doc in await store.consents_of(ctx.db, patient)]
+    head = {"resourceType": "Bundle", "type": "searchset", "total": len(entries),
+            "link": [{"relation": "self", "url": f"{ctx.base}/Consent?{urlencode({'patient': patient})}"}]}
+    return fhirjson.FhirResponse(_bundle(head, entries), headers=NO_STORE)
 
 
 async def revoke_consent(ctx: Context, consent_id: str) -> Response:

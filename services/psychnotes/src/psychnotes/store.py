@@ -131,6 +131,11 @@ async def get_consent(db: Db, consent_id: str) -> dict[str, Any] | None:
     return doc
 
 
+async def consents_of(db: Db, patient: str) -> list[dict[str, Any]]:
+    docs = await db.consents.find({"patient": patient}).to_list()
+    return sorted(docs, key=lambda d: d["_id"])
+
+
 # -- exception grants, decisions, disclosures ---------------------------------------------------
 
 async def insert_exception_grant(db: Db, grant: dict[str, Any]) -> None:
