@@ -215,6 +215,8 @@ def test_restricted_data_is_exported_to_a_client_registered_for_it(
     with http_for(bulk, client, scope) as http:
         manifest = export(http, "/$export?_type=Observation")
         files = contents(http, manifest)
+        refused = kick_off(http, "/$export?_type=Observation,Patient")  # Patient: not in its scopes
+        assert refused.status_code == 403, refused.text
     assert set(files) == {"Observation"}
     assert cohort["restricted"] in ids_of(files["Observation"])
     assert manifest["error"] == []
@@ -400,6 +402,8 @@ def test_everything_pages_through_the_patients_compartment(payer: httpx.Client, 
     only = payer.get(f"/Patient/{cohort['a']}/$everything", params={"_type": "Observation"}).json()
     assert {e["resource"]["resourceType"] for e in only["entry"]} == {"Observation"}
     assert payer.get("/Patient/no-such-patient/$everything").status_code == 404
+    later = payer.get(f"/Patient/{cohort['a']}/$everything", params={"start": "2030-01-01"}).json()
+    assert {e["resource"]["resourceType"] for e in later["entry"]} == {"Patient", "Group"}
 
 
 def test_capability_statement_declares_bulk_export(bulk: RunningStack) -> None:
@@ -464,3 +468,9 @@ def test_a_second_export_waits_and_a_crash_mid_export_loses_and_duplicates_nothi
     assert db.export_jobs.find_one({"_id": job})["attempt"] >= 2
     assert db["export.files"].count_documents({"metadata.job": job}) == len(manifest["output"])
     assert db["export.chunks"].count_documents(first_attempt) == 0
+    # The disclosure log counts what was released once, not what the dead attempt had counted.
+    token = mint_token(bulk, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
+    events = httpx.get(f"{bulk.fhir}/Patient/{patient}/$disclosures",
+                       headers={"Authorization": f"Bearer {token}"}).json()["entry"]
+    exports = [e["resource"]["outcomeDesc"] for e in events if "bulk export " + job in e["resource"]["outcomeDesc"]]
+    assert exports == [f"bulk export {job}: {CRASH_SIZE} Observation"]

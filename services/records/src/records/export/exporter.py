@@ -76,7 +76,8 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
         withheld = await store.count(db, kind, store.and_(
             base, {"sp._security": {"$in": store.RESTRICTED_LABELS}}))
         filt = store.and_(base, {"sp._security": {"$nin": store.RESTRICTED_LABELS}})
-    await store.reset_pending_type(db, job["_id"], kind)
+    if attempt > 1:  # a dead attempt may have counted part of this type already
+        await store.reset_pending_type(db, job["_id"], kind)
     keep = ndjson.elements_for(kind, job.get("elements"))
     files = ndjson.FileSeries(db, job["_id"], attempt, kind="output", line_type=kind,
                               source_type=kind, per_file=settings.resources_per_file)

@@ -82,7 +82,7 @@ class Workers:
         except exporter.LeaseLost:
             log.info("export_lease_lost", job=job["_id"], attempt=attempt)
             current = await store.job(self.db, job["_id"])
-            if current is not None and current["state"] == "cancelled":
+            if current is None or current["state"] == "cancelled":  # cancelled, maybe swept
                 await store.discard_files(self.db, job["_id"])
                 metrics.EXPORT_JOBS.labels("cancelled").inc()
         except ConnectionFailure:
