@@ -50,6 +50,12 @@ def test_injection_in_search_is_refused(live: RunningStack, fhir: httpx.Client, 
     assert healthy(live)
 
 
+@pytest.mark.parametrize("cursor", ["WzAsW10sIngiXQ", "WzAsWyJub3QgYSBkYXRlIl0sIngiXQ", "eyJ4IjoxfQ"])
+def test_forged_history_cursors_are_refused(live: RunningStack, fhir: httpx.Client, cursor: str) -> None:
+    outcome(fhir.get("/Observation/_history", params={"_cursor": cursor}), 400)
+    assert healthy(live)
+
+
 def test_operator_injection_cannot_widen_a_patient_scope(live: RunningStack, fhir: httpx.Client, pid: str) -> None:
     fhir.post("/Observation", json=phq9_total(pid))
     token = mint_token(live, scope="patient/*.rs", patient=pid)
@@ -130,3 +136,13 @@ def test_conditional_headers_are_parsed_safely(live: RunningStack, fhir: httpx.C
     outcome(fhir.post("/Patient", json=patient(), headers={"If-None-Exist": 'identifier={"$gt":""}'}), 400)
     outcome(fhir.put("/Patient/abc", json={**patient(), "id": "abc"}, headers={"If-Match": "*"}), 400)
     assert counts(live) == before
+
+
+def test_dates_at_the_edges_of_time_never_break_the_server(live: RunningStack, fhir: httpx.Client, pid: str) -> None:
+    assert fhir.post("/Patient", json=patient(birthDate="9999-12-31")).status_code == 201
+    assert fhir.post("/Patient", json=patient(birthDate="0001")).status_code == 201
+    edge = fhir.post("/Observation", json=phq9_total(pid, when="0001-01-01T00:00:00+14:00"))
+    assert edge.status_code in (201, 422), edge.text
+    found = fhir.get("/Patient", params={"birthdate": "ge9999-12-31"})
+    assert found.status_code == 200 and found.json()["total"] >= 1
+    assert healthy(live)

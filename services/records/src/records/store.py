@@ -341,7 +341,10 @@ class ResourceStore:
         if since is not None:
             clauses.append({"ts": {"$gte": since}})
         if cursor is not None:
-            moment = datetime.fromisoformat(str(cursor.keys[0]))
+            try:
+                moment = datetime.fromisoformat(str(cursor.keys[0]))
+            except (IndexError, ValueError):
+                raise errors.Invalid("Invalid paging cursor") from None
             oid = ObjectId(cursor.id) if ObjectId.is_valid(cursor.id) else ObjectId("0" * 24)
             clauses.append({"$or": [{"ts": {"$lt": moment}}, {"ts": moment, "_id": {"$lt": oid}}]})
         filt = _and(*clauses)
@@ -445,7 +448,10 @@ class ResourceStore:
         body = {**resource, "id": resource_id, "meta": meta}
         body = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), **body}
         raw = orjson.dumps(body)
-        sp = extract.extract(body, definition, self.policy.base_url)
+        try:
+            sp = extract.extract(body, definition, self.policy.base_url)
+        except (ValueError, OverflowError):  # e.g. a dateTime whose offset leaves year 1..9999
+            raise errors.Unprocessable("A date in this resource is outside the searchable range") from None
         sp.update(query.last_updated_fields(moment))
         compartment = await self._compartment(definition, body, session)
         doc = {"vid": version, "ts": moment, "deleted": False, "raw": Binary(raw), "sp": sp,

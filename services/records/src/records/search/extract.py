@@ -105,27 +105,42 @@ def relative_reference(ref: str, base_url: str) -> str:
 
 # --- dates -------------------------------------------------------------------------------------
 
+_END_OF_TIME = datetime.max.replace(tzinfo=UTC)
+
+
+def _next_year(lo: datetime) -> datetime:
+    return lo.replace(year=lo.year + 1) if lo.year < 9999 else _END_OF_TIME
+
+
+def _plus(lo: datetime, step: timedelta) -> datetime:
+    try:
+        return lo + step
+    except OverflowError:  # the last day/second of year 9999
+        return _END_OF_TIME
+
+
 def date_range(text: str) -> tuple[datetime, datetime]:
     """The [lo, hi) instant range a FHIR date/dateTime/instant of any precision denotes."""
     value = text.strip()
     if len(value) == 4:
         lo = datetime(int(value), 1, 1, tzinfo=UTC)
-        return lo, lo.replace(year=lo.year + 1)
+        return lo, _next_year(lo)
     if len(value) == 7:
         lo = datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
-        hi = lo.replace(year=lo.year + 1, month=1) if lo.month == 12 else lo.replace(month=lo.month + 1)
+        hi = _next_year(lo).replace(month=1) if lo.month == 12 and lo.year < 9999 else (
+            _END_OF_TIME if lo.month == 12 else lo.replace(month=lo.month + 1))
         return lo, hi
     if len(value) == 10:
         lo = datetime.fromisoformat(value).replace(tzinfo=UTC)
-        return lo, lo + timedelta(days=1)
+        return lo, _plus(lo, timedelta(days=1))
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     parsed = parsed.astimezone(UTC)
     if "." in value:
-        return parsed, parsed + timedelta(milliseconds=1)
+        return parsed, _plus(parsed, timedelta(milliseconds=1))
     step = timedelta(minutes=1) if value.count(":") == 1 else timedelta(seconds=1)
-    return parsed, parsed + step
+    return parsed, _plus(parsed, step)
 
 
 def dates_of(value: Any) -> list[tuple[datetime, datetime]]:
