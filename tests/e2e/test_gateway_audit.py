@@ -241,3 +241,39 @@ def test_balp_shape_of_a_user_read(live: RunningStack, auditor: dict[str, str]) 
     assert event["source"]["type"][0]["code"] == "4"
     request_entity = next(e for e in event["entity"] if e["type"].get("code") == "XrequestId")
     assert request_entity["what"]["identifier"]["value"] == response.headers["x-request-id"]
+
+
+def test_keyed_chain_resists_recomputed_hashes(live: RunningStack) -> None:
+    """With a chain key (kept outside the datastore), a writer who alters a record and recomputes
+    the hashes from there on is still caught; without the key verify says it cannot check."""
+    db_name = f"chain_keyed_{uuid.uuid4().hex[:8]}"
+    key = b"audit chain key from a secret mount"
+
+    async def scenario() -> list[dict[str, Any]]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(live.config.mongo_url("gateway"), tz_aware=True)
+        try:
+            db = client[db_name]
+            await store.ensure_indexes(db)
+            await chain.ensure_head(db)
+            writer = chain.AuditChain(db, key)
+            for i in range(6):
+                await writer.append({"_id": f"k{i}", "kind": "rest", "status": 200,
+                                     "recorded": chain.truncate_to_millis(datetime.now(UTC))})
+            results = [await chain.verify(db, key=key), await chain.verify(db)]
+            # Forge from record #3 on, recomputing every later hash without the key.
+            prev = (await db.audit_events.find_one({"seq": 2}))["hash"]
+            for seq in range(3, 7):
+                doc = await db.audit_events.find_one({"seq": seq})
+                doc.update(status=403 if seq == 3 else doc["status"], prev_hash=prev, chain="sha256")
+                doc["hash"] = prev = chain.record_hash(doc)
+                await db.audit_events.replace_one({"_id": doc["_id"]}, doc)
+            results.append(await chain.verify(db, key=key))
+            await client.drop_database(db_name)
+            return results
+        finally:
+            await client.close()
+
+    good, unkeyed, forged = asyncio.run(scenario())
+    assert good == {"ok": True, "checked": 6, "length": 6}
+    assert unkeyed["first_problem"]["kind"] == "unverifiable"
+    assert forged["ok"] is False and forged["first_problem"]["seq"] == 3 and forged["first_problem"]["id"] == "k2"

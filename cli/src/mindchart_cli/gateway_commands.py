@@ -92,7 +92,8 @@ def launch_create(
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Walk the audit hash chain; name the first altered, removed or inserted record (exit 1)."""
-    result = on_gateway_db(chain.verify)
+    key = GatewaySettings().audit_chain_key()
+    result = on_gateway_db(lambda db: chain.verify(db, key=key))
     emit(result)
     if not result["ok"]:
         problem = result["first_problem"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from joserfc.errors import JoseError
@@ -60,7 +60,7 @@ async def create_client(
         client["jwks_url"] = jwks_url  # keys fetched from there at each authentication
     elif auth == "private_key_jwt" and jwks is not None:
         try:
-            keyset = KeySet.import_key_set(jwks)
+            keyset = KeySet.import_key_set(cast(Any, jwks))
         except (JoseError, ValueError, KeyError, TypeError):
             raise RegistrationError("the JWKS file is not a valid JWK Set") from None
         if any(k.is_private for k in keyset.keys):
@@ -94,11 +94,11 @@ async def create_user(
         raise RegistrationError("fhir-user must look like Practitioner/ID or Patient/ID")
     if role in ("practitioner", "patient") and not fhir_user:
         raise RegistrationError(f"a {role} user needs --fhir-user")
+    created = datetime.now(UTC)
     user = {"_id": username, "password_hash": oauth.hash_secret(password), "role": role,
-            "fhir_user": fhir_user, "created": datetime.now(UTC), "failed_logins": 0}
+            "fhir_user": fhir_user, "created": created, "failed_logins": 0}
     await store.put_user(db, user)
-    return {"username": username, "role": role, "fhir_user": fhir_user,
-            "created": user["created"].isoformat()}
+    return {"username": username, "role": role, "fhir_user": fhir_user, "created": created.isoformat()}
 
 
 async def rotate_signing_key(db: store.Db) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
         await chain.ensure_head(app.state.db)
-        app.state.audit_chain = chain.AuditChain(app.state.db)
+        app.state.audit_chain = chain.AuditChain(app.state.db, settings.audit_chain_key())
         app.state.keys = Keyring(app.state.db)
         pem = settings.signing_key_file.read_bytes() if settings.signing_key_file else None
         await app.state.keys.ensure_key(pem)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import random
 from dataclasses import dataclass
@@ -39,10 +40,14 @@ def _canonical_value(value: Any) -> Any:
     return value
 
 
-def record_hash(record: dict[str, Any]) -> str:
-    """SHA-256 over the record's canonical JSON, everything but `hash` itself."""
+def record_hash(record: dict[str, Any], key: bytes | None = None) -> str:
+    """SHA-256 (or, with a chain key, HMAC-SHA256) over the record's canonical JSON, everything but
+    `hash` itself. A key kept outside the datastore means that someone who can write to the
+    datastore still cannot recompute the chain after altering a record."""
     body = {k: v for k, v in record.items() if k != "hash"}
     text = json.dumps(_canonical_value(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    if key:
+        return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -73,14 +78,15 @@ async def _advance_head(db: store.Db, seq: int, digest: str) -> None:
         {"_id": HEAD_ID, "seq": {"$lt": seq}}, {"$set": {"seq": seq, "hash": digest}})
 
 
-async def _write(db: store.Db, records: list[dict[str, Any]]) -> None:
+async def _write(db: store.Db, records: list[dict[str, Any]], key: bytes | None) -> None:
     pending = list(records)
     for _ in range(_MAX_ATTEMPTS):
         seq, digest = await _current_head(db)
         for record in pending:
             seq += 1
             record["seq"], record["prev_hash"] = seq, digest
-            record["hash"] = digest = record_hash(record)
+            record["chain"] = "hmac-sha256" if key else "sha256"
+            record["hash"] = digest = record_hash(record, key)
         try:
             await db.audit_events.insert_many(pending, ordered=True)
         except BulkWriteError as exc:
@@ -90,8 +96,8 @@ async def _write(db: store.Db, records: list[dict[str, Any]]) -> None:
                 await _advance_head(db, last["seq"], last["hash"])
             pending = pending[inserted:]
             for record in pending:
-                for key in ("seq", "prev_hash", "hash"):
-                    record.pop(key, None)
+                for field in ("seq", "prev_hash", "hash", "chain"):
+                    record.pop(field, None)
             await asyncio.sleep(random.uniform(0, 0.005))  # noqa: S311 - jitter, not security
             continue
         last = pending[-1]
@@ -103,8 +109,9 @@ async def _write(db: store.Db, records: list[dict[str, Any]]) -> None:
 class AuditChain:
     """Appends records for one process; callers wait until their record is stored."""
 
-    def __init__(self, db: store.Db) -> None:
+    def __init__(self, db: store.Db, key: bytes | None = None) -> None:
         self.db = db
+        self.key = key
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._lock = asyncio.Lock()
 
@@ -119,7 +126,7 @@ class AuditChain:
             if not all(f.done() for f in futures):
                 batch, self._pending = self._pending, []
                 try:
-                    await _write(self.db, [r for r, _ in batch])
+                    await _write(self.db, [r for r, _ in batch], self.key)
                 except Exception as exc:  # every waiter of this batch learns it failed
                     for _, f in batch:
                         if not f.done():
@@ -145,11 +152,12 @@ class Problem:
         return {"seq": self.seq, "id": self.record_id, "kind": self.kind, "detail": self.detail}
 
 
-async def verify(db: store.Db, *, page: int = 1000) -> dict[str, Any]:
+async def verify(db: store.Db, *, key: bytes | None = None, page: int = 1000) -> dict[str, Any]:
     """Walk the chain from its first link; report the first altered, removed or inserted record."""
     head = await db.audit_chain.find_one({"_id": HEAD_ID}) or {"seq": 0, "hash": GENESIS}
     last_seq, _ = await _current_head(db)
     expected_prev, checked, problem = GENESIS, 0, None
+    seen_keyed = last_keyed = False
     position = 0
     while position < last_seq and problem is None:
         upper = min(position + page, last_seq)
@@ -161,7 +169,20 @@ async def verify(db: store.Db, *, page: int = 1000) -> dict[str, Any]:
                 problem = Problem(seq, None, "removed",
                                   f"record #{seq} is missing: the chain has a gap after #{seq - 1}")
                 break
-            if record.get("hash") != record_hash(record):
+            if record.get("chain") == "hmac-sha256" and not key:
+                problem = Problem(seq, str(record["_id"]), "unverifiable",
+                                  f"record #{seq} is keyed: give verify the chain key "
+                                  "(MINDCHART_GATEWAY_AUDIT_CHAIN_KEY_FILE)")
+                break
+            keyed = record.get("chain") == "hmac-sha256"
+            if key and not keyed and seen_keyed:
+                # Once keyed, always keyed: an unkeyed link after a keyed one was recomputed by hand.
+                problem = Problem(seq, str(record["_id"]), "altered",
+                                  f"record #{seq} ({record['_id']}) lost its key (downgraded link)")
+                break
+            seen_keyed = seen_keyed or keyed
+            last_keyed = keyed
+            if record.get("hash") != record_hash(record, key if keyed else None):
                 problem = Problem(seq, str(record["_id"]), "altered",
                                   f"record #{seq} ({record['_id']}) does not match its hash")
                 break
@@ -178,6 +199,9 @@ async def verify(db: store.Db, *, page: int = 1000) -> dict[str, Any]:
         if stray is not None:
             problem = Problem(stray.get("seq"), str(stray["_id"]), "inserted",
                               f"record {stray['_id']} is not a link of the chain")
+    if problem is None and key and checked and not last_keyed:
+        problem = Problem(last_seq, None, "altered",
+                          "the newest records are not keyed although the gateway writes keyed links")
     if problem is None and int(head["seq"]) > last_seq:
         problem = Problem(int(head["seq"]), None, "removed",
                           f"the chain ends at #{last_seq} but its head says #{head['seq']}")

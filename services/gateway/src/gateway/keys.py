@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
@@ -21,7 +21,7 @@ SIGNING_RELOAD_SECONDS = 2.0
 
 def new_private_jwk(pem: bytes | None = None) -> tuple[str, dict[str, Any]]:
     kid = uuid.uuid4().hex[:16]
-    params = {"kid": kid, "use": "sig", "alg": SIGNING_ALG}
+    params: Any = {"kid": kid, "use": "sig", "alg": SIGNING_ALG}
     key = RSAKey.import_key(pem, parameters=params) if pem else RSAKey.generate_key(2048, parameters=params)
     return kid, key.as_dict(private=True)
 
@@ -64,4 +64,4 @@ class Keyring:
     async def keyset(self, *, refresh: bool = False) -> KeySet:
         """KeySource for mindchart_core.tokens.TokenVerifier (public halves only)."""
         await self.load(force=refresh)
-        return KeySet.import_key_set(await self.public_jwks())
+        return KeySet.import_key_set(cast(Any, await self.public_jwks()))

@@ -98,10 +98,10 @@ async def identify_client(
     """A confidential client authenticates; a public one (auth "none") names itself with client_id
     (RFC 6749 §3.2.1, SMART 2.2 §token-request: `client_id` for public clients only)."""
     if presents_credentials(form, authorization):
-        client = await authenticate_client(db, settings, form, authorization)
-        if form.get("client_id") and form["client_id"] != client["_id"]:
+        authenticated = await authenticate_client(db, settings, form, authorization)
+        if form.get("client_id") and form["client_id"] != authenticated["_id"]:
             raise OAuthError("invalid_client", "client_id does not match the authenticated client")
-        return client
+        return authenticated
     client_id = form.get("client_id")
     client = await store.get_client(db, client_id) if client_id else None
     if client is None:

@@ -20,6 +20,9 @@ class GatewaySettings(ServiceSettings):
     records_url: str = "http://127.0.0.1:8001"
     psychnotes_url: str = "http://127.0.0.1:8002"
     signing_key_file: Path | None = None
+    # HMAC key for the audit hash chain, kept outside the datastore (a secret mount). Without it
+    # the chain is plain SHA-256: still tamper-evident, but recomputable by a datastore writer.
+    audit_chain_key_file: Path | None = None
     backend_token_seconds: int = 300  # SMART Backend Services: SHOULD be <= 300
     upstream_timeout_seconds: float = 60.0
     user_token_seconds: int = 3600  # SMART 2.2 §token-response: expires_in SHOULD be <= 1 h
@@ -48,6 +51,9 @@ class GatewaySettings(ServiceSettings):
     @property
     def psychnotes_base(self) -> str:
         return f"{self.issuer}/psychnotes/fhir"
+
+    def audit_chain_key(self) -> bytes | None:
+        return self.audit_chain_key_file.read_bytes().strip() if self.audit_chain_key_file else None
 
     def audience_for(self, name: str) -> str:
         """Registered audience name (records|psychnotes) → the FHIR base URL tokens carry."""

@@ -29,6 +29,7 @@ async def ensure_indexes(db: Db) -> None:
     await db.authorization_sessions.create_index([("expires", ASCENDING)])
     await db.authorization_codes.create_index([("expires", ASCENDING)])
     await db.refresh_tokens.create_index([("family", ASCENDING)])
+    await db.refresh_tokens.create_index([("expires", ASCENDING)])
     await db.revoked_tokens.create_index([("expires", ASCENDING)])
     await db.launches.create_index([("expires", ASCENDING)])
     await db.rate_windows.create_index([("expires", ASCENDING)])
@@ -95,7 +96,17 @@ async def record_login_success(db: Db, username: str) -> None:
 # Secrets (codes, refresh tokens) are stored by their SHA-256 only.
 
 async def put_session(db: Db, session: dict[str, Any]) -> None:
+    await forget_expired(db)
     await db.authorization_sessions.insert_one(session)
+
+
+async def forget_expired(db: Db) -> None:
+    """Drop what can no longer be used (no TTL indexes: the embedded datastore lacks them)."""
+    now = datetime.now(UTC)
+    await db.authorization_sessions.delete_many({"expires": {"$lt": now}})
+    await db.launches.delete_many({"expires": {"$lt": now}})
+    await db.revoked_tokens.delete_many({"expires": {"$lt": now}})
+    await db.refresh_tokens.delete_many({"expires": {"$lt": now - timedelta(days=1)}})
 
 
 async def get_session(db: Db, session_id: str) -> dict[str, Any] | None:
