@@ -255,6 +255,7 @@ def test_the_consent_gated_vault_story(live: RunningStack, patient_id: str, sess
     assert note["author"] == [{"reference": "Practitioner/th-story"}]
     assert note["context"]["encounter"] == [{"reference": f"Encounter/{session_encounter}"}]
     assert read.headers["cache-control"] == "no-store"
+    assert DISCLOSURE_HEADER not in read.headers  # the gateway keeps its internal report
     assert_audited(live, read, permit=True)
 
     # The patient records an authorization naming Dr Bello (through any app) for two notes.

@@ -459,6 +459,13 @@ def test_records_and_psychnotes_refuse_each_others_tokens(world: World, live: Ru
     for url in (f"{live.fhir}/DocumentReference", f"{direct_rec}/DocumentReference",
                 f"{live.fhir}/DocumentReference/{world.a1}"):
         assert_refused(httpx.get(url, headers=headers(psych_token)), 401, *world.secrets)
+    # A refused access token straight at psychnotes is in psychnotes' own trail as well.
+    direct = httpx.get(f"{direct_psy}/DocumentReference/{world.a1}",
+                       headers={**headers(records_token, world.granted), "X-Request-ID": "direct-refusal-1"})
+    assert_refused(direct, 401, *world.secrets)
+    [refusal] = list(live.db("psychnotes").decisions.find({"request_id": "direct-refusal-1"}))
+    assert refusal["permit"] is False and refusal["action"] == "authenticate"
+    assert refusal["event"]["outcome"] == "4" and "access token" in refusal["reason"]
 
 
 def test_records_never_returns_or_reveals_a_psychotherapy_note(world: World, live: RunningStack) -> None:

@@ -181,7 +181,7 @@ def test_only_the_patient_or_a_treating_practitioner_records_an_authorization(li
                    mint_token(live, audience=live.psychnotes, scope="system/Consent.cru")):
         assert_refused(httpx.post(f"{live.psychnotes}/Consent", headers=headers(access), json=consent), 403)
     therapist = user_token(live, "Practitioner/th-treating")
-    write_note(live, therapist, patient, marker("treating"))
+    treating = write_note(live, therapist, patient, marker("treating"))  # dated 2026-11-20
     consent_id = record_consent(live, therapist, consent)
     recipient = user_token(live, "Practitioner/dr-c", scope="user/Consent.r user/DocumentReference.rs")
     assert httpx.get(f"{live.psychnotes}/Consent/{consent_id}", headers=headers(recipient)).status_code == 200
@@ -201,6 +201,12 @@ def test_only_the_patient_or_a_treating_practitioner_records_an_authorization(li
                       headers=headers(recipient, token)).json()
     ids = {e["resource"]["id"] for e in found["entry"]}
     assert inside in ids and outside not in ids
+    for date, expected in (("ge2026-06-01", {inside, treating}), ("lt2026-06-01", set()),
+                           ("2026-06-01", {inside}), ("le2026-06-01", {inside}),
+                           ("ge2020-01-01", {inside, treating})):
+        dated = httpx.get(f"{live.psychnotes}/DocumentReference", params={"patient": patient, "date": date},
+                          headers=headers(recipient, token)).json()
+        assert {e["resource"]["id"] for e in dated.get("entry", [])} == expected, date
     assert httpx.get(f"{live.psychnotes}/DocumentReference/{outside}",
                      headers=headers(recipient, token)).status_code == 403
 

@@ -35,8 +35,14 @@ _ETAG = re.compile(r'^(?:W/)?"(\d+)"$')
 async def context(request: Request) -> service.Context:
     """Verify the caller's access token (again: we trust no network) and bind the vault to it."""
     fhirjson.negotiate(request)
-    token = await request.app.state.verifier.verify(tokens.bearer_token(request))
     state = request.app.state
+    try:
+        token = await state.verifier.verify(tokens.bearer_token(request))
+    except errors.FhirError as exc:
+        # Also recorded here, not only at the gateway: a call straight at psychnotes is audited too.
+        await service.record_unauthenticated(state.db, state.settings,
+                                             asgi.request_id_of(request.scope), exc.diagnostics)
+        raise
     return service.Context(db=state.db, keyring=state.keyring, signing_key=state.signing_key,
                            settings=state.settings, token=token,
                            request_id=asgi.request_id_of(request.scope))

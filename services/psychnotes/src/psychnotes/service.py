@@ -101,6 +101,20 @@ async def record_decision(ctx: Context, *, permit: bool, reason: str, action: st
         "entities": entities or [], "event": event})
 
 
+async def record_unauthenticated(db: store.Db, settings: PsychnotesSettings, request_id: str,
+                                 reason: str) -> None:
+    """A request refused before any caller is known (no or invalid access token)."""
+    decision = audit.ConsentDecision(permit=False, reason=reason, action="authenticate",
+                                     client_id=None, request_id=request_id, recorded=store.now())
+    event = audit.consent_decision_audit_event(decision, observer=settings.base_url)
+    metrics.CONSENT_DECISIONS.labels("deny", "no-access-token").inc()
+    await store.insert_decision(db, {
+        "_id": event["id"], "recorded": decision.recorded, "permit": False,
+        "action": "authenticate", "reason": reason, "patient": None, "client_id": None,
+        "fhir_user": None, "basis": None, "jti": None, "request_id": request_id,
+        "entities": [], "event": event})
+
+
 async def release(ctx: Context, token: consent_token.ConsentToken, action: str,
                   refs: list[str]) -> dict[str, str]:
     """Record the permit and the disclosure; the headers announcing it to the gateway."""
