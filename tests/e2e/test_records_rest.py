@@ -362,3 +362,46 @@ def test_summary_and_elements_on_read(fhir: httpx.Client, pid: str) -> None:
     assert summary["name"] and summary["gender"]
     elements = fhir.get(f"/Patient/{pid}", params={"_elements": "gender"}).json()
     assert set(elements) == {"resourceType", "id", "meta", "gender"}
+
+
+def test_transaction_conditional_create_reuses_the_match(fhir: httpx.Client) -> None:
+    value = uuid.uuid4().hex
+    existing = fhir.post("/Patient", json=patient(identifier=[{"system": "urn:mindchart:mrn", "value": value}]))
+    p = f"urn:uuid:{uuid.uuid4()}"
+    response = fhir.post("/", headers={"Prefer": "return=minimal"}, json={
+        "resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": p, "resource": patient(identifier=[{"system": "urn:mindchart:mrn", "value": value}]),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:mindchart:mrn|{value}"}},
+            {"resource": phq9_total("x", subject={"reference": p}),
+             "request": {"method": "POST", "url": "Observation"}}]})
+    assert response.status_code == 200, response.text
+    first, second = response.json()["entry"]
+    assert first["response"]["status"] == "200 OK" and "resource" not in first  # return=minimal
+    assert first["response"]["location"].startswith(f"Patient/{existing.json()['id']}/")
+    obs_id = second["response"]["location"].split("/")[1]
+    assert fhir.get(f"/Observation/{obs_id}").json()["subject"]["reference"] == f"Patient/{existing.json()['id']}"
+
+
+def test_summary_text_keeps_the_narrative(fhir: httpx.Client) -> None:
+    created = fhir.post("/Patient", json=patient(
+        text={"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Alex Rivera</div>'})).json()
+    text = fhir.get(f"/Patient/{created['id']}", params={"_summary": "text"}).json()
+    assert text["text"]["div"].endswith("Alex Rivera</div>") and "name" not in text
+    assert text["meta"]["tag"][-1]["code"] == "SUBSETTED"
+
+
+def test_transaction_resolves_conditional_references(live: RunningStack, fhir: httpx.Client) -> None:
+    value = uuid.uuid4().hex
+    person = fhir.post("/Patient", json=patient(identifier=[{"system": "urn:mindchart:mrn", "value": value}])).json()
+    ref = f"Patient?identifier=urn:mindchart:mrn|{value}"
+    response = fhir.post("/", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": progress_note("x", subject={"reference": ref}),
+         "request": {"method": "POST", "url": "DocumentReference"}}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["entry"][0]["resource"]["subject"]["reference"] == f"Patient/{person['id']}"
+    before = live.db("records").DocumentReference.count_documents({})
+    nobody = fhir.post("/", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": progress_note("x", subject={"reference": "Patient?identifier=urn:mindchart:mrn|nobody"}),
+         "request": {"method": "POST", "url": "DocumentReference"}}]})
+    outcome(nobody, 412)
+    assert live.db("records").DocumentReference.count_documents({}) == before

@@ -252,6 +252,10 @@ def test_paging_links_survive_concurrent_writes(fhir: httpx.Client, world: World
     assert "_count=2" in nxt and f"patient={world.pid}" in nxt
     # A write between pages neither repeats nor drops what was already paged over.
     added = _make(fhir, phq9_total(world.pid, 3))
+    second = fhir.get(nxt).json()
+    back = {link["relation"]: link["url"] for link in second["link"]}["previous"]
+    previous = ids_of(fhir.get(back).json())  # the rows just before page two, as they are now
+    assert len(previous) == 2 and set(previous) <= set(ids_of(first)) | {added}
     seen = ids_of(first)
     url: str | None = nxt
     while url:

@@ -104,6 +104,20 @@ def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
     return node
 
 
+def _conditional_references(node: Any, found: set[str]) -> set[str]:
+    """`Type?criteria` references (R4 http.html §trules: conditional references)."""
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and "?" in ref and ref.split("?", 1)[0] in RESOURCES:
+            found.add(ref)
+        for value in node.values():
+            _conditional_references(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _conditional_references(value, found)
+    return found
+
+
 def _unresolved(node: Any) -> str | None:
     if isinstance(node, dict):
         ref = node.get("reference")
@@ -229,6 +243,19 @@ async def _transaction(store: ResourceStore, raw_entries: list[Any], base_url: s
                 mapping[e.full_url] = f"{e.definition.type}/{e.resource_id}"
         except errors.FhirError as problem:
             raise _fail(e.index, problem) from None
+    for e in entries:  # conditional references resolve to exactly one match the caller may see
+        for ref in sorted(_conditional_references(e.resource, set())):
+            if ref in mapping:
+                continue
+            kind, _, criteria = ref.partition("?")
+            try:
+                found = await service.matching(store, RESOURCES[kind], criteria, base_url)
+            except errors.FhirError as problem:
+                raise _fail(e.index, problem) from None
+            if len(found) != 1:
+                raise _fail(e.index, errors.PreconditionFailed(
+                    f"Conditional reference {ref[:80]} matches {len(found)} resources, not one"))
+            mapping[ref] = f"{kind}/{found[0].id}"
     for e in entries:
         if e.resource is not None:
             e.resource = _rewrite(e.resource, mapping)
