@@ -32,6 +32,7 @@ class LeaseLost(Exception):
 
 
 Check = Callable[[str], Awaitable[None]]
+MAX_PENDING_PATIENTS = 5000
 
 
 def policy_of(job: dict[str, Any], base_url: str) -> AccessPolicy:
@@ -71,11 +72,7 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
     kind = definition.type
     base = type_clauses(job, definition, policy, patients, base_url)
     withheld = 0
-    filt = base
-    if not job.get("include_restricted"):
-        withheld = await store.count(db, kind, store.and_(
-            base, {"sp._security": {"$in": store.RESTRICTED_LABELS}}))
-        filt = store.and_(base, {"sp._security": {"$nin": store.RESTRICTED_LABELS}})
+    restricted = frozenset() if job.get("include_restricted") else frozenset(store.RESTRICTED_LABELS)
     if attempt > 1:  # a dead attempt may have counted part of this type already
         await store.reset_pending_type(db, job["_id"], kind)
     keep = ndjson.elements_for(kind, job.get("elements"))
@@ -84,16 +81,24 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
     per_patient: dict[str, int] = {}
     in_batch = 0
     try:
-        async for doc in store.stream(db, kind, filt, settings.batch_size):
-            compartment = list(doc.get("c") or [])
-            await files.add(ndjson.subset(bytes(doc["raw"]), keep), compartment)
-            for patient in compartment:
-                per_patient[patient] = per_patient.get(patient, 0) + 1
+        async for doc in store.stream(db, kind, base, settings.batch_size):
             in_batch += 1
+            # Withheld here rather than by the query, so they are counted in the same pass.
+            if restricted and not restricted.isdisjoint((doc.get("sp") or {}).get("_security") or ()):
+                withheld += 1
+            else:
+                compartment = list(doc.get("c") or [])
+                await files.add(ndjson.subset(bytes(doc["raw"]), keep), compartment)
+                for patient in compartment:
+                    per_patient[patient] = per_patient.get(patient, 0) + 1
             if in_batch >= settings.batch_size:
                 await check(f"{kind}: {files.total} resources")
-                await store.add_pending_disclosures(db, job, kind, per_patient)
-                per_patient, in_batch = {}, 0
+                in_batch = 0
+                # Counts per patient stay in memory up to a bound, so a patient's many resources
+                # cost one upsert, not one per batch.
+                if len(per_patient) >= MAX_PENDING_PATIENTS:
+                    await store.add_pending_disclosures(db, job, kind, per_patient)
+                    per_patient = {}
         await check(f"{kind}: {files.total} resources")
         await store.add_pending_disclosures(db, job, kind, per_patient)
         await files.close()

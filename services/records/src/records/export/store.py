@@ -233,12 +233,9 @@ async def stream_file(db: Db, gridfs_id: Any) -> AsyncIterator[bytes]:
 def stream(db: Db, resource_type: str, filt: dict[str, Any], batch_size: int) -> Any:
     """A cursor over current versions matching `filt` (which already holds the policy filter)."""
     return db[resource_type].find(
-        and_(filt, {"deleted": {"$ne": True}}), {"raw": 1, "c": 1}, batch_size=batch_size
+        and_(filt, {"deleted": {"$ne": True}}), {"raw": 1, "c": 1, "sp._security": 1},
+        batch_size=batch_size,
     )
-
-
-async def count(db: Db, resource_type: str, filt: dict[str, Any]) -> int:
-    return await db[resource_type].count_documents(and_(filt, {"deleted": {"$ne": True}}))
 
 
 def deletions(db: Db, resource_type: str, filt: dict[str, Any], batch_size: int) -> Any:
