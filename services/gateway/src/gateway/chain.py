@@ -4,7 +4,8 @@ Each record carries `seq` (its position, unique-indexed), `prev_hash` (the previ
 and `hash` (SHA-256 of its own canonical form, `prev_hash` included). A writer claims position
 `head.seq + 1` by inserting it; the unique index lets only one writer win a position, the losers
 re-read the head and retry, so concurrent requests and several gateway replicas cannot fork the
-chain. Within one process the writes are batched behind a lock, so a busy replica rarely contends.
+chain. Within one process the writes are batched behind a lock and the last link is remembered,
+so the common case costs one insert and one head update per batch.
 Records are never updated; `verify` walks the chain and names the first broken link.
 """
 
@@ -78,10 +79,13 @@ async def _advance_head(db: store.Db, seq: int, digest: str) -> None:
         {"_id": HEAD_ID, "seq": {"$lt": seq}}, {"$set": {"seq": seq, "hash": digest}})
 
 
-async def _write(db: store.Db, records: list[dict[str, Any]], key: bytes | None) -> None:
+async def _write(db: store.Db, records: list[dict[str, Any]], key: bytes | None,
+                 tail: tuple[int, str] | None = None) -> tuple[int, str]:
+    """Append `records` after `tail` (this process's last known link; read from the datastore
+    when unknown or when another writer has moved on). Returns the new tail."""
     pending = list(records)
     for _ in range(_MAX_ATTEMPTS):
-        seq, digest = await _current_head(db)
+        seq, digest = tail if tail is not None else await _current_head(db)
         for record in pending:
             seq += 1
             record["seq"], record["prev_hash"] = seq, digest
@@ -98,11 +102,12 @@ async def _write(db: store.Db, records: list[dict[str, Any]], key: bytes | None)
             for record in pending:
                 for field in ("seq", "prev_hash", "hash", "chain"):
                     record.pop(field, None)
+            tail = None  # someone else holds the next position: re-read the chain's end
             await asyncio.sleep(random.uniform(0, 0.005))  # noqa: S311 - jitter, not security
             continue
         last = pending[-1]
         await _advance_head(db, last["seq"], last["hash"])
-        return
+        return int(last["seq"]), str(last["hash"])
     raise RuntimeError("could not append to the audit chain")
 
 
@@ -114,6 +119,7 @@ class AuditChain:
         self.key = key
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._lock = asyncio.Lock()
+        self._tail: tuple[int, str] | None = None
 
     async def append(self, *records: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -126,8 +132,9 @@ class AuditChain:
             if not all(f.done() for f in futures):
                 batch, self._pending = self._pending, []
                 try:
-                    await _write(self.db, [r for r, _ in batch], self.key)
+                    self._tail = await _write(self.db, [r for r, _ in batch], self.key, self._tail)
                 except Exception as exc:  # every waiter of this batch learns it failed
+                    self._tail = None
                     for _, f in batch:
                         if not f.done():
                             f.set_exception(exc)

@@ -109,7 +109,10 @@ async def token(request: Request) -> Response:
         claimed = _claimed_client(form, authorization)
         request.state.oauth_client_id = claimed
         try:
-            await _limit(request, f"token:{claimed or request.client.host if request.client else '?'}")
+            # The client is not authenticated yet: count per (claimed client, address), so nobody
+            # can spend another client's budget by naming it.
+            address = request.client.host if request.client else "?"
+            await _limit(request, f"token:{claimed or '-'}:{address}")
         except errors.Throttled as exc:
             return JSONResponse({"error": "slow_down", "error_description": exc.diagnostics},
                                 status_code=429, headers={**NO_STORE, **exc.headers})
