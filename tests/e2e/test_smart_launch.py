@@ -183,8 +183,11 @@ def test_patient_standalone_launch_gets_own_record_in_context(live: RunningStack
 
 def test_token_response_headers_and_no_refresh_without_access_scope(live: RunningStack, world: World) -> None:
     result = world.authorize(world.patient_user, "patient/*.rs")
-    response = exchange_code(live.gateway_url, result, world.app)
+    response = httpx.post(f"{live.gateway_url}/oauth/token", headers={"Origin": "https://app.example"}, data={
+        "grant_type": "authorization_code", "code": result.code, "redirect_uri": result.redirect_uri,
+        "code_verifier": result.verifier, "client_id": world.app})
     assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"  # browser apps may call it
     assert response.headers["cache-control"] == "no-store" and response.headers["pragma"] == "no-cache"
     body = response.json()
     assert "refresh_token" not in body and "id_token" not in body
@@ -419,6 +422,9 @@ def test_unregistered_redirect_uri_is_never_redirected_to(live: RunningStack, wo
             assert "location" not in response.headers
             assert "evil.example" not in response.text
             assert response.headers["content-type"].startswith("text/html")
+            record = live.db("gateway").audit_events.find_one({"request_id": response.headers["x-request-id"]})
+            assert record["status"] == 400 and record["event"]["outcome"] == "4"
+            assert record["event"]["outcomeDesc"] in ("unregistered redirect_uri", "unknown client_id")
 
 
 def test_reused_code_is_refused_and_revokes_its_tokens(live: RunningStack, world: World) -> None:
