@@ -88,6 +88,8 @@ def test_another_patients_resources_do_not_exist(live: RunningStack, two: Two) -
             body = outcome(me.get(path), 404, "not-found")
             assert two.their_note not in str(body) or "is not known" in str(body)
         assert ids_of(me.get("/DocumentReference", params={"patient": two.theirs}).json()) == []
+        assert ids_of(me.get("/DocumentReference/$docref", params={"patient": two.theirs}).json()) == []
+        assert ids_of(me.get("/DocumentReference/$docref", params={"patient": two.mine}).json()) == [two.my_note]
         assert ids_of(me.get("/DocumentReference").json()) == [two.my_note]
         assert ids_of(me.get("/Patient").json()) == [two.mine]
 

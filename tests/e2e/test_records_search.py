@@ -300,3 +300,25 @@ def test_post_search(fhir: httpx.Client, world: World) -> None:
                          headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 200
     assert ids_of(response.json()) == [world.notes["nov"]]
+
+
+def test_docref_operation(fhir: httpx.Client, world: World) -> None:
+    names = {v: k for k, v in world.notes.items()}
+
+    def docref(**params: Any) -> set[str]:
+        response = fhir.get("/DocumentReference/$docref", params=params)
+        assert response.status_code == 200, response.text
+        return {names.get(i, i) for i in ids_of(response.json())}
+
+    assert docref(patient=world.pid) == {"oct", "nov", "dec"}
+    assert docref(patient=world.pid, start="2026-11-01") == {"nov", "dec"}
+    assert docref(patient=world.pid, start="2026-11-01", end="2026-11-30") == {"nov"}
+    assert docref(patient=world.pid, type=f"{LOINC}|28627-8") == {"dec"}
+    posted = fhir.post("/DocumentReference/$docref", json={"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueId": world.pid},
+        {"name": "type", "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "11506-3"}]}}]})
+    assert {names.get(i) for i in ids_of(posted.json())} == {"oct"}
+    outcome(fhir.get("/DocumentReference/$docref"), 400)
+    statement = fhir.get("/metadata").json()
+    notes = next(r for r in statement["rest"][0]["resource"] if r["type"] == "DocumentReference")
+    assert "docref" in {o["name"] for o in notes["operation"]}

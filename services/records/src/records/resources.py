@@ -36,6 +36,8 @@ class ResourceDef:
     # References whose targets' patient compartments this resource joins, resolved at write time
     # (a Provenance about a note belongs to the note's patient, so patient scopes can see it).
     compartment_from_targets: tuple[str, ...] = ()
+    # Type-level operations beyond $validate: (name, OperationDefinition canonical).
+    operations: tuple[tuple[str, str], ...] = ()
 
     def param(self, name: str) -> SearchParam | None:
         return next((p for p in self.params if p.name == name), None)
@@ -110,6 +112,7 @@ RESOURCES: dict[str, ResourceDef] = {
             patient_compartment=("subject",),
             profiles=(f"{US_CORE}/us-core-documentreference",),
             compound_indexes=(("patient", "category", "date"), ("patient", "type")),
+            operations=(("docref", "http://hl7.org/fhir/us/core/OperationDefinition/docref"),),
         ),
         ResourceDef(
             "Observation",

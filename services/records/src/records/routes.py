@@ -128,6 +128,27 @@ def _may_validate(store: ResourceStore, definition: ResourceDef) -> None:
         raise errors.Forbidden(f"The granted scopes do not permit $validate on {definition.type}")
 
 
+@router.get("/DocumentReference/$docref")
+@router.post("/DocumentReference/$docref")
+async def docref(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    """US Core $docref: GET with query parameters, or POST with a Parameters resource."""
+    items = list(request.query_params.multi_items())
+    if request.method == "POST":
+        body = await fhirjson.read_json_body(request, settings.max_body_bytes)
+        if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+            raise errors.Invalid("POST $docref takes a Parameters resource")
+        for p in body.get("parameter", []):
+            if not isinstance(p, dict):
+                continue
+            value = next((v for k, v in p.items() if k.startswith("value")), None)
+            if isinstance(value, dict) and "coding" in value:  # type as a CodeableConcept
+                coding = value["coding"][0]
+                value = f"{coding.get('system', '')}|{coding.get('code', '')}"
+            if isinstance(p.get("name"), str) and isinstance(value, str):
+                items.append((p["name"], value))
+    return fhirjson.FhirResponse(await service.docref(store, items, settings.public_base_url))
+
+
 @router.get("/{resource_type}/_history")
 async def history_type(resource_type: str, request: Request, store: StoreDep,
                        settings: SettingsDep) -> Response:

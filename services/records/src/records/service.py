@@ -217,6 +217,26 @@ async def matching(store: ResourceStore, definition: ResourceDef, criteria: str,
     return (await store.search(definition, request)).resources
 
 
+async def docref(store: ResourceStore, items: list[tuple[str, str]], base_url: str) -> bytes:
+    """US Core $docref (DocumentReference/$docref): a patient's notes, optionally within
+    start/end and of a type, as a searchset. It is a search underneath, so the same policy and
+    indexes apply."""
+    params = dict(items)
+    if not params.get("patient"):
+        raise errors.Invalid("$docref needs a patient")
+    search: list[tuple[str, str]] = [("patient", params["patient"])]
+    if params.get("start"):
+        search.append(("date", f"ge{params['start']}"))
+    if params.get("end"):
+        search.append(("date", f"le{params['end']}"))
+    if params.get("type"):
+        search.append(("type", params["type"]))
+    search += [(k, v) for k, v in items if k in ("_count", "_cursor")]
+    definition = RESOURCES["DocumentReference"]
+    return await search_bundle(store, definition, parse_search(definition, search, base_url, strict=True),
+                               base_url)
+
+
 def validate_outcome(body: Any, definition: ResourceDef) -> dict[str, Any]:
     """`$validate` (R4 resource-operation-validate): always an OperationOutcome listing issues."""
     resource = body
@@ -289,7 +309,7 @@ def _capability_resource(d: ResourceDef) -> dict[str, Any]:
             {"name": p.name, "definition": p.definition, "type": p.type} for p in d.params
         ] + [{"name": name, "type": kind, "definition": f"http://hl7.org/fhir/SearchParameter/{ref}"}
              for name, kind, ref in COMMON_SEARCH_PARAMS],
-        "operation": [VALIDATE_OPERATION],
+        "operation": [VALIDATE_OPERATION, *({"name": name, "definition": url} for name, url in d.operations)],
     }
 
 
