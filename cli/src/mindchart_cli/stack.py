@@ -146,7 +146,8 @@ class Stack:
         if self.config.log_to_files or label.startswith("datastore"):
             out = open(self.log_dir / f"{label}.log", "ab")  # the child process owns this handle
         process = subprocess.Popen(  # noqa: S603 - our own executables, fixed arguments
-            argv, env={**os.environ, **self.config.extra_env, **env},
+            # Unbuffered: a log line is in the file as soon as it is written (tests read the logs).
+            argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.config.extra_env, **env},
             stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
             preexec_fn=_die_with_parent,  # no threads run at spawn time, so preexec_fn is safe
         )

@@ -1,0 +1,62 @@
+"""What a whole end-to-end run leaves behind: logs free of secrets and note text, one request id
+across gateway and backend, and the Prometheus series operators alert on. Runs after every other
+test on the shared stack (see `pytest_collection_modifyitems`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+
+from tests.actors import SENSITIVE_MARKERS, BackendClient
+from tests.conftest import RunningStack
+
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.")
+SERVICE_LOGS = ("gateway", "records", "psychnotes")
+
+
+def service_log(live: RunningStack, name: str) -> str:
+    return (live.runner.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+def test_request_id_travels_from_gateway_to_backend(live: RunningStack, writer_http: httpx.Client) -> None:
+    response = writer_http.get("/Patient", headers={"X-Request-ID": "trace-propagation-42"})
+    assert response.headers["x-request-id"] == "trace-propagation-42"
+    # The gateway writes its access line once the last byte is sent, so allow it a moment.
+    for name in ("gateway", "records"):
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [json.loads(line) for line in service_log(live, name).splitlines() if line.startswith("{")]
+            if any(line.get("request_id") == "trace-propagation-42" for line in lines):
+                break
+            assert time.monotonic() < deadline, f"{name} never logged the request id"
+            time.sleep(0.1)
+
+
+def test_logs_hold_no_tokens_secrets_or_note_text(live: RunningStack, writer: BackendClient) -> None:
+    for name in SERVICE_LOGS:
+        text = service_log(live, name)
+        assert '"msg": "request"' in text, f"{name} wrote no request log lines at all"
+        assert not JWT.search(text), f"{name} logged a JWT"
+        assert "Bearer ey" not in text
+        leaked = [marker for marker in SENSITIVE_MARKERS if marker in text]
+        assert not leaked, f"{name} logged sensitive text: {leaked[:3]}"
+        private = json.dumps(writer.key.as_dict(private=True)["d"])
+        assert private.strip('"') not in text
+
+
+def test_metrics_show_the_series_operators_need(live: RunningStack) -> None:
+    expected = {
+        "gateway": ["mindchart_http_requests_total", "mindchart_http_request_duration_seconds",
+                    "mindchart_db_command_duration_seconds", "mindchart_tokens_issued_total"],
+        "records": ["mindchart_http_requests_total", "mindchart_db_command_duration_seconds"],
+        "psychnotes": ["mindchart_http_requests_total", "mindchart_db_command_duration_seconds",
+                       "mindchart_consent_decisions_total"],
+    }
+    for service, series in expected.items():
+        text = httpx.get(f"{live.direct_url(service)}/metrics").text
+        for name in series:
+            assert re.search(rf"^{name}(_count|_bucket)?{{", text, re.MULTILINE), f"{service}: {name}"
+        assert 'status="200"' in text
