@@ -50,6 +50,8 @@ async def run_all(plan: Plan, selected: set[str]) -> int:
             if number not in selected:
                 continue
             print(f"… measurement {number}", flush=True)
+            for stale in (report.RESULTS / plan.mode).glob(f"{number}-*"):  # an earlier run's files
+                stale.unlink()
             before, t0 = machine.load_average(), time.monotonic()
             try:
                 result = await module.run(ctx)

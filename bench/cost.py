@@ -80,10 +80,14 @@ async def per_request(operation: load.Operation, *, datastores: dict[str, str], 
     return Cost(n, ops, cpu_ms)
 
 
-def server_ratio(slow_label: str, slow: Cost, fast_label: str, fast: Cost) -> str:
+def cpu_bound_ratio(slow: Cost, fast: Cost) -> float:
     """The ratio the throughputs would tend to if the load generator ran elsewhere: here its CPU
     per request is paid on both sides and pulls the measured ratio towards 1."""
-    ratio = fast.server_cpu_ms / slow.server_cpu_ms if slow.server_cpu_ms else float("nan")
+    return fast.server_cpu_ms / slow.server_cpu_ms if slow.server_cpu_ms else float("nan")
+
+
+def server_ratio(slow_label: str, slow: Cost, fast_label: str, fast: Cost) -> str:
+    ratio = cpu_bound_ratio(slow, fast)
     return (f"Without the load generator's CPU (same on both sides, {slow.cpu_ms.get(DRIVER, 0):.1f} ms), "
             f"CPU per request is {slow.server_cpu_ms:.1f} ms {slow_label} vs {fast.server_cpu_ms:.1f} ms "
             f"{fast_label}: a CPU-bound ratio of {ratio:.2f}.")

@@ -30,11 +30,11 @@ class Plan:
         return asdict(self)
 
 
-QUICK = Plan(mode="quick", concurrency=8, seconds=2.0, rounds=2, max_requests=5000, warmup=20,
-             notes_small=500, notes_large=5000, notes_per_patient=10, load_budget_s=20,
-             search_requests=20, search_seconds=2.0, write_seconds=2.5, token_assertions=250,
-             profile_seconds=3, cost_requests=40)
-FULL = Plan(mode="full", concurrency=8, seconds=8.0, rounds=3, max_requests=50_000, warmup=100,
-            notes_small=1000, notes_large=100_000, notes_per_patient=10, load_budget_s=300,
-            search_requests=100, search_seconds=10.0, write_seconds=10.0, token_assertions=2000,
+QUICK = Plan(mode="quick", concurrency=8, seconds=1.5, rounds=2, max_requests=5000, warmup=20,
+             notes_small=300, notes_large=3000, notes_per_patient=10, load_budget_s=15,
+             search_requests=15, search_seconds=1.5, write_seconds=2.0, token_assertions=200,
+             profile_seconds=3, cost_requests=30)
+FULL = Plan(mode="full", concurrency=8, seconds=6.0, rounds=3, max_requests=50_000, warmup=100,
+            notes_small=1000, notes_large=100_000, notes_per_patient=10, load_budget_s=240,
+            search_requests=100, search_seconds=8.0, write_seconds=8.0, token_assertions=1500,
             profile_seconds=10, cost_requests=100)

@@ -53,7 +53,8 @@ async def run(ctx: Context) -> Result:
                       [f"Per records read: {costs['records'].describe()}.",
                        f"Per floor read: {costs['floor'].describe()}.",
                        cost.server_ratio("records", costs["records"], "the floor", costs["floor"])])
-            if not met:
+            if not met or cost.cpu_bound_ratio(costs["records"], costs["floor"]) < TARGET:
+                # Also when only the CPU-bound ratio misses: what a separate load generator would see.
                 async def again() -> load.LoadResult:
                     return await load.drive(make("records"), load.Bounds(
                         ctx.plan.concurrency, ctx.plan.max_requests, ctx.plan.profile_seconds + 1))
