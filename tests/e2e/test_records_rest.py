@@ -190,20 +190,27 @@ def test_conditional_create(live: RunningStack, fhir: httpx.Client) -> None:
     outcome(fhir.post("/Patient", json=body, headers={"If-None-Exist": "bogus=1"}), 400)
 
 
-def test_conditional_update(live: RunningStack, fhir: httpx.Client, direct: httpx.Client) -> None:
+def test_conditional_update(live: RunningStack, fhir: httpx.Client) -> None:
     value = uuid.uuid4().hex
     criteria = {"identifier": f"urn:mindchart:mrn|{value}"}
     body = patient("Okafor", identifier=[{"system": "urn:mindchart:mrn", "value": value}])
-    # The gateway classifies PUT [type]?criteria as unknown (405) for now; records implements it.
-    assert fhir.put("/Patient", params=criteria, json=body).status_code == 405
-    created = direct.put("/Patient", params=criteria, json=body)
+    created = fhir.put("/Patient", params=criteria, json=body)
     assert created.status_code == 201, created.text
     new_id = created.json()["id"]
-    updated = direct.put("/Patient", params=criteria, json={**body, "gender": "female"})
+    updated = fhir.put("/Patient", params=criteria, json={**body, "gender": "female"})
     assert updated.status_code == 200 and updated.json()["id"] == new_id
     assert updated.json()["meta"]["versionId"] == "2"
-    assert direct.post("/Patient", json=body).status_code == 201
-    outcome(direct.put("/Patient", params=criteria, json=body), 412)
+    assert fhir.post("/Patient", json=body).status_code == 201
+    outcome(fhir.put("/Patient", params=criteria, json=body), 412)
+
+
+def test_post_to_the_exact_base_is_not_redirected(live: RunningStack, fhir: httpx.Client) -> None:
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "metadata"}}]}
+    response = httpx.post(live.fhir, json=bundle, headers=dict(fhir.headers), auth=fhir.auth,
+                          follow_redirects=False, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "batch-response"
 
 
 def test_update_as_create_with_a_client_id(fhir: httpx.Client, live: RunningStack) -> None:

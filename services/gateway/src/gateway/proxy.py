@@ -47,8 +47,10 @@ def classify(method: str, rest: str) -> Interaction:
     kind = parts[0]
     if parts[0] == "_history":
         return Interaction(None, "history-system")
-    if len(parts) == 1:
-        return Interaction(kind, {"GET": "search-type", "POST": "create"}.get(method, "unknown"))
+    if len(parts) == 1:  # PUT/DELETE/PATCH on a type are the conditional forms (R4 http.html)
+        names = {"GET": "search-type", "POST": "create", "PUT": "update", "PATCH": "patch",
+                 "DELETE": "delete"}
+        return Interaction(kind, names.get(method, "unknown"))
     if parts[1] == "_search":
         return Interaction(kind, "search-type")
     if parts[1] == "_history":

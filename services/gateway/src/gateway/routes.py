@@ -336,13 +336,16 @@ async def _proxy(request: Request, base: str, rest: str, upstream: str, audience
     return await proxy.forward(request, request.app.state.http, upstream, request.state.request_id)
 
 
+# The exact base too (`POST /fhir` is a batch/transaction): no 307 to a trailing slash.
+@router.api_route("/fhir", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @router.api_route("/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def records(request: Request, rest: str) -> Response:
+async def records(request: Request, rest: str = "") -> Response:
     settings = _settings(request)
     return await _proxy(request, "/fhir", rest, settings.records_url, "records")
 
 
+@router.api_route("/psychnotes/fhir", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @router.api_route("/psychnotes/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def psychnotes(request: Request, rest: str) -> Response:
+async def psychnotes(request: Request, rest: str = "") -> Response:
     settings = _settings(request)
     return await _proxy(request, "/psychnotes/fhir", rest, settings.psychnotes_url, "psychnotes")
