@@ -98,3 +98,22 @@ def test_command_timer_records_only_the_command_name() -> None:
     value = REGISTRY.get_sample_value("mindchart_db_command_duration_seconds_count",
                                       {"service": "unit", "command": "find", "outcome": "ok"})
     assert value == 1.0
+
+
+def test_each_service_refuses_production_without_its_keys() -> None:
+    from gateway.settings import GatewaySettings
+    from psychnotes.settings import PsychnotesSettings
+
+    url = "mongodb://svc:Q8v!x2LmP0rT9zK@mongo:27017/?replicaSet=rs0"
+    with pytest.raises(UnsafeConfiguration, match="SIGNING_KEY_FILE"):
+        GatewaySettings(env="production", mongo_url=url).refuse_unsafe_production()
+    with pytest.raises(UnsafeConfiguration, match="KEK_FILE"):
+        PsychnotesSettings(env="production", mongo_url=url).refuse_unsafe_production()
+
+
+def test_service_apps_refuse_to_start_unsafe_in_production() -> None:
+    from records.app import create_app
+    from records.settings import RecordsSettings
+
+    with pytest.raises(UnsafeConfiguration, match="no credentials"):
+        create_app(RecordsSettings(env="production", mongo_url="mongodb://records-db:27017"))

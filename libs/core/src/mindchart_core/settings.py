@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 WEAK_PASSWORDS = frozenset({"password", "changeme", "change-me", "secret", "mongo", "mongodb", "admin",
                             "example", "demo", "mindchart", "letmein", "123456"})
 EMBEDDED_PORTS = frozenset({27117, 27118, 27119})

@@ -13,12 +13,11 @@ from pymongo import AsyncMongoClient
 from gateway import audit, chain, cors, routes, store
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_core import asgi, errors, health, logs, metrics, tokens
+from mindchart_core import metrics, service_app, tokens
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    logs.configure("gateway", settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,20 +47,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await app.state.http.aclose()
         await client.close()
 
-    app = FastAPI(title="Mindchart gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.settings = settings
-
-    async def ready() -> bool:
-        await app.state.mongo.admin.command("ping")
-        return True
-
-    errors.install_error_handlers(app)
-    app.include_router(health.health_router(ready))
+    app = service_app.create("gateway", "Mindchart gateway", settings, lifespan)
     app.include_router(routes.router)
     # Starlette: the last middleware added is the outermost. Request context must wrap audit,
     # and audit wraps CORS so that preflight requests are audited too.
     app.add_middleware(cors.CorsMiddleware)
     app.add_middleware(audit.AuditMiddleware, observer=settings.issuer)
-    app.add_middleware(asgi.RequestContextMiddleware, service="gateway")
-    return app
+    return service_app.finish(app, "gateway")

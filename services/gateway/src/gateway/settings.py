@@ -52,6 +52,13 @@ class GatewaySettings(ServiceSettings):
     def psychnotes_base(self) -> str:
         return f"{self.issuer}/psychnotes/fhir"
 
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if self.signing_key_file is None:
+            problems.append("MINDCHART_GATEWAY_SIGNING_KEY_FILE is not set (a key generated at start-up "
+                            "is a development convenience)")
+        return problems
+
     def audit_chain_key(self) -> bytes | None:
         return self.audit_chain_key_file.read_bytes().strip() if self.audit_chain_key_file else None
 

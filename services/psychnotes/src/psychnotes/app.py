@@ -13,15 +13,14 @@ from typing import Any
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from mindchart_core import asgi, errors, health, logs, metrics, tokens
+from mindchart_core import metrics, service_app, tokens
 from psychnotes import keys, routes, store
 from psychnotes.settings import PsychnotesSettings
 
 
 def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     settings = settings or PsychnotesSettings()
-    logs.configure("psychnotes", settings.log_level)
-    settings.refuse_unsafe_production()
+    settings.refuse_unsafe_production()  # before touching key files (service_app checks again)
     keyring = keys.load_keyring(settings)
     signing_key = keys.load_signing_key(settings)
 
@@ -37,9 +36,7 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         yield
         await client.close()
 
-    app = FastAPI(title="Mindchart psychnotes", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.settings = settings
+    app = service_app.create("psychnotes", "Mindchart psychnotes", settings, lifespan)
     app.state.keyring = keyring
     app.state.signing_key = signing_key
     app.state.verifier = tokens.TokenVerifier(
@@ -47,12 +44,5 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         keys=tokens.RemoteJwks(settings.jwks_url),
     )
 
-    async def ready() -> bool:
-        await app.state.mongo.admin.command("ping")
-        return True
-
-    errors.install_error_handlers(app)
-    app.include_router(health.health_router(ready))
     app.include_router(routes.router)
-    app.add_middleware(asgi.RequestContextMiddleware, service="psychnotes")
-    return app
+    return service_app.finish(app, "psychnotes")

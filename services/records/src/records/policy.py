@@ -30,7 +30,7 @@ class AccessPolicy:
     token: AccessToken
     base_url: str
 
-    def _compartment_of_caller(self, scope: ClinicalScope) -> str | None | bool:
+    def _compartment_of_caller(self, scope: ClinicalScope) -> str | bool | None:
         """Patient id the scope is confined to; True for no confinement; None for nothing."""
         if scope.context == "system":
             return True

@@ -1,0 +1,46 @@
+"""The shell every Mindchart service shares, so all three behave alike: structured logs, refusal to
+start unsafe in production, OperationOutcome errors, /healthz /readyz /metrics, optional tracing,
+and the request context (request id, access log, HTTP metrics) as the outermost layer.
+
+    app = service_app.create("records", "Mindchart records", settings, lifespan)
+    ...routers and service-specific middleware...
+    return service_app.finish(app, "records")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from fastapi import FastAPI
+
+from mindchart_core import asgi, errors, health, logs, tracing
+from mindchart_core.settings import ServiceSettings
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifespan) -> FastAPI:
+    logs.configure(service, settings.log_level)
+    settings.refuse_unsafe_production()
+    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+
+    async def ready() -> bool:
+        """Ready while the service's datastore answers (the lifespan sets app.state.mongo)."""
+        await app.state.mongo.admin.command("ping")
+        return True
+
+    errors.install_error_handlers(app)
+    app.include_router(health.health_router(ready))
+    return app
+
+
+def finish(app: FastAPI, service: str) -> FastAPI:
+    """Add the outermost layers last (Starlette: the last middleware added runs first)."""
+    tracing.instrument(app, service)
+    app.add_middleware(asgi.RequestContextMiddleware, service=service)
+    return app
+
+
+__all__ = ["Lifespan", "create", "finish"]
