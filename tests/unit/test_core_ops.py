@@ -117,3 +117,41 @@ def test_service_apps_refuse_to_start_unsafe_in_production() -> None:
 
     with pytest.raises(UnsafeConfiguration, match="no credentials"):
         create_app(RecordsSettings(env="production", mongo_url="mongodb://records-db:27017"))
+
+
+def test_tracing_is_off_by_default_and_spans_carry_the_request_id_when_on(tmp_path) -> None:
+    """Run in a subprocess: turning tracing on installs a process-wide tracer provider."""
+    import os
+    import subprocess
+    import sys
+
+    from fastapi import FastAPI
+
+    from mindchart_core import tracing
+
+    assert not tracing.enabled() or os.environ.get("MINDCHART_TRACING")
+    script = tmp_path / "traced.py"
+    script.write_text(
+        "from fastapi import FastAPI\n"
+        "from fastapi.testclient import TestClient\n"
+        "from opentelemetry import trace\n"
+        "from mindchart_core import tracing\n"
+        "app = FastAPI()\n"
+        "@app.get('/ping')\n"
+        "async def ping() -> dict: return {'ok': True}\n"
+        "assert tracing.instrument(app, 'unit')\n"
+        "from mindchart_core import asgi\n"
+        "app.add_middleware(asgi.RequestContextMiddleware, service='unit')\n"
+        "TestClient(app).get('/ping', headers={'X-Request-ID': 'trace-me-7'})\n"
+        "trace.get_tracer_provider().force_flush()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run([sys.executable, str(script)], env={**env, "MINDCHART_TRACING": "console"},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"mindchart.request_id": "trace-me-7"' in result.stdout
+    assert "mindchart-unit" in result.stdout
+    plain = FastAPI()
+    if not os.environ.get("MINDCHART_TRACING") and not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        assert tracing.instrument(plain, "unit") is False
+        assert not plain.user_middleware

@@ -20,6 +20,7 @@ from mindchart_core import errors, fhirjson, tokens
 FORWARDED_REQUEST_HEADERS = frozenset({
     "authorization", "consent-token", "accept", "content-type", "content-length", "prefer",
     "if-match", "if-none-match", "if-none-exist", "if-modified-since", "x-request-id",
+    "traceparent", "tracestate",  # W3C trace context: one trace across gateway and backend
 })
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",

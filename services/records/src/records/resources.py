@@ -158,5 +158,19 @@ RESOURCES: dict[str, ResourceDef] = {
             profiles=(f"{US_CORE}/us-core-provenance",),
             compartment_from_targets=("target",),
         ),
+        # Insurer member lists for Bulk Data group export. A Group is in the Patient compartment
+        # of each member (R4 compartmentdefinition-patient: `member`).
+        ResourceDef(
+            "Group",
+            (
+                _p("identifier", "token", "identifier", base="Group-identifier"),
+                _p("type", "token", "type", base="Group-type"),
+                _p("code", "token", "code", base="Group-code"),
+                _p("actual", "token", "actual", base="Group-actual"),
+                _p("member", "reference", "member.entity", target="Patient", base="Group-member"),
+                _p("managing-entity", "reference", "managingEntity", base="Group-managing-entity"),
+            ),
+            patient_compartment=("member.entity",),
+        ),
     )
 }

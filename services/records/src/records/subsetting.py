@@ -61,8 +61,18 @@ def subset(raw: bytes, summary: str | None, elements: list[str] | None) -> bytes
         keep = frozenset(resource) - {"text"}
     else:
         keep = mandatory_elements(kind) | frozenset(elements or ())
-    reduced = {k: v for k, v in resource.items() if k in keep}
-    return orjson.dumps(_tagged(reduced))
+    return _reduced(resource, keep)
 
 
-__all__ = ["SUBSETTED", "mandatory_elements", "subset", "summary_elements"]
+def subset_to(raw: bytes, keep: frozenset[str] | None) -> bytes:
+    """The stored resource reduced to the root elements `keep`, tagged; untouched for None."""
+    if keep is None:
+        return raw
+    return _reduced(orjson.loads(raw), keep)
+
+
+def _reduced(resource: dict[str, Any], keep: frozenset[str]) -> bytes:
+    return orjson.dumps(_tagged({k: v for k, v in resource.items() if k in keep}))
+
+
+__all__ = ["SUBSETTED", "mandatory_elements", "subset", "subset_to", "summary_elements"]

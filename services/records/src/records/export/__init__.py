@@ -5,7 +5,7 @@ Wiring, all from records/app.py: `install(app)` in create_app (settings, routes:
 before the generic `/{type}/{id}` routes), `await start(app)` / `await stop(app)` in the lifespan
 (indexes, export workers). `declare(statement)` adds the operations to the CapabilityStatement.
 
-Importing this package registers the `Group` resource type (see records/export/group.py).
+Group (member lists for group export) is declared with the other types in records/resources.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import FastAPI
 
 from records import everything
-from records.export import group as group
 from records.export import routes, store
 from records.export.settings import ExportSettings
 from records.export.worker import Workers

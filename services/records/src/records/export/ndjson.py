@@ -8,31 +8,12 @@ can be found and discarded (store.discard_files).
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
-import orjson
-
-from mindchart_core import validation
+from records import subsetting
 from records.export import store
 
 CHUNK = 255 * 1024  # GridFS default chunk size
-SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-             "code": "SUBSETTED", "display": "subsetted"}
-_ALWAYS = frozenset({"resourceType", "id", "meta"})
-
-
-@cache
-def mandatory_elements(resource_type: str) -> frozenset[str]:
-    """Root elements with minimum cardinality 1, from the R4(B) models' element metadata."""
-    model = validation.model_for(resource_type)
-    names = set(_ALWAYS)
-    for name, info in (model.model_fields.items() if model is not None else ()):
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        # Primitives mark 1..1 in metadata (`element_required`); complex types as required fields.
-        if extra.get("element_required") or info.is_required():
-            names.add(info.alias or name)
-    return frozenset(names)
 
 
 def elements_for(resource_type: str, elements: list[str] | None) -> frozenset[str] | None:
@@ -44,19 +25,12 @@ def elements_for(resource_type: str, elements: list[str] | None) -> frozenset[st
               if "." not in e or e.partition(".")[0] == resource_type}
     if not wanted:
         return None
-    return frozenset(wanted) | mandatory_elements(resource_type)
+    return frozenset(wanted) | subsetting.mandatory_elements(resource_type)
 
 
 def subset(raw: bytes, keep: frozenset[str] | None) -> bytes:
-    """The stored resource reduced to `keep`, tagged SUBSETTED; untouched when keep is None."""
-    if keep is None:
-        return raw
-    resource: dict[str, Any] = orjson.loads(raw)
-    reduced = {k: v for k, v in resource.items() if k in keep}
-    meta = dict(reduced.get("meta", {}))
-    meta["tag"] = [*(t for t in meta.get("tag", []) if t.get("code") != "SUBSETTED"), SUBSETTED]
-    reduced["meta"] = meta
-    return orjson.dumps(reduced)
+    """The stored resource reduced to `keep` and tagged SUBSETTED; untouched when keep is None."""
+    return subsetting.subset_to(raw, keep)
 
 
 class FileSeries:
@@ -120,4 +94,4 @@ class FileSeries:
             self._buffer.clear()
 
 
-__all__ = ["FileSeries", "elements_for", "mandatory_elements", "subset"]
+__all__ = ["FileSeries", "elements_for", "subset"]
