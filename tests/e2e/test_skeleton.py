@@ -351,3 +351,23 @@ def test_cli_creates_clients_and_users_as_json(live: RunningStack, tmp_path: Any
     assert stored["password_hash"].startswith("$argon2") and "correct horse" not in str(stored)
     bad = run_cli(live.cli_env, "user", "create", "--username", "x", "--password", "short", "--role", "admin")
     assert bad.returncode == 2 and "password" in bad.stderr
+
+
+def test_the_gateway_refuses_oversized_bodies_at_the_edge(live: RunningStack, writer: BackendClient) -> None:
+    big = b"x" * (1024 * 1024 + 1)
+    token = httpx.post(f"{live.gateway_url}/oauth/token", content=big,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert token.status_code == 413 and token.json()["error"] == "invalid_request"
+    assert audit_for(live, token.headers["x-request-id"])["status"] == 413
+    headers = {"Authorization": f"Bearer {writer.token('system/*.cruds')}",
+               "Content-Type": "application/fhir+json"}
+    declared = httpx.post(f"{live.fhir}/Patient", content=big, headers=headers)
+    assert_outcome(declared, 413, "too-costly")
+
+    def chunks():  # no Content-Length: the gateway counts as the body streams
+        for _ in range(20):
+            yield b"x" * 65536
+
+    streamed = httpx.post(f"{live.fhir}/Patient", content=chunks(), headers=headers)
+    assert_outcome(streamed, 413, "too-costly")
+    assert httpx.get(f"{live.gateway_url}/readyz").status_code == 200

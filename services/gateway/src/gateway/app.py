@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from gateway import audit, chain, cors, routes, store
+from gateway import audit, bodylimit, chain, cors, routes, store
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_core import metrics, service_app, tokens
@@ -52,5 +52,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Starlette: the last middleware added is the outermost. Request context must wrap audit,
     # and audit wraps CORS so that preflight requests are audited too.
     app.add_middleware(cors.CorsMiddleware)
+    app.add_middleware(bodylimit.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(audit.AuditMiddleware, observer=settings.issuer)
     return service_app.finish(app, "gateway")
