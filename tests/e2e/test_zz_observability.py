@@ -51,12 +51,16 @@ def test_metrics_show_the_series_operators_need(live: RunningStack) -> None:
     expected = {
         "gateway": ["mindchart_http_requests_total", "mindchart_http_request_duration_seconds",
                     "mindchart_db_command_duration_seconds", "mindchart_tokens_issued_total"],
-        "records": ["mindchart_http_requests_total", "mindchart_db_command_duration_seconds"],
+        "records": ["mindchart_http_requests_total", "mindchart_db_command_duration_seconds",
+                    "mindchart_export_jobs_running"],
         "psychnotes": ["mindchart_http_requests_total", "mindchart_db_command_duration_seconds",
                        "mindchart_consent_decisions_total"],
     }
     for service, series in expected.items():
         text = httpx.get(f"{live.direct_url(service)}/metrics").text
         for name in series:
-            assert re.search(rf"^{name}(_count|_bucket)?{{", text, re.MULTILINE), f"{service}: {name}"
+            assert re.search(rf"^{name}(_count|_bucket)?[{{ ]", text, re.MULTILINE), f"{service}: {name}"
         assert 'status="200"' in text
+    # Export jobs run on their own stack in test_export.py; here the series must be declared.
+    records = httpx.get(f"{live.direct_url('records')}/metrics").text
+    assert "# TYPE mindchart_export_jobs_total counter" in records
