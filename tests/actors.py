@@ -221,8 +221,8 @@ def smart_authorize(gateway_url: str, *, client_id: str, username: str, password
                     launch: str | None = None, approve: list[str] | None = None,
                     decision: str = "approve") -> AuthorizationResult:
     """Authorize request → sign in → (patient picker) → approve; returns the redirect."""
-    import secrets
     import re
+    import secrets
 
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(16)

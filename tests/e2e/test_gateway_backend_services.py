@@ -25,7 +25,7 @@ class JwksHost:
         host = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 host.fetches += 1
                 body = json.dumps(host.jwks).encode()
                 self.send_response(200)

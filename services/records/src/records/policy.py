@@ -54,7 +54,7 @@ class AccessPolicy:
             param = definition.param(name)
             if param is None:
                 return None  # a granular scope we cannot evaluate grants nothing (default deny)
-            name_part, _, modifier = name.partition(":")
+            _, _, modifier = name.partition(":")
             clauses.append(query.param_clause(param, modifier, value, self.base_url))
         if not clauses:
             return {}
