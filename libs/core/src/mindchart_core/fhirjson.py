@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -50,6 +51,22 @@ def negotiate(request: Request) -> None:
         if media in _JSON_TYPES or media in {"*/*", "application/*", "", "application/fhir+ndjson"}:
             return
     raise errors.NotAcceptable("Only application/fhir+json is supported")
+
+
+_ETAG = re.compile(r'^(?:W/)?"(\d+)"$')
+
+
+def if_match_version(request: Request) -> int | None:
+    """The version an `If-Match: W/"n"` header names (R4 http.html §concurrency), or None."""
+    from mindchart_core import errors
+
+    header = request.headers.get("if-match")
+    if header is None:
+        return None
+    match = _ETAG.match(header.strip())
+    if match is None:
+        raise errors.Invalid('If-Match must be an ETag such as W/"3"')
+    return int(match.group(1))
 
 
 async def read_json_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> Any:

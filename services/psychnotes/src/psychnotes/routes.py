@@ -17,7 +17,6 @@ Tokens: `POST Consent/{id}/$consent-token`, `POST $consent-token` (164.508(a)(2)
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -29,7 +28,6 @@ from psychnotes.consent_token import ConsentToken
 
 router = APIRouter(prefix="/psychnotes/fhir")
 CONSENT_TOKEN_HEADER = "consent-token"
-_ETAG = re.compile(r'^(?:W/)?"(\d+)"$')
 
 
 async def context(request: Request) -> service.Context:
@@ -61,16 +59,6 @@ def presented_tokens(request: Request) -> list[str]:
 
 async def gated(request: Request, ctx: service.Context, action: str) -> ConsentToken:
     return await service.gate(ctx, presented_tokens(request), action)
-
-
-def if_match_version(request: Request) -> int | None:
-    header = request.headers.get("if-match")
-    if header is None:
-        return None
-    match = _ETAG.match(header.strip())
-    if match is None:
-        raise errors.Invalid('If-Match must be an ETag such as W/"3"')
-    return int(match.group(1))
 
 
 # -- notes --------------------------------------------------------------------------------------
@@ -118,7 +106,7 @@ async def read_note(note_id: str, request: Request, ctx: ContextDep) -> Response
 @router.put("/DocumentReference/{note_id}")
 async def update_note(note_id: str, request: Request, ctx: ContextDep) -> Response:
     return await service.update_note(ctx, note_id, await body_of(request, ctx),
-                                     if_match_version(request))
+                                     fhirjson.if_match_version(request))
 
 
 @router.delete("/DocumentReference/{note_id}")

@@ -20,7 +20,6 @@ from records.settings import RecordsSettings
 from records.store import ResourceStore
 
 router = APIRouter(prefix="/fhir")
-_ETAG = re.compile(r'^(?:W/)?"(\d+)"$')
 
 
 def settings_of(request: Request) -> RecordsSettings:
@@ -45,16 +44,6 @@ def definition_of(resource_type: str) -> ResourceDef:
     if definition is None:
         raise errors.NotFound(f"Resource type '{resource_type[:64]}' is not supported here")
     return definition
-
-
-def if_match_version(request: Request) -> int | None:
-    header = request.headers.get("if-match")
-    if header is None:
-        return None
-    match = _ETAG.match(header.strip())
-    if match is None:
-        raise errors.Invalid('If-Match must be an ETag such as W/"3"')
-    return int(match.group(1))
 
 
 async def incoming_resource(request: Request, definition: ResourceDef,
@@ -230,7 +219,7 @@ async def conditional_update(resource_type: str, request: Request, store: StoreD
     else:
         target = resource.get("id") or str(uuid.uuid4())
     stored, created = await store.update(definition, target, {**resource, "id": target},
-                                         if_match_version(request))
+                                         fhirjson.if_match_version(request))
     return service.resource_response(stored, settings.public_base_url, status=201 if created else 200,
                                      location=created, prefer=request.headers.get("prefer"))
 
@@ -244,7 +233,8 @@ async def update(resource_type: str, resource_id: str, request: Request, store: 
     resource = await incoming_resource(request, definition, settings)
     if resource.get("id") != resource_id:
         raise errors.Invalid("The body's id must match the id in the URL")
-    stored, created = await store.update(definition, resource_id, resource, if_match_version(request))
+    stored, created = await store.update(definition, resource_id, resource,
+                                         fhirjson.if_match_version(request))
     return service.resource_response(stored, settings.public_base_url, status=201 if created else 200,
                                      location=created, prefer=request.headers.get("prefer"))
 
@@ -259,7 +249,7 @@ async def json_patch(resource_type: str, resource_id: str, request: Request, sto
         raise errors.UnsupportedMediaType("PATCH takes application/json-patch+json")
     operations = await _bounded_json(request, settings.max_body_bytes)
     current = await store.read(definition, resource_id, interaction="patch")
-    wanted = if_match_version(request)
+    wanted = fhirjson.if_match_version(request)
     if wanted is not None and wanted != current.version:
         raise errors.PreconditionFailed("If-Match does not match the current version")
     patched = patch.apply(orjson.loads(current.raw or b"{}"), operations)
@@ -287,7 +277,7 @@ async def _bounded_json(request: Request, max_bytes: int) -> Any:
 
 @router.delete("/{resource_type}/{resource_id}")
 async def delete(resource_type: str, resource_id: str, request: Request, store: StoreDep) -> Response:
-    await store.delete(definition_of(resource_type), resource_id, if_match_version(request))
+    await store.delete(definition_of(resource_type), resource_id, fhirjson.if_match_version(request))
     return Response(status_code=204)
 
 
