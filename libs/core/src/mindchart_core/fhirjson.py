@@ -69,16 +69,20 @@ def if_match_version(request: Request) -> int | None:
     return int(match.group(1))
 
 
-async def read_json_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
-    """Read and parse a JSON body without ever holding more than max_bytes of it."""
+async def read_json_body(
+    request: Request, max_bytes: int = DEFAULT_MAX_BODY, *, media_types: frozenset[str] | None = None
+) -> Any:
+    """Read and parse a JSON body without ever holding more than max_bytes of it.
+
+    `media_types` narrows what is accepted (e.g. JSON Patch); by default any FHIR JSON type.
+    """
     from mindchart_core import errors
 
     ctype = request.headers.get("content-type", "")
     media = ctype.split(";")[0].strip().lower()
-    if media not in _JSON_TYPES:
-        raise errors.UnsupportedMediaType(
-            "Send the body as application/fhir+json (or application/json)"
-        )
+    accepted = media_types or _JSON_TYPES
+    if media not in accepted:
+        raise errors.UnsupportedMediaType(f"Send the body as {' or '.join(sorted(accepted))}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")

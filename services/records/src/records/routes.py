@@ -20,6 +20,7 @@ from records.settings import RecordsSettings
 from records.store import ResourceStore
 
 router = APIRouter(prefix="/fhir")
+JSON_PATCH = frozenset({"application/json-patch+json"})
 
 
 def settings_of(request: Request) -> RecordsSettings:
@@ -244,10 +245,8 @@ async def json_patch(resource_type: str, resource_id: str, request: Request, sto
                      settings: SettingsDep) -> Response:
     """R4 http.html §patch with JSON Patch; the patched resource is validated like any update."""
     definition = definition_of(resource_type)
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json-patch+json":
-        raise errors.UnsupportedMediaType("PATCH takes application/json-patch+json")
-    operations = await _bounded_json(request, settings.max_body_bytes)
+    operations = await fhirjson.read_json_body(request, settings.max_body_bytes,
+                                               media_types=JSON_PATCH)
     current = await store.read(definition, resource_id, interaction="patch")
     wanted = fhirjson.if_match_version(request)
     if wanted is not None and wanted != current.version:
@@ -260,19 +259,6 @@ async def json_patch(resource_type: str, resource_id: str, request: Request, sto
                                    expression=problem.expression) from None
     stored, _ = await store.update(definition, resource_id, patched, current.version)
     return service.resource_response(stored, settings.public_base_url, prefer=request.headers.get("prefer"))
-
-
-async def _bounded_json(request: Request, max_bytes: int) -> Any:
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")
-        chunks.append(chunk)
-    try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:
-        raise errors.Structure("Body is not valid JSON") from None
 
 
 @router.delete("/{resource_type}/{resource_id}")
