@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from fastapi import FastAPI
+from pymongo import AsyncMongoClient
 
-from mindchart_core import asgi, errors, health, logs, tracing
+from mindchart_core import asgi, errors, health, logs, metrics, tracing
 from mindchart_core.settings import ServiceSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -34,6 +36,14 @@ def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifesp
     errors.install_error_handlers(app)
     app.include_router(health.health_router(ready))
     return app
+
+
+def datastore_client(settings: ServiceSettings, service: str) -> AsyncMongoClient[dict[str, Any]]:
+    """The service's MongoDB client, configured alike everywhere: UTC-aware dates, a bounded
+    server-selection wait (so /readyz answers instead of hanging) and command timing for /metrics.
+    It opens no connection until first used; every query stays in the service's own store."""
+    return AsyncMongoClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
+                            event_listeners=[metrics.CommandTimer(service)])
 
 
 def finish(app: FastAPI, service: str) -> FastAPI:

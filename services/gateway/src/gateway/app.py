@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from pymongo import AsyncMongoClient
 
 from gateway import audit, bodylimit, chain, cors, routes, store
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_core import metrics, service_app, tokens
+from mindchart_core import service_app, tokens
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -21,10 +19,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
-            event_listeners=[metrics.CommandTimer("gateway")],
-        )
+        client = service_app.datastore_client(settings, "gateway")
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from pymongo import AsyncMongoClient
 
-from mindchart_core import metrics, service_app, tokens
+from mindchart_core import service_app, tokens
 from records import export, routes, store
 from records.settings import RecordsSettings
 
@@ -19,10 +17,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
-            event_listeners=[metrics.CommandTimer("records")],
-        )
+        client = service_app.datastore_client(settings, "records")
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
