@@ -5,18 +5,17 @@ they created as JSON. `mindchart run` starts the whole stack (the README's `make
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 import time
 from typing import Any
 
 import typer
-from pymongo import AsyncMongoClient
 
 from gateway import admin
 from gateway.settings import GatewaySettings
 from mindchart_cli import gateway_commands, psychnotes_commands, seed, stack
+from mindchart_cli.datastores import on_db
 
 app = typer.Typer(help="Mindchart administration", no_args_is_help=True, add_completion=False)
 app.add_typer(gateway_commands.client_app, name="client")
@@ -59,16 +58,7 @@ def run() -> None:
     try:
         runner.start()
         creds, _ = seed.load_or_make_credentials(config.data_dir)
-        settings = GatewaySettings(mongo_url=config.mongo_url("gateway"))
-
-        async def register() -> None:
-            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(config.mongo_url("gateway"))
-            try:
-                await register_demo(client[settings.db_name], creds)
-            finally:
-                await client.close()
-
-        asyncio.run(register())
+        on_db("gateway", GatewaySettings().db_name, lambda db: register_demo(db, creds))
         created = seed.seed_records(config.gateway_url, creds)
         print_welcome(config, creds, created)
         while all(p.poll() is None for p in runner.processes.values()):

@@ -58,12 +58,9 @@ def wait_for_mongo(url: str, timeout: float, process: subprocess.Popen[bytes] | 
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise StackError(f"the datastore at {url} exited with code {process.returncode}")
-        try:
-            with MongoClient(url, serverSelectionTimeoutMS=300) as client:
-                client.admin.command("ping")
-                return
-        except PyMongoError:
-            time.sleep(0.2)
+        if mongo_answers(url):
+            return
+        time.sleep(0.2)
     raise StackError(f"the datastore at {url} did not answer within {timeout:.0f}s")
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 from starlette.requests import Request
 
@@ -101,10 +101,8 @@ class TokenVerifier:
         keyset = await self.keys.keyset()
         try:
             return jwt.decode(token, keyset, algorithms=ACCESS_TOKEN_ALGORITHMS)
-        except JoseError as exc:
-            # Unknown kid after a key rotation: refetch once.
-            if "kid" not in str(exc).lower() and type(exc).__name__ != "InvalidKeyIdError":
-                raise
+        except InvalidKeyIdError:
+            pass  # an unknown kid after a key rotation: refetch the JWKS once
         keyset = await self.keys.keyset(refresh=True)
         return jwt.decode(token, keyset, algorithms=ACCESS_TOKEN_ALGORITHMS)
 

@@ -317,7 +317,7 @@ async def openid_configuration(request: Request) -> Response:
     }, headers=CORS)
 
 
-async def _proxy(request: Request, base: str, rest: str, upstream: str, audience: str) -> Response:
+async def _proxy(request: Request, rest: str, upstream: str, audience: str) -> Response:
     proxy.reject_unsafe_path(request.scope.get("raw_path", b"").decode("latin-1"))
     if proxy.needs_token(rest):
         token = await request.app.state.verifiers[audience].verify(tokens.bearer_token(request))
@@ -341,11 +341,11 @@ async def _proxy(request: Request, base: str, rest: str, upstream: str, audience
 @router.api_route("/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def records(request: Request, rest: str = "") -> Response:
     settings = _settings(request)
-    return await _proxy(request, "/fhir", rest, settings.records_url, "records")
+    return await _proxy(request, rest, settings.records_url, "records")
 
 
 @router.api_route("/psychnotes/fhir", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @router.api_route("/psychnotes/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def psychnotes(request: Request, rest: str = "") -> Response:
     settings = _settings(request)
-    return await _proxy(request, "/psychnotes/fhir", rest, settings.psychnotes_url, "psychnotes")
+    return await _proxy(request, rest, settings.psychnotes_url, "psychnotes")
