@@ -1,5 +1,5 @@
 """How long and how hard each measurement runs: `--quick` (under 3 minutes on a 2-core machine)
-or full (about 15 minutes). Every figure in a result names the plan it ran under."""
+or full (about 30 minutes: it stores 100k notes). Every figure in a result names the plan it ran under."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class Plan:
     notes_small: int  # measurement 3: stored progress notes, small and large
     notes_large: int
     notes_per_patient: int
+    export_small: int  # measurement 7 exports at this many notes and at notes_large
     load_budget_s: float  # bulk loading stops here even short of notes_large (the result says so)
     search_requests: int  # per search per size, one at a time (latency, not throughput)
     search_seconds: float
@@ -31,10 +32,11 @@ class Plan:
 
 
 QUICK = Plan(mode="quick", concurrency=8, seconds=1.5, rounds=2, max_requests=5000, warmup=20,
-             notes_small=300, notes_large=3000, notes_per_patient=10, load_budget_s=15,
+             notes_small=300, notes_large=3000, notes_per_patient=10, export_small=1000, load_budget_s=30,
              search_requests=15, search_seconds=1.5, write_seconds=2.0, token_assertions=200,
              profile_seconds=3, cost_requests=30)
 FULL = Plan(mode="full", concurrency=8, seconds=6.0, rounds=3, max_requests=50_000, warmup=100,
-            notes_small=1000, notes_large=100_000, notes_per_patient=10, load_budget_s=240,
+            notes_small=1000, notes_large=100_000, notes_per_patient=10, export_small=10_000,
+            load_budget_s=900,
             search_requests=100, search_seconds=8.0, write_seconds=8.0, token_assertions=1500,
             profile_seconds=10, cost_requests=100)

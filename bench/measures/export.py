@@ -1,8 +1,9 @@
 """7. Bulk export (FHIR Bulk Data 2.0 system-level `$export`): resources per second from kick-off
-to the last NDJSON line downloaded, and the peak RSS of records while it runs, at measurement 3's
-two store sizes (measurement 3 calls `export_once` after each). Answers "not available yet" until
-`GET /fhir/$export` answers 202. The token carries records' `__export-restricted` scope, since
-every progress note is labelled R and would otherwise be withheld."""
+to the last NDJSON line downloaded, and the peak RSS of records while it runs, at `export_small`
+notes and at `notes_large` (measurement 3 calls `export_once` while each size is stored).
+Answers "not available yet" until `GET /fhir/$export` answers 202. The token carries records'
+`__export-restricted` scope, since every progress note is labelled R and would otherwise be
+withheld."""
 
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ async def run(ctx: Context) -> Result:
     result.figures = runs
 
     def describe(r: dict[str, Any]) -> str:
-        return (f"{r['resources']} resources in {r['seconds']:.1f} s = {r['resources_per_s']:.0f}/s, "
+        at = f"at {r['notes']} notes: " if "notes" in r else ""
+        return (f"{at}{r['resources']} resources in {r['seconds']:.1f} s = {r['resources_per_s']:.0f}/s, "
                 f"RSS {r['rss_baseline_mib']:.0f} → peak {r['rss_peak_mib']:.0f} MiB")
 
     if set(runs) == {"small", "large"}:
