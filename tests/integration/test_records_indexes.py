@@ -1,25 +1,25 @@
 """Every US Core search of records selects through an index on the embedded datastore (issue 3
 §Search: "searches must stay fast as data grows"), checked with explain() rather than timing.
 
-SecantusDB never uses an index for sort() and scans for ranges on _id (DESIGN.md), so what keeps
-a search flat from 1k to 100k notes is that its filter — the policy's compartment clause AND the
-parameters, over values extracted at write time — is answered by an index scan (IXSCAN), for a
-system caller and for a patient-scoped one alike. Data goes in through the real ResourceStore.
+SecantusDB plans an index only when the whole filter matches one, never uses an index for sort()
+and scans for ranges on _id (DESIGN.md). So records queries in two phases (records.store): the
+datastore is sent only the driving conjunct (`_id`, patient, compartment, ...), and the policy,
+the other parameters and `deleted` are checked on those candidates in Python. What keeps a search
+flat from 1k to 100k notes is that phase 1 is an index scan (IXSCAN) that examines only the
+patient's documents, not the collection, for a system caller and a patient-scoped one alike.
+Data goes in through the real ResourceStore.
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
 
-from mindchart_cli import stack
-from mindchart_core import scopes
+from mindchart_core import errors, scopes
 from mindchart_core.tokens import AccessToken
 from records import store
 from records.policy import AccessPolicy
@@ -29,26 +29,6 @@ from tests.e2e.test_records_rest import phq9_total, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"
 NOTES = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def mongo_url() -> Iterator[str]:
-    port = _free_port()
-    process = subprocess.Popen([stack.secantusd(), "--host", "127.0.0.1", "--port", str(port),
-                                "--storage-path", ":memory:", "--log-level", "WARNING"])
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    try:
-        stack.wait_for_mongo(url, 60, process)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def token(scope: str, patient: str | None = None) -> AccessToken:
@@ -106,8 +86,9 @@ US_CORE = {
         [("patient", "p1"), ("category", "survey"), ("status", "final")],
         [("patient", "p1"), ("category", "survey"), ("_lastUpdated", "gt2020-01-01")],
     ],
-    "Patient": [[("identifier", "urn:x|1")], [("family", "riv")], [("name", "alex")],
-                [("birthdate", "1990")], [("gender", "female")], [("given", "al")]],
+    "Patient": [[("_id", "p1")], [("identifier", "urn:x|1")], [("family", "riv")], [("name", "alex")],
+                [("name", "alex"), ("birthdate", "1990")], [("name", "alex"), ("gender", "female")],
+                [("family", "riv"), ("gender", "female")], [("given", "al")]],
     "Encounter": [[("patient", "p1")], [("patient", "p1"), ("date", "ge2026-01-01")]],
     "Condition": [[("patient", "p1")], [("patient", "p1"), ("code", "35489007")],
                   [("patient", "p1"), ("category", "problem-list-item")]],
@@ -141,3 +122,59 @@ async def test_searches_return_what_the_index_selects(db: Any) -> None:
     expected = sum(1 for i in range(NOTES) if i % 10 == 1 and 1 + i % 12 >= 6)
     assert len(page.resources) == expected > 0
     assert await reader.count(definition, request) == expected
+
+
+# The three US Core searches the benchmark measures, and a patient-scoped read by id: phase 1
+# examines the patient's candidates (or the one resource), never the collection.
+SCALING = [
+    ("DocumentReference", [("patient", "p1"), ("category", "clinical-note")], NOTES // 10),
+    ("DocumentReference", [("patient", "p1"), ("category", "clinical-note"), ("date", "ge2026-03-01")],
+     NOTES // 10),
+    ("Observation", [("patient", "p1"), ("code", "http://loinc.org|44261-6")], NOTES // 10),
+    ("DocumentReference", [("category", "clinical-note")], NOTES // 10),  # patient token: `c` drives
+]
+
+
+@pytest.mark.parametrize("caller", ["system", "patient"])
+async def test_phase_one_examines_the_patients_documents_not_the_collection(db: Any, caller: str) -> None:
+    policy = AccessPolicy(token("system/*.rs") if caller == "system" else token("patient/*.rs", "p1"), BASE)
+    reader = store.ResourceStore(db.client, db, policy)
+    for kind, items, candidates in SCALING:
+        definition = RESOURCES[kind]
+        if caller == "system" and not any(name == "patient" for name, _ in items):
+            continue  # a system caller's category-only search has no selective driver
+        request = query.parse(definition, items, base_url=BASE, resources=RESOURCES)
+        plan = await reader.explain_search(definition, request)
+        assert "IXSCAN" in stages(plan["queryPlanner"]["winningPlan"]), (kind, items)
+        stats = plan["executionStats"]
+        collection_size = await db[kind].count_documents({})
+        assert collection_size == NOTES
+        assert stats["totalDocsExamined"] == candidates < collection_size, (kind, items, stats)
+        request.count = 100
+        matches = (await reader.search(definition, request)).resources
+        assert 0 < len(matches) <= candidates
+
+
+async def test_a_patient_scoped_read_by_id_examines_one_document(db: Any) -> None:
+    reader = store.ResourceStore(db.client, db, AccessPolicy(token("patient/*.rs", "p1"), BASE))
+    definition = RESOURCES["DocumentReference"]
+    mine = await db[definition.type].find_one({"c": "p1"}, {"_id": 1})
+    theirs = await db[definition.type].find_one({"c": "p2"}, {"_id": 1})
+    request = query.parse(definition, [("_id", mine["_id"])], base_url=BASE, resources=RESOURCES)
+    plan = await reader.explain_search(definition, request)
+    assert plan["queryPlanner"]["winningPlan"]["inputStage"]["inputStage"]["indexName"] == "_id_"
+    assert plan["executionStats"]["totalDocsExamined"] == 1
+    assert (await reader.read(definition, mine["_id"])).id == mine["_id"]
+    with pytest.raises(errors.NotFound):  # another patient's note does not exist for this caller
+        await reader.read(definition, theirs["_id"])
+
+
+async def test_startup_drops_indexes_no_longer_in_the_spec(db: Any) -> None:
+    notes = db["DocumentReference"]
+    await notes.create_index([("sp.status", 1), ("sp.category", 1)], name="retired_compound")
+    await notes.create_index([("sp._tag", 1)])
+    await store.ensure_indexes(db)
+    found = {tuple(index["key"]) async for index in await notes.list_indexes()}
+    wanted = {tuple(field for field, _ in spec) for spec in store.index_specs(RESOURCES["DocumentReference"])}
+    assert found == {("_id",)} | wanted
+    assert ("sp.status", "sp.category") not in found and ("sp._tag",) not in found

@@ -93,14 +93,13 @@ async def everything(patient_id: str, request: Request) -> Response:
             next_cursor = query.Cursor(False, [index], "")
             break
         clauses = [policy.filter_for(definition, "search-type"), {"c": patient_id},
-                   {"deleted": {"$ne": True}}, _care_clause(definition, start, end)]
+                   _care_clause(definition, start, end)]
         if since is not None:
             clauses.append({"sp.lastUpdated_lo": {"$gt": since[0]}})
         if cursor is not None and index == first and cursor.id:
             clauses.append({"_id": {"$gt": cursor.id}})
         room = count - len(found)
-        docs = await db[definition.type].find(store.and_(*clauses), {"raw": 1}).sort(
-            "_id", 1).limit(room + 1).to_list()
+        docs = await store.compartment_page(db, definition.type, store.and_(*clauses), room + 1)
         found += [(definition.type, str(d["_id"]), bytes(d["raw"])) for d in docs[:room]]
         if len(docs) > room:
             next_cursor = query.Cursor(False, [index], str(docs[room - 1]["_id"])) if room else \

@@ -28,6 +28,7 @@ under updates (lastUpdated moves a row on every write).
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,13 +41,14 @@ from bson.binary import Binary
 from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from mindchart_core import errors
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
-from records.search import extract, query
+from records.search import extract, matcher, query
 
 MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
 MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
@@ -106,51 +108,171 @@ def _and(*clauses: dict[str, Any]) -> dict[str, Any]:
     return kept[0] if len(kept) == 1 else {"$and": kept}
 
 
+# Token parameters selective enough to drive a query; the others (status, category, gender, ...)
+# match most of a collection, so as drivers they would only overflow MAX_CANDIDATES.
+DRIVING_TOKENS = frozenset({"identifier", "code"})
+
+
 def index_specs(definition: ResourceDef) -> list[list[tuple[str, int]]]:
-    """Every index of a current-version collection (also used by tests to check plans)."""
-    specs: list[list[tuple[str, int]]] = [[("c", ASCENDING)], [("sp.lastUpdated_lo", ASCENDING)],
-                                          [("sp._security", ASCENDING)], [("sp._tag", ASCENDING)]]
-    specs.append([("sp.lastUpdated_hi", ASCENDING)])
+    """Every index of a current-version collection: the single-field indexes a phase-1 query can
+    be driven by (query.driving_clause), nothing else. ensure_indexes drops any other it finds."""
+    specs: list[list[tuple[str, int]]] = [[("c", ASCENDING)], [("sp.lastUpdated_lo", ASCENDING)]]
     for param in definition.params:
-        specs.append([(query.sort_field(param), ASCENDING)])
-        if param.type == "string":
-            specs.append([(f"sp.{param.name}_x", ASCENDING)])
-        if param.type == "date":
-            specs.append([(f"sp.{param.name}_hi", ASCENDING)])
-    for combo in definition.compound_indexes:
-        specs.append([(query.sort_field(definition.param(name)), ASCENDING) for name in combo])
-    specs.append([("c", ASCENDING), ("sp.lastUpdated_lo", ASCENDING)])
+        if param.type in ("reference", "string") or (param.type == "token" and param.name in DRIVING_TOKENS):
+            specs.append([(f"sp.{param.name}", ASCENDING)])
+        elif param.type == "date":
+            specs.append([(f"sp.{param.name}_lo", ASCENDING)])
     return specs
+
+
+HISTORY_INDEXES: list[tuple[list[tuple[str, int]], bool]] = [
+    ([("id", ASCENDING), ("vid", ASCENDING)], True),  # vread; one entry per version
+    ([("ts", ASCENDING)], False),
+    ([("c", ASCENDING), ("ts", ASCENDING)], False),  # its `c` prefix drives compartment history
+]
+HISTORY_DRIVERS = frozenset({"id", "c", "ts"})  # leading fields of HISTORY_INDEXES
 
 
 @functools.cache
 def indexed_fields(resource_type: str) -> frozenset[str]:
-    """Fields with a single-field index on a current-version collection (hint candidates)."""
+    """Fields with a single-field index on a current-version collection (phase-1 drivers)."""
     specs = index_specs(RESOURCES[resource_type])
     return frozenset({"_id"} | {spec[0][0] for spec in specs if len(spec) == 1})
 
 
-def hint_for(resource_type: str, filt: dict[str, Any]) -> list[tuple[str, int]] | None:
-    """The index a query on `<Type>` must scan (SecantusDB picks none for compound filters)."""
-    field = query.driving_field(filt, set(indexed_fields(resource_type)))
-    return [(field, ASCENDING)] if field else None
-
-
-def history_hint(filt: dict[str, Any]) -> list[tuple[str, int]] | None:
-    field = query.driving_field(filt, {"id", "c", "ts"})
-    return {"id": [("id", ASCENDING), ("vid", ASCENDING)], "c": [("c", ASCENDING), ("ts", ASCENDING)],
-            "ts": [("ts", ASCENDING)]}.get(field or "")
-
-
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
+    """Create the indexes of `index_specs`/`HISTORY_INDEXES` and drop any other index on records'
+    own resource collections (so deployments shed retired ones); `_id_` is never touched."""
     for definition in RESOURCES.values():
-        current = db[definition.type]
-        for spec in index_specs(definition):
-            await current.create_index(spec)
-        history = db[f"{definition.type}_history"]
-        await history.create_index([("id", ASCENDING), ("vid", ASCENDING)], unique=True)
-        await history.create_index([("ts", ASCENDING)])
-        await history.create_index([("c", ASCENDING), ("ts", ASCENDING)])
+        wanted = [(spec, False) for spec in index_specs(definition)]
+        for name, specs in ((definition.type, wanted), (f"{definition.type}_history", HISTORY_INDEXES)):
+            collection = db[name]
+            keys = {tuple(spec) for spec, _ in specs}
+            async for index in await collection.list_indexes():
+                if index["name"] != "_id_" and tuple(index["key"].items()) not in keys:
+                    await collection.drop_index(index["name"])
+            for spec, unique in specs:
+                await collection.create_index(spec, unique=unique)
+
+
+# -- the two-phase query executor ------------------------------------------------------------------
+#
+# Phase 1 sends the datastore only the driving conjunct (an index-matched IXSCAN, no hint) and
+# reads at most `cap` candidates; phase 2 evaluates the whole filter on them in Python
+# (records.search.matcher), then orders and pages that bounded set. A filter with no driver, or a
+# driver matching more than `cap` documents, goes to the datastore whole instead.
+
+MAX_CANDIDATES = 5000
+# Drivers whose candidates are fetched with `raw` in the same round trip (they select few documents);
+# other drivers fetch candidates without `raw`, then `raw` for the matches only.
+RAW_IN_PHASE_ONE = frozenset({"_id", "id"})
+WITHOUT_RAW = {"raw": 0}
+Collection = AsyncCollection[dict[str, Any]]
+_log = logging.getLogger(__name__)
+
+
+def _predicate(filt: dict[str, Any]) -> Any:
+    try:
+        return matcher.compile_filter(filt)
+    except matcher.UnsupportedFilter as problem:  # correct anyway: the datastore gets it whole
+        _log.warning("filter not evaluable in phase 2 (%s); sending it whole", problem)
+        return None
+
+
+async def matching(
+    collection: Collection, filt: dict[str, Any], drivers: frozenset[str], *, raw: bool = False,
+    cap: int = MAX_CANDIDATES, session: Session = None,
+) -> list[dict[str, Any]] | None:
+    """Every document matching `filt` (phase 1 + 2), or None when no index bounds the candidates
+    to `cap` (the caller then sends `filt` itself). Without `raw`, documents lack it."""
+    driver = query.driving_clause(filt, drivers)
+    predicate = _predicate(filt) if driver is not None else None
+    if driver is None or predicate is None:
+        return None
+    with_raw = raw and next(iter(driver)) in RAW_IN_PHASE_ONE
+    docs = await collection.find(driver, None if with_raw else WITHOUT_RAW, session=session).limit(
+        cap + 1).to_list()
+    if len(docs) > cap:
+        return None
+    return [d for d in docs if predicate(d)]
+
+
+async def _with_raw(collection: Collection, docs: list[dict[str, Any]], filt: dict[str, Any],
+                    session: Session) -> list[dict[str, Any]]:
+    """The same documents read whole, re-checked against `filt` (one may have changed since)."""
+    if not docs or "raw" in docs[0]:
+        return docs
+    predicate = matcher.compile_filter(filt)
+    fetched = await collection.find({"_id": {"$in": [d["_id"] for d in docs]}},
+                                    session=session).to_list()
+    by_id = {d["_id"]: d for d in fetched if predicate(d)}
+    return [by_id[d["_id"]] for d in docs if d["_id"] in by_id]
+
+
+async def select(
+    collection: Collection, filt: dict[str, Any], drivers: frozenset[str], *,
+    order: list[tuple[str, int]] | None = None, limit: int | None = None, raw: bool = True,
+    session: Session = None,
+) -> list[dict[str, Any]]:
+    """Documents matching `filt`, ordered by `order` (top-level fields, one direction), at most
+    `limit` of them, two-phase whenever an index bounds the candidates."""
+    found = await matching(collection, filt, drivers, raw=raw, session=session)
+    if found is None:
+        cursor = collection.find(filt, None if raw else WITHOUT_RAW, session=session)
+        if order:
+            cursor = cursor.sort(order)
+        return await (cursor.limit(limit) if limit is not None else cursor).to_list()
+    if order:
+        fields = [name for name, _ in order]
+        found.sort(key=lambda d: tuple(d[f] for f in fields), reverse=order[0][1] == DESCENDING)
+    if limit is not None:
+        found = found[:limit]
+    return await _with_raw(collection, found, filt, session) if raw else found
+
+
+async def count(collection: Collection, filt: dict[str, Any], drivers: frozenset[str]) -> int:
+    found = await matching(collection, filt, drivers)
+    return len(found) if found is not None else await collection.count_documents(filt)
+
+
+async def stream(collection: Collection, filt: dict[str, Any], drivers: frozenset[str],
+                 batch_size: int) -> AsyncIterator[dict[str, Any]]:
+    """Every matching document, whole, in bounded memory whatever their number: the driver's
+    cursor filtered on the fly (or the whole filter's cursor when nothing drives it)."""
+    driver = query.driving_clause(filt, drivers)
+    predicate = _predicate(filt) if driver is not None else None
+    if driver is None or predicate is None:
+        async for doc in collection.find(filt, batch_size=batch_size):
+            yield doc
+        return
+    async for doc in collection.find(driver, batch_size=batch_size):
+        if predicate(doc):
+            yield doc
+
+
+def phase_one(filt: dict[str, Any], drivers: frozenset[str]) -> dict[str, Any]:
+    """What the datastore is sent for `filt`: its driving conjunct, or all of it."""
+    return query.driving_clause(filt, drivers) or filt
+
+
+def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url: str,
+                    moment: datetime, version: int = 1, *,
+                    compartment: list[str] | None = None) -> dict[str, Any]:
+    """The current-version document records stores for `resource` (which carries its `id`) as
+    `version`, written at `moment`: the exact JSON bytes served (meta.versionId/lastUpdated set,
+    resourceType and id first), the search values `sp`, the patient compartment `c` (derived from
+    the resource unless given; `_write` adds compartments joined through referenced targets).
+    Raises ValueError/OverflowError for a date outside the searchable range."""
+    meta = dict(resource.get("meta", {}))
+    meta.update(versionId=str(version), lastUpdated=instant(moment))
+    body = {**resource, "meta": meta}
+    body = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), **body}
+    sp = extract.extract(body, definition, base_url)
+    sp.update(query.last_updated_fields(moment))
+    if compartment is None:
+        compartment = extract.patient_compartment(body, definition, base_url)
+    return {"_id": body["id"], "vid": version, "ts": moment, "deleted": False,
+            "raw": Binary(orjson.dumps(body)), "sp": sp, "c": compartment}
 
 
 class ResourceStore:
@@ -170,22 +292,22 @@ class ResourceStore:
         async with self.client.start_session() as session, await session.start_transaction():
             yield session
 
-    def _find(self, definition: ResourceDef, filt: dict[str, Any], projection: dict[str, Any],
-              session: Session = None) -> Any:
-        """Every query of a current-version collection: driven by an index whenever one applies."""
-        cursor = self.db[definition.type].find(filt, projection, session=session)
-        hint = hint_for(definition.type, filt)
-        return cursor.hint(hint) if hint else cursor
+    async def _select(self, definition: ResourceDef, filt: dict[str, Any], *,
+                      order: list[tuple[str, int]] | None = None, limit: int | None = None,
+                      raw: bool = True, session: Session = None) -> list[dict[str, Any]]:
+        """Every query of a current-version collection (two-phase, see `select`)."""
+        return await select(self.db[definition.type], filt, indexed_fields(definition.type),
+                            order=order, limit=limit, raw=raw, session=session)
 
-    async def _find_one(self, definition: ResourceDef, filt: dict[str, Any], projection: dict[str, Any],
+    async def _find_one(self, definition: ResourceDef, filt: dict[str, Any], *, raw: bool = False,
                         session: Session = None) -> dict[str, Any] | None:
-        docs = await self._find(definition, filt, projection, session).limit(1).to_list()
+        docs = await self._select(definition, filt, limit=1, raw=raw, session=session)
         return docs[0] if docs else None
 
     async def explain_search(self, definition: ResourceDef, request: query.SearchRequest) -> dict[str, Any]:
-        """The datastore's plan for a search's candidate query (tests check it scans an index)."""
-        plan: dict[str, Any] = await self._find(definition, self._search_filter(definition, request),
-                                                {"_id": 1}).explain()
+        """The datastore's plan for a search's phase-1 query (tests check it is an index scan)."""
+        sent = phase_one(self._search_filter(definition, request), indexed_fields(definition.type))
+        plan: dict[str, Any] = await self.db[definition.type].find(sent, WITHOUT_RAW).explain()
         return plan
 
     # -- reads ------------------------------------------------------------------------------
@@ -193,8 +315,8 @@ class ResourceStore:
     async def read(self, definition: ResourceDef, resource_id: str, *, interaction: str = "read",
                    session: Session = None) -> StoredResource:
         scope = self.policy.filter_for(definition, interaction)
-        doc = await self._find_one(definition, _and({"_id": resource_id}, scope),
-                                   {"raw": 1, "vid": 1, "ts": 1, "deleted": 1}, session)
+        doc = await self._find_one(definition, _and({"_id": resource_id}, scope), raw=True,
+                                   session=session)
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         if doc.get("deleted"):
@@ -203,10 +325,9 @@ class ResourceStore:
 
     async def vread(self, definition: ResourceDef, resource_id: str, version: int) -> StoredResource:
         scope = await self._visible(definition, resource_id, "vread")
-        doc = await self.db[f"{definition.type}_history"].find_one(
-            _and({"id": resource_id, "vid": version}, scope),
-            hint=[("id", ASCENDING), ("vid", ASCENDING)],
-        )
+        docs = await select(self.db[f"{definition.type}_history"],
+                            _and({"id": resource_id}, {"vid": version}, scope), HISTORY_DRIVERS, limit=1)
+        doc = docs[0] if docs else None
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id}/_history/{version} is not known")
         if doc.get("raw") is None:
@@ -217,7 +338,7 @@ class ResourceStore:
                        session: Session = None) -> dict[str, Any]:
         """The policy filter, after checking the resource (maybe deleted) is visible: else 404."""
         scope = self.policy.filter_for(definition, interaction)
-        doc = await self._find_one(definition, _and({"_id": resource_id}, scope), {"_id": 1}, session)
+        doc = await self._find_one(definition, _and({"_id": resource_id}, scope), session=session)
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         return scope
@@ -229,10 +350,9 @@ class ResourceStore:
             scope = self.policy.filter_for(definition, interaction)
         except errors.Forbidden:
             return []
-        docs = await self._find(
+        docs = await self._select(
             definition, _and({"_id": {"$in": ids[:MAX_INCLUDES]}}, scope, {"deleted": {"$ne": True}}),
-            {"raw": 1, "vid": 1, "ts": 1, "sp": 1},
-        ).to_list(MAX_INCLUDES)
+            limit=MAX_INCLUDES)
         return [_stored(definition.type, d) for d in docs]
 
     async def referring(self, definition: ResourceDef, param: str, refs: list[str]) -> list[StoredResource]:
@@ -241,10 +361,9 @@ class ResourceStore:
             scope = self.policy.filter_for(definition, "search-type")
         except errors.Forbidden:
             return []
-        docs = await self._find(
+        docs = await self._select(
             definition, _and({f"sp.{param}": {"$in": refs}}, scope, {"deleted": {"$ne": True}}),
-            {"raw": 1, "vid": 1, "ts": 1, "sp": 1},
-        ).limit(MAX_INCLUDES).to_list()
+            limit=MAX_INCLUDES)
         return [_stored(definition.type, d) for d in docs]
 
     def _search_filter(self, definition: ResourceDef, request: query.SearchRequest) -> dict[str, Any]:
@@ -263,9 +382,8 @@ class ResourceStore:
             filt = _and(base, {"_id": {"$lt" if backwards else "$gt": cursor.id}})
         if request.count == 0:
             return SearchPage([], None, None)
-        docs = await self._find(definition, filt, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}).sort(
-            "_id", DESCENDING if backwards else ASCENDING
-        ).limit(request.count + 1).to_list()
+        docs = await self._select(definition, filt, order=[("_id", DESCENDING if backwards else ASCENDING)],
+                                  limit=request.count + 1)
         more = len(docs) > request.count
         docs = docs[: request.count]
         if backwards:
@@ -283,11 +401,7 @@ class ResourceStore:
         self, definition: ResourceDef, request: query.SearchRequest, filt: dict[str, Any]
     ) -> SearchPage:
         """`_sort`: order the (bounded) candidate set in memory on values extracted at write time."""
-        fields = {query.sort_field(key.param) if key.param else key.name for key in request.sort}
-        projection = {f: 1 for f in fields if f != "_id"}
-        candidates = await self._find(definition, filt, projection or {"_id": 1}).limit(
-            MAX_SORT_CANDIDATES + 1
-        ).to_list()
+        candidates = await self._select(definition, filt, limit=MAX_SORT_CANDIDATES + 1, raw=False)
         if len(candidates) > MAX_SORT_CANDIDATES:
             raise errors.FhirError(
                 f"More than {MAX_SORT_CANDIDATES} matches to sort: narrow the search or omit _sort",
@@ -309,9 +423,8 @@ class ResourceStore:
             else:
                 start = sum(1 for k in keyed if compare(k) <= mark)
         window = keyed[start: start + request.count] if request.count else []
-        docs = await self._find(
-            definition, {"_id": {"$in": [i for _, i in window]}}, {"raw": 1, "vid": 1, "ts": 1, "sp": 1}
-        ).to_list() if window else []
+        docs = await self._select(
+            definition, _and({"_id": {"$in": [i for _, i in window]}}, filt)) if window else []
         by_id = {d["_id"]: d for d in docs}
         page = [_stored(definition.type, by_id[i]) for _, i in window if i in by_id]
         next_cursor = previous = None
@@ -322,11 +435,8 @@ class ResourceStore:
         return SearchPage(page, next_cursor, previous, total=len(keyed))
 
     async def count(self, definition: ResourceDef, request: query.SearchRequest) -> int:
-        filt = self._search_filter(definition, request)
-        hint = hint_for(definition.type, filt)
-        if hint is None:
-            return await self.db[definition.type].count_documents(filt)
-        return await self.db[definition.type].count_documents(filt, hint=hint)
+        return await count(self.db[definition.type], self._search_filter(definition, request),
+                           indexed_fields(definition.type))
 
     async def history(
         self, definition: ResourceDef, resource_id: str | None, *, since: datetime | None,
@@ -347,14 +457,8 @@ class ResourceStore:
                 raise errors.Invalid("Invalid paging cursor") from None
             oid = ObjectId(cursor.id) if ObjectId.is_valid(cursor.id) else ObjectId("0" * 24)
             clauses.append({"$or": [{"ts": {"$lt": moment}}, {"ts": moment, "_id": {"$lt": oid}}]})
-        filt = _and(*clauses)
-        cursor_h = self.db[f"{definition.type}_history"].find(filt)
-        hint = history_hint(filt)
-        if hint:
-            cursor_h = cursor_h.hint(hint)
-        docs = await cursor_h.sort(
-            [("ts", DESCENDING), ("_id", DESCENDING)]
-        ).limit(count + 1).to_list()
+        docs = await select(self.db[f"{definition.type}_history"], _and(*clauses), HISTORY_DRIVERS,
+                            order=[("ts", DESCENDING), ("_id", DESCENDING)], limit=count + 1)
         entries = [_stored(definition.type, d) for d in docs[:count]]
         nxt = None
         if len(docs) > count and count:
@@ -379,7 +483,7 @@ class ResourceStore:
         collection = self.db[definition.type]
         current = await collection.find_one({"_id": resource_id}, {"vid": 1}, session=session)
         if current is not None and scope and await self._find_one(
-            definition, _and({"_id": resource_id}, scope), {"_id": 1}, session
+            definition, _and({"_id": resource_id}, scope), session=session
         ) is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         if if_match is not None and (current is None or int(current["vid"]) != if_match):
@@ -443,19 +547,15 @@ class ResourceStore:
         scope = self.policy.filter_for(definition, interaction)
         version = (expected or 0) + 1
         moment = now()
-        meta = dict(resource.get("meta", {}))
-        meta.update(versionId=str(version), lastUpdated=instant(moment))
-        body = {**resource, "id": resource_id, "meta": meta}
-        body = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), **body}
-        raw = orjson.dumps(body)
+        body = {**resource, "id": resource_id}
+        compartment = await self._compartment(definition, body, session)
         try:
-            sp = extract.extract(body, definition, self.policy.base_url)
+            stored = stored_document(definition, body, self.policy.base_url, moment, version,
+                                     compartment=compartment)
         except (ValueError, OverflowError):  # e.g. a dateTime whose offset leaves year 1..9999
             raise errors.Unprocessable("A date in this resource is outside the searchable range") from None
-        sp.update(query.last_updated_fields(moment))
-        compartment = await self._compartment(definition, body, session)
-        doc = {"vid": version, "ts": moment, "deleted": False, "raw": Binary(raw), "sp": sp,
-               "c": compartment}
+        doc = {k: v for k, v in stored.items() if k != "_id"}
+        raw, sp = bytes(stored["raw"]), stored["sp"]
         collection = self.db[definition.type]
 
         async def run(s: AsyncClientSession) -> None:
@@ -473,13 +573,13 @@ class ResourceStore:
             # The written version must itself be visible to the writer: a patient-scoped client
             # cannot file a resource into another patient's compartment.
             if scope and await self._find_one(
-                definition, _and({"_id": resource_id}, scope), {"_id": 1}, s
+                definition, _and({"_id": resource_id}, scope), session=s
             ) is None:
                 raise errors.Forbidden(  # leaving the block aborts the transaction
                     f"The granted scopes do not permit writing this {definition.type}"
                 )
             await self.db[f"{definition.type}_history"].insert_one(
-                {"id": resource_id, "vid": version, "ts": moment, "raw": Binary(raw),
+                {"id": resource_id, "vid": version, "ts": moment, "raw": stored["raw"],
                  "method": "POST" if expected is None else "PUT", "c": compartment, "sp": sp},
                 session=s,
             )
@@ -493,5 +593,6 @@ class ResourceStore:
                               "POST" if expected is None else "PUT"), create
 
 
-__all__ = ["MAX_SORT_CANDIDATES", "ResourceStore", "SearchPage", "StoredResource", "ensure_indexes",
-           "hint_for", "index_specs", "indexed_fields", "instant", "now"]
+__all__ = ["HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES", "ResourceStore", "SearchPage",
+           "StoredResource", "count", "ensure_indexes", "index_specs", "indexed_fields", "instant",
+           "matching", "now", "phase_one", "select", "stored_document", "stream"]

@@ -11,30 +11,34 @@ Collections (records datastore):
   type and attempt in `metadata`, so a dead attempt's partial files can be found and discarded.
 - `export_files`: one document per finished file (kind output | deleted | error, its resource
   type, count, and the patients it holds, for download disclosures).
-- `disclosures`: the 45 CFR 164.528 disclosure log (one entry per patient per export or download).
+- `disclosures`: the 45 CFR 164.528 disclosure log (one entry per patient per export or download),
+  read only by the gateway's accounting (routes.patient_disclosures).
 
-Resource streams use only indexed equality/range filters and never sort (SecantusDB, DESIGN.md),
-and are always ANDed with `AccessPolicy.filter_for(...)`, exactly as records.store does.
+Resource streams and reads go through records.store's two-phase executor (its module docstring):
+the datastore is sent only an index-matched driving conjunct and the rest of the filter is checked
+on each streamed document, so memory stays bounded whatever the size. Filters are always ANDed with
+`AccessPolicy.filter_for(...)`, exactly as records.store does.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gridfs import AsyncGridFSBucket
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from mindchart_core import errors
+from records import store as records_store
 
 Db = AsyncDatabase[dict[str, Any]]
 ACTIVE = ("queued", "running")
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 RESTRICTED_LABELS = [f"{CONFIDENTIALITY}|R", f"{CONFIDENTIALITY}|V"]
-MAX_DISCLOSURES = 1000
+MAX_DISCLOSURES = 1000  # at most this many per page of a patient's disclosures
 
 
 def now() -> datetime:
@@ -60,6 +64,8 @@ async def ensure_indexes(db: Db) -> None:
     await db.export_files.create_index([("job", ASCENDING)])
     await db["export.files"].create_index([("metadata.job", ASCENDING)])
     await db.disclosures.create_index([("patient", ASCENDING), ("state", ASCENDING)])
+    await db.disclosures.create_index([("patient", ASCENDING), ("state", ASCENDING),
+                                       ("recorded", DESCENDING)])
     await db.disclosures.create_index([("job", ASCENDING)])
 
 
@@ -230,28 +236,38 @@ async def stream_file(db: Db, gridfs_id: Any) -> AsyncIterator[bytes]:
 
 # -- resources ------------------------------------------------------------------------------------
 
-def stream(db: Db, resource_type: str, filt: dict[str, Any], batch_size: int) -> Any:
-    """A cursor over current versions matching `filt` (which already holds the policy filter)."""
-    return db[resource_type].find(
-        and_(filt, {"deleted": {"$ne": True}}), {"raw": 1, "c": 1, "sp._security": 1},
-        batch_size=batch_size,
-    )
+def stream(db: Db, resource_type: str, filt: dict[str, Any],
+           batch_size: int) -> AsyncIterator[dict[str, Any]]:
+    """Current versions matching `filt` (which already holds the policy filter), streamed."""
+    return records_store.stream(db[resource_type], and_(filt, {"deleted": {"$ne": True}}),
+                                records_store.indexed_fields(resource_type), batch_size)
 
 
-def deletions(db: Db, resource_type: str, filt: dict[str, Any], batch_size: int) -> Any:
+def deletions(db: Db, resource_type: str, filt: dict[str, Any],
+              batch_size: int) -> AsyncIterator[dict[str, Any]]:
     """DELETE entries of the history collection matching `filt` (policy and time window in it)."""
-    return db[f"{resource_type}_history"].find(
-        and_(filt, {"method": "DELETE"}), {"id": 1, "c": 1, "ts": 1}, batch_size=batch_size
-    )
+    return records_store.stream(db[f"{resource_type}_history"], and_(filt, {"method": "DELETE"}),
+                                records_store.HISTORY_DRIVERS, batch_size)
 
 
 async def still_deleted(db: Db, resource_type: str, ids: list[str]) -> set[str]:
-    docs = await db[resource_type].find({"_id": {"$in": ids}, "deleted": True}, {"_id": 1}).to_list()
+    docs = await records_store.select(db[resource_type], {"$and": [{"_id": {"$in": ids}}, {"deleted": True}]},
+                                      records_store.indexed_fields(resource_type), raw=False)
     return {d["_id"] for d in docs}
 
 
 async def find_one(db: Db, resource_type: str, filt: dict[str, Any]) -> dict[str, Any] | None:
-    return await db[resource_type].find_one(and_(filt, {"deleted": {"$ne": True}}), {"raw": 1})
+    docs = await records_store.select(db[resource_type], and_(filt, {"deleted": {"$ne": True}}),
+                                      records_store.indexed_fields(resource_type), limit=1)
+    return docs[0] if docs else None
+
+
+async def compartment_page(db: Db, resource_type: str, filt: dict[str, Any],
+                           limit: int) -> list[dict[str, Any]]:
+    """Current versions matching `filt` in `_id` order, at most `limit` (for $everything)."""
+    return await records_store.select(db[resource_type], and_(filt, {"deleted": {"$ne": True}}),
+                                      records_store.indexed_fields(resource_type),
+                                      order=[("_id", ASCENDING)], limit=limit)
 
 
 # -- disclosure log -------------------------------------------------------------------------------
@@ -299,11 +315,31 @@ async def record_download(db: Db, job: dict[str, Any], file_doc: dict[str, Any],
         await db.disclosures.insert_many(docs, ordered=False)
 
 
-async def disclosures_of(db: Db, patient: str) -> list[dict[str, Any]]:
-    docs = await db.disclosures.find({"patient": patient, "state": "recorded"}).limit(
-        MAX_DISCLOSURES).to_list()
-    docs.sort(key=lambda d: d["recorded"], reverse=True)
-    return docs
+async def disclosures_of(db: Db, patient: str, *, windows: list[dict[str, datetime]],
+                         before: tuple[datetime, str] | None, limit: int,
+                         event_id: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Up to `limit` recorded disclosures of a patient, newest first by (`recorded`, event id),
+    strictly after `before` in that order, inside every `recorded` window.
+
+    Ordered exactly (ties at one millisecond are common: an export records all its patients at
+    once), so the gateway can merge this with its own entries and page the whole accounting.
+    """
+    base = and_({"patient": patient, "state": "recorded"}, *({"recorded": w} for w in windows))
+    found: dict[Any, dict[str, Any]] = {}
+    older = base
+    if before is not None:
+        moment, ident = before
+        for doc in await db.disclosures.find(and_(base, {"recorded": moment})).to_list():
+            if event_id(doc) < ident:
+                found[doc["_id"]] = doc
+        older = and_(base, {"recorded": {"$lt": moment}})
+    docs = await db.disclosures.find(older).sort("recorded", -1).limit(limit).to_list()
+    if len(docs) == limit:  # the last millisecond may hold more than the limit let through
+        docs += await db.disclosures.find(and_(older, {"recorded": docs[-1]["recorded"]})).to_list()
+    for doc in docs:
+        found[doc["_id"]] = doc
+    ordered = sorted(found.values(), key=lambda d: (d["recorded"], event_id(d)), reverse=True)
+    return ordered[:limit]
 
 
 def new_id() -> str:

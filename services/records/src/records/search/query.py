@@ -139,8 +139,9 @@ def compare_keys(keys: list[SortKey], a: tuple[list[Any], str], b: tuple[list[An
     return (a[1] > b[1]) - (a[1] < b[1])
 
 
-# Which conjunct drives a query (SecantusDB's planner only picks an index when the whole filter
-# matches one; a hint makes it scan the best single-field index and filter the rest on FETCH).
+# Which conjunct drives a query. SecantusDB's planner picks an index only when the *whole* filter
+# matches one, so the store sends the driving conjunct alone (phase 1, an IXSCAN) and evaluates the
+# whole filter on the candidates it returns (phase 2, records.search.matcher).
 _DRIVER_RANK = (("_id",), ("id",), ("sp.patient", "sp.subject", "sp.target"), ("c",),
                 ("sp.identifier",))
 _EQUALITY_OPS = {"$in", "$eq"}
@@ -155,30 +156,42 @@ def _conjuncts(filt: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: v} for k, v in filt.items()]
 
 
-def driving_field(filt: dict[str, Any], indexed: set[str]) -> str | None:
-    """The indexed field whose conjunct should select candidates: equality beats range, and
-    compartment-like fields (id, patient, c) beat everything else. None: no index applies."""
-    equal: list[str] = []
-    ranged: list[str] = []
+def driving_clause(filt: dict[str, Any], indexed: set[str] | frozenset[str]) -> dict[str, Any] | None:
+    """The conjunct of `filt` that selects candidates through a single-field index: equality beats
+    range, and compartment-like fields (id, patient, c) beat everything else. Every document
+    matching `filt` matches it. None: no index applies (the query must scan).
+
+    Each kind was checked with explain() on SecantusDB: equality, `$in` and ranges are IXSCANs;
+    `$elemMatch` is a COLLSCAN, so an `$elemMatch` of bounds drives as the plain range (a superset:
+    an element within both bounds satisfies each bound); ranges on `_id` scan (DESIGN.md)."""
+    equal: list[dict[str, Any]] = []
+    ranged: list[dict[str, Any]] = []
     for clause in _conjuncts(filt):
         (name, condition), = clause.items()
         if name.startswith("$") or name not in indexed:
             continue
         if not isinstance(condition, dict):
-            equal.append(name)
-        elif set(condition) <= _EQUALITY_OPS:
-            equal.append(name)
-        elif set(condition) <= _RANGE_OPS and name != "_id":  # ranges on _id scan (DESIGN.md)
-            ranged.append(name)
-        elif set(condition) == {"$elemMatch"} and set(condition["$elemMatch"]) <= _RANGE_OPS:
-            ranged.append(name)
+            if not isinstance(condition, list):
+                equal.append(clause)
+        elif set(condition) <= _EQUALITY_OPS and len(condition) == 1:
+            equal.append(clause)
+        elif condition and set(condition) <= _RANGE_OPS and name != "_id":
+            ranged.append(clause)
+        elif (set(condition) == {"$elemMatch"} and isinstance(condition["$elemMatch"], dict)
+              and condition["$elemMatch"] and set(condition["$elemMatch"]) <= _RANGE_OPS):
+            ranged.append({name: dict(condition["$elemMatch"])})
     for group in _DRIVER_RANK:
-        for name in equal:
-            if name in group:
-                return name
+        for clause in equal:
+            if next(iter(clause)) in group:
+                return clause
     if equal:
         return equal[0]
     return ranged[0] if ranged else None
+
+
+def driving_field(filt: dict[str, Any], indexed: set[str] | frozenset[str]) -> str | None:
+    clause = driving_clause(filt, indexed)
+    return next(iter(clause)) if clause else None
 
 
 def parse_count(raw: str | None) -> int:
