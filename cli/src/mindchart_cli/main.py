@@ -5,10 +5,14 @@ they created as JSON. `mindchart run` starts the whole stack (the README's `make
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import secrets
 import signal
 import sys
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import typer
 
@@ -26,6 +30,12 @@ app.add_typer(gateway_commands.audit_app, name="audit")
 app.add_typer(psychnotes_commands.psychnotes_app, name="psychnotes")
 
 
+# A public SMART app (PKCE, no secret) to try the sign-in and approval pages with `make run`.
+DEMO_APP = "demo-smart-app"
+DEMO_APP_SCOPE = "openid fhirUser launch/patient patient/*.rs"
+DEMO_APP_REDIRECT = "http://localhost:8765/callback"  # nothing listens: the code is read off the URL
+
+
 async def register_demo(db: Any, creds: dict[str, Any]) -> None:
     if await db.clients.find_one({"_id": creds["backend_client_id"]}) is None:
         await admin.create_client(
@@ -36,6 +46,10 @@ async def register_demo(db: Any, creds: dict[str, Any]) -> None:
         await admin.create_client(
             db, client_id=creds["secret_client_id"], auth="client_secret",
             scope="system/*.cruds", audiences=["records"], secret=creds["secret_client_secret"])
+    if await db.clients.find_one({"_id": DEMO_APP}) is None:
+        await admin.create_client(
+            db, client_id=DEMO_APP, auth="none", scope=DEMO_APP_SCOPE, audiences=["records"],
+            redirect_uris=[DEMO_APP_REDIRECT], name="Mindchart demo SMART app")
     users = (("therapist", "practitioner", f"Practitioner/{seed.DEMO_THERAPIST}"),
              ("patient", "patient", f"Patient/{seed.DEMO_PATIENT}"), ("admin", "admin", None))
     for username, role, fhir_user in users:
@@ -65,6 +79,7 @@ def run() -> None:
             time.sleep(1)
         dead = [k for k, p in runner.processes.items() if p.poll() is not None]
         typer.echo(f"stopping: {', '.join(dead)} exited", err=True)
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         typer.echo("\nstopping…", err=True)
     except stack.StackError as exc:
@@ -75,9 +90,18 @@ def run() -> None:
         runner.stop()
 
 
+def demo_app_authorize_url(config: stack.StackConfig, challenge: str) -> str:
+    return f"{config.gateway_url}/oauth/authorize?" + urlencode({
+        "response_type": "code", "client_id": DEMO_APP, "redirect_uri": DEMO_APP_REDIRECT,
+        "scope": DEMO_APP_SCOPE, "state": "demo", "aud": f"{config.gateway_url}/fhir",
+        "code_challenge": challenge, "code_challenge_method": "S256"})
+
+
 def print_welcome(config: stack.StackConfig, creds: dict[str, Any], created: int) -> None:
     gw = config.gateway_url
     secret_client, secret = creds["secret_client_id"], creds["secret_client_secret"]
+    verifier = secrets.token_urlsafe(48)  # RFC 7636: a fresh PKCE pair for this run
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     typer.echo(f"""
 Mindchart is running.  Gateway: {gw}   (demo resources created now: {created})
   FHIR records base     {gw}/fhir
@@ -90,6 +114,14 @@ Get a token and read a progress note:
     -d scope=system/DocumentReference.rs {gw}/oauth/token \\
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s -H "Authorization: Bearer $TOKEN" {gw}/fhir/DocumentReference/demo-note-1
+
+Sign in to a SMART app ({DEMO_APP}, a public client using PKCE):
+
+  1. open {demo_app_authorize_url(config, challenge)}
+  2. sign in as "patient" (password in the credentials file) and allow; the browser then goes to
+     {DEMO_APP_REDIRECT}?code=...&state=demo, where nothing listens: copy the code
+  3. CODE=<the code>; curl -s -d grant_type=authorization_code -d client_id={DEMO_APP} \\
+       -d redirect_uri={DEMO_APP_REDIRECT} -d code_verifier={verifier} -d "code=$CODE" {gw}/oauth/token
 
 Ctrl-C stops everything.
 """)

@@ -95,6 +95,9 @@ class StackConfig:
             port = os.environ.get(f"MINDCHART_{name.upper()}_PORT")
             if port:
                 config.http_ports[name] = int(port)
+            db_port = os.environ.get(f"MINDCHART_{name.upper()}_DB_PORT")
+            if db_port:
+                config.db_ports[name] = int(db_port)
         return config
 
     @property
