@@ -6,6 +6,7 @@ Note `i` is a US Core progress note (DocumentReference, LOINC 11506-3, category 
 with one score Observation (PHQ-9 for even `i`, GAD-7 for odd), for patient `bench-p<i // per>`,
 dated monthly from 2025-01-01. Every patient has the same number of notes whatever the total, so a
 search for one patient matches the same resources at 1k and at 100k: only the store grows.
+Documents are built by records' own `store.stored_document`, exactly as records writes version 1.
 History entries are not written (search never reads them).
 """
 
@@ -18,15 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-from bson.binary import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from mindchart_cli import seed
 from records import store as records_store
-from records.resources import RESOURCES, ResourceDef
-from records.search import extract, query
+from records.resources import RESOURCES
+from records.store import stored_document as stored
 
 FIRST_DAY = datetime(2025, 1, 1, 16, 0, tzinfo=UTC)
 PHQ9, GAD7 = "44261-6", "70274-6"
@@ -77,20 +76,6 @@ def score(i: int, per_patient: int) -> dict[str, Any]:
     }
 
 
-def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url: str,
-                    moment: datetime) -> dict[str, Any]:
-    """A current-version document as records' store writes one (version 1): the exact JSON bytes,
-    the extracted search values, the patient compartment."""
-    meta = dict(resource.get("meta", {}))  # as records.store.ResourceStore._write builds it
-    meta.update(versionId="1", lastUpdated=records_store.instant(moment))
-    body = {**resource, "meta": meta}
-    body = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), **body}
-    sp = extract.extract(body, definition, base_url)
-    sp.update(query.last_updated_fields(moment))
-    return {"_id": body["id"], "vid": 1, "ts": moment, "deleted": False, "raw": Binary(orjson.dumps(body)),
-            "sp": sp, "c": extract.patient_compartment(body, definition, base_url)}
-
-
 @dataclass
 class Loaded:
     notes: int  # notes [0, notes) are stored, each with its score
@@ -118,10 +103,10 @@ async def _insert_batch(db: AsyncDatabase[dict[str, Any]], numbers: range, per_p
         try:
             # Two collections, two connections: the datastore serves each on its own thread.
             await asyncio.gather(
-                _insert(db[notes.type], [stored_document(notes, progress_note(i, per_patient), base_url,
-                                                         moment) for i in numbers]),
-                _insert(db[scores.type], [stored_document(scores, score(i, per_patient), base_url,
-                                                          moment) for i in numbers]))
+                _insert(db[notes.type], [stored(notes, progress_note(i, per_patient), base_url, moment)
+                                         for i in numbers]),
+                _insert(db[scores.type], [stored(scores, score(i, per_patient), base_url, moment)
+                                          for i in numbers]))
             return
         except PyMongoError:
             if attempt == 2:
