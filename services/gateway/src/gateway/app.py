@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
 
-from gateway import audit, bodylimit, chain, cors, routes, store
+from gateway import audit, bodylimit, chain, cors, proxy, ratelimit, revocations, routes, store
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_core import service_app, tokens
@@ -34,11 +36,27 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             for name in ("records", "psychnotes")
         }
+        app.state.verified_tokens = {
+            name: proxy.VerifiedTokens(verifier) for name, verifier in app.state.verifiers.items()}
+        app.state.registrations = proxy.Registrations(app.state.db)
+        app.state.revocations = revocations.RevocationList(
+            app.state.db, refresh_seconds=settings.revocation_refresh_seconds)
+        await app.state.revocations.refresh()
+        app.state.rate_limiter = ratelimit.RateLimiter(
+            window_seconds=settings.rate_limit_window_seconds,
+            sync_seconds=settings.rate_limit_sync_seconds)
+        tasks = [asyncio.create_task(app.state.revocations.run())]
+        if settings.rate_limit_sync_seconds > 0:
+            tasks.append(asyncio.create_task(app.state.rate_limiter.run(app.state.db)))
         app.state.http = httpx.AsyncClient(
             timeout=settings.upstream_timeout_seconds, follow_redirects=False,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
         yield
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app.state.http.aclose()
         await client.close()
 

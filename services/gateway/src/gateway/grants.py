@@ -23,6 +23,7 @@ import structlog
 from gateway import store
 from gateway.keys import Keyring
 from gateway.oauth import OAuthError, identify_client
+from gateway.revocations import RevocationList
 from gateway.settings import GatewaySettings
 from mindchart_core import scopes
 
@@ -109,7 +110,7 @@ async def issue_tokens(
 
 async def authorization_code(
     db: store.Db, keys: Keyring, settings: GatewaySettings, form: dict[str, str],
-    authorization: str | None,
+    authorization: str | None, *, revocations: RevocationList,
 ) -> dict[str, Any]:
     client = await identify_client(db, settings, form, authorization)
     code = form.get("code")
@@ -121,7 +122,7 @@ async def authorization_code(
     if stored.get("used"):
         # RFC 6749 §4.1.2: a code used twice revokes the tokens it already produced.
         await store.revoke_refresh_family(db, stored["grant"]["family"])
-        await store.revoke_family_tokens(db, stored["grant"]["family"])
+        await revocations.revoke_family(stored["grant"]["family"])
         raise OAuthError("invalid_grant", "The authorization code was already used")
     if stored["expires"] <= datetime.now(UTC):
         raise OAuthError("invalid_grant", "The authorization code has expired")
@@ -139,7 +140,7 @@ async def authorization_code(
 
 async def refresh_token(
     db: store.Db, keys: Keyring, settings: GatewaySettings, form: dict[str, str],
-    authorization: str | None,
+    authorization: str | None, *, revocations: RevocationList,
 ) -> dict[str, Any]:
     client = await identify_client(db, settings, form, authorization)
     presented = form.get("refresh_token")
@@ -160,7 +161,7 @@ async def refresh_token(
     if await store.claim_refresh(db, digest) is None:
         # A rotated token used again: someone holds a copy. Revoke the whole grant.
         await store.revoke_refresh_family(db, stored["family"])
-        await store.revoke_family_tokens(db, stored["family"])
+        await revocations.revoke_family(stored["family"])
         raise OAuthError("invalid_grant", "The refresh token was already used")
     user = await store.get_user(db, grant["username"])
     if user is None or user.get("disabled"):

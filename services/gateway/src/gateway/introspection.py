@@ -16,6 +16,7 @@ from joserfc.errors import JoseError
 
 from gateway import grants, oauth, store
 from gateway.keys import Keyring
+from gateway.revocations import RevocationList
 from gateway.settings import GatewaySettings
 from mindchart_core import tokens
 
@@ -92,7 +93,7 @@ async def introspection_caller(
 
 
 async def revoke(db: store.Db, keys: Keyring, settings: GatewaySettings, form: dict[str, str],
-                 authorization: str | None) -> None:
+                 authorization: str | None, *, revocations: RevocationList) -> None:
     """RFC 7009 §2.1: revoke a token issued to the calling client; unknown tokens are ignored."""
     client = await oauth.identify_client(db, settings, form, authorization)
     token = form.get("token", "")
@@ -104,10 +105,10 @@ async def revoke(db: store.Db, keys: Keyring, settings: GatewaySettings, form: d
             raise oauth.OAuthError("unauthorized_client", "The token was issued to another client")
         # Revoking a refresh token ends the grant: its other refresh and access tokens too.
         await store.revoke_refresh_family(db, stored["family"])
-        await store.revoke_family_tokens(db, stored["family"])
+        await revocations.revoke_family(stored["family"])
         return
     claims = await access_claims(db, keys, settings, token)
     if claims is not None:
         if claims["client_id"] != client["_id"]:
             raise oauth.OAuthError("unauthorized_client", "The token was issued to another client")
-        await store.revoke_jti(db, str(claims["jti"]), datetime.fromtimestamp(int(claims["exp"]) + 60, UTC))
+        await revocations.revoke_jti(str(claims["jti"]), datetime.fromtimestamp(int(claims["exp"]) + 60, UTC))

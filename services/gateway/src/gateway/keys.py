@@ -33,6 +33,8 @@ class Keyring:
         self.db = db
         self.ttl = ttl
         self._keys: list[RSAKey] = []
+        self._public: dict[str, Any] = {"keys": []}
+        self._keyset = KeySet([])
         self._loaded = 0.0
 
     async def load(self, *, force: bool = False) -> None:
@@ -40,6 +42,9 @@ class Keyring:
             return
         docs = await store.signing_keys(self.db)
         self._keys = [RSAKey.import_key(d["jwk"]) for d in docs]
+        # Built once per load, not per verified token.
+        self._public = {"keys": [k.as_dict(private=False) for k in self._keys]}
+        self._keyset = KeySet.import_key_set(cast(Any, self._public)) if self._keys else KeySet([])
         self._loaded = time.monotonic()
 
     async def ensure_key(self, pem: bytes | None = None) -> None:
@@ -59,9 +64,9 @@ class Keyring:
 
     async def public_jwks(self, *, fresh: bool = False) -> dict[str, Any]:
         await self.load(force=fresh)
-        return {"keys": [k.as_dict(private=False) for k in self._keys]}
+        return self._public
 
     async def keyset(self, *, refresh: bool = False) -> KeySet:
         """KeySource for mindchart_core.tokens.TokenVerifier (public halves only)."""
         await self.load(force=refresh)
-        return KeySet.import_key_set(cast(Any, await self.public_jwks()))
+        return self._keyset

@@ -8,13 +8,17 @@ Only allow-listed request headers travel upstream, so identity headers a client 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
-from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
+from gateway import ratelimit, store
 from mindchart_core import errors, fhirjson, tokens
 
 FORWARDED_REQUEST_HEADERS = frozenset({
@@ -98,26 +102,154 @@ def check_scopes(token: tokens.AccessToken, interaction: Interaction) -> None:
         raise errors.Forbidden("The granted scopes do not permit this request")
 
 
-async def forward(request: Request, http: httpx.AsyncClient, upstream: str, request_id: str) -> Response:
-    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
-    headers["x-request-id"] = request_id
-    url = upstream + request.url.path
-    if request.url.query:
-        url += "?" + request.url.query
-    upstream_request = http.build_request(
-        request.method, url, headers=headers, content=request.stream(),
-    )
+# -- the proxy endpoint ------------------------------------------------------------------------
+# A pure ASGI endpoint, not a FastAPI handler: no Request object, no dependency solving, no
+# StreamingResponse task group. Header names arrive lower-cased (ASGI), so filtering is a set
+# lookup on bytes. FhirErrors raised here are rendered by the app's one error handler.
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_FORWARDED = frozenset(h.encode() for h in FORWARDED_REQUEST_HEADERS)
+_HOP_BY_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
+_REGISTRATION_TTL = 10.0
+_TOKEN_TTL = 10.0
+
+
+class VerifiedTokens:
+    """Access tokens whose signature, issuer and audience were checked in the last `_TOKEN_TTL`
+    seconds, by their exact text. Expiry is checked again on every use and revocation is
+    checked by the caller, so a cached token is refused as soon as it expires or is revoked;
+    a retired signing key stops verifying within the keyring's reload interval plus this TTL."""
+
+    def __init__(self, verifier: tokens.TokenVerifier, *, size: int = 10_000) -> None:
+        self.verifier = verifier
+        self.size = size
+        self._tokens: dict[str, tuple[float, tokens.AccessToken]] = {}
+
+    async def verify(self, raw: str) -> tokens.AccessToken:
+        now = time.monotonic()
+        cached = self._tokens.get(raw)
+        if cached is not None and cached[0] > now:
+            token = cached[1]
+            if token.expires_at + tokens.CLOCK_SKEW_SECONDS < time.time():
+                raise errors.Unauthorized("The access token is invalid, expired or not for this server")
+            return token
+        token = await self.verifier.verify(raw)
+        if len(self._tokens) >= self.size:
+            self._tokens = {k: v for k, v in self._tokens.items() if v[0] > now}
+            if len(self._tokens) >= self.size:
+                self._tokens.clear()
+        self._tokens[raw] = (now + _TOKEN_TTL, token)
+        return token
+
+
+class Registrations:
+    """Client registrations for per-request policy (their rate limit), cached for a few seconds."""
+
+    def __init__(self, db: store.Db) -> None:
+        self.db = db
+        self._clients: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    async def get(self, client_id: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        cached = self._clients.get(client_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        client = await store.get_client(self.db, client_id)
+        if len(self._clients) > 10_000:
+            self._clients.clear()
+        self._clients[client_id] = (now + _REGISTRATION_TTL, client)
+        return client
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str:
+    """RFC 6750 §2.1: the bearer token of the first Authorization header, or 401."""
+    header = next((v for k, v in headers if k == b"authorization"), b"").decode("latin-1")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise errors.Unauthorized("A bearer token is required", error="invalid_request")
+    return value.strip()
+
+
+class ProxyEndpoint:
+    """`[base]` and `[base]/{rest}` of one FHIR backend (records or psychnotes)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        method: str = scope["method"]
+        if method not in METHODS:
+            raise HTTPException(405, headers={"Allow": ", ".join(METHODS)})
+        rest: str = scope.get("path_params", {}).get("rest", "")
+        context = scope.setdefault("state", {})
+        reject_unsafe_path(scope.get("raw_path", b"").decode("latin-1"))
+        if needs_token(rest):
+            token = await state.verified_tokens[self.backend].verify(_bearer(scope["headers"]))
+            context["caller"] = {
+                "client_id": token.client_id, "subject": token.subject, "fhir_user": token.fhir_user,
+                "jti": token.jti, "patient": f"Patient/{token.patient}" if token.patient else None,
+                "purpose_of_use": [token.purpose_of_use] if token.purpose_of_use else [],
+            }
+            if await state.revocations.is_revoked(token.jti, token.session_id):
+                raise errors.Unauthorized("The access token has been revoked")
+            client = await state.registrations.get(token.client_id) if token.client_id else None
+            limit = int((client or {}).get("rate_limit") or state.settings.rate_limit_requests)
+            ratelimit.enforce(state.rate_limiter, f"client:{token.client_id or token.subject}",
+                              limit, context)
+            check_scopes(token, classify(method, rest))
+        elif method != "GET":
+            raise errors.MethodNotAllowed("Only GET is supported here")
+        upstream = state.settings.records_url if self.backend == "records" else state.settings.psychnotes_url
+        await forward(scope, receive, send, state.http, upstream, str(context.get("request_id", "")))
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def forward(scope: Scope, receive: Receive, send: Send, http: httpx.AsyncClient, upstream: str,
+                  request_id: str) -> None:
+    """Relay the request (allow-listed headers only) and stream the answer back unchanged but for
+    hop-by-hop headers. Bodies are passed through as bytes, never parsed here."""
+    incoming: list[tuple[bytes, bytes]] = scope["headers"]
+    headers = [(k, v) for k, v in incoming if k in _FORWARDED and k != b"x-request-id"]
+    headers.append((b"x-request-id", request_id.encode()))
+    url = upstream + scope.get("root_path", "") + scope["path"]
+    if scope.get("query_string"):
+        url += "?" + scope["query_string"].decode("latin-1")
+    content = _request_body(receive) if _has_body(incoming) else None
+    upstream_request = http.build_request(scope["method"], url, headers=headers, content=content)
     try:
         response = await http.send(upstream_request, stream=True)
     except httpx.TimeoutException:
         raise errors.FhirError("The upstream FHIR server timed out", status=504, code="timeout") from None
     except httpx.HTTPError:
         raise errors.Unavailable("The upstream FHIR server is unavailable") from None
-    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
-    return StreamingResponse(
-        response.aiter_raw(), status_code=response.status_code, headers=out_headers,
-        background=BackgroundTask(response.aclose),
-    )
+    try:
+        out_headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        await response.aclose()
 
 
-__all__ = ["Interaction", "classify", "fhirjson", "forward", "needs_token", "patient_of"]
+__all__ = ["METHODS", "Interaction", "ProxyEndpoint", "Registrations", "VerifiedTokens", "classify",
+           "fhirjson", "forward", "needs_token", "patient_of"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from gateway import (
     audit_routes,
@@ -20,10 +20,9 @@ from gateway import (
     pages,
     proxy,
     ratelimit,
-    store,
 )
 from gateway.settings import GatewaySettings
-from mindchart_core import errors, metrics, tokens
+from mindchart_core import errors, metrics
 
 router = APIRouter()
 router.include_router(audit_routes.router)
@@ -72,30 +71,9 @@ def _claimed_client(form: dict[str, str], authorization: str | None) -> str | No
     return None
 
 
-_REGISTRATIONS: dict[str, tuple[float, dict[str, Any] | None]] = {}
-_REGISTRATION_TTL = 10.0
-
-
-async def _registration(request: Request, client_id: str) -> dict[str, Any] | None:
-    """A client's registration for per-request policy (its rate limit), cached for a few seconds."""
-    now = time.monotonic()
-    cached = _REGISTRATIONS.get(client_id)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    client = await store.get_client(request.app.state.db, client_id)
-    if len(_REGISTRATIONS) > 10_000:
-        _REGISTRATIONS.clear()
-    _REGISTRATIONS[client_id] = (now + _REGISTRATION_TTL, client)
-    return client
-
-
-async def _limit(request: Request, key: str, client: dict[str, Any] | None = None) -> None:
-    try:
-        await ratelimit.check(request.app.state.db, _settings(request), key, client)
-    except ratelimit.RateLimited as exc:
-        request.state.refusal = "rate limit exceeded"
-        raise errors.Throttled("Too many requests for this client; slow down",
-                               headers={"Retry-After": str(exc.retry_after)}) from None
+def _limit(request: Request, key: str) -> None:
+    ratelimit.enforce(request.app.state.rate_limiter, key, _settings(request).rate_limit_requests,
+                      request.scope.setdefault("state", {}))
 
 
 @router.post("/oauth/token")
@@ -112,7 +90,7 @@ async def token(request: Request) -> Response:
             # The client is not authenticated yet: count per (claimed client, address), so nobody
             # can spend another client's budget by naming it.
             address = request.client.host if request.client else "?"
-            await _limit(request, f"token:{claimed or '-'}:{address}")
+            _limit(request, f"token:{claimed or '-'}:{address}")
         except errors.Throttled as exc:
             return JSONResponse({"error": "slow_down", "error_description": exc.diagnostics},
                                 status_code=429, headers={**NO_STORE, **exc.headers})
@@ -120,9 +98,11 @@ async def token(request: Request) -> Response:
         if grant == "client_credentials":
             body = await oauth.client_credentials(db, keys, settings, form, authorization)
         elif grant == "authorization_code":
-            body = await grants.authorization_code(db, keys, settings, form, authorization)
+            body = await grants.authorization_code(db, keys, settings, form, authorization,
+                                                   revocations=request.app.state.revocations)
         elif grant == "refresh_token":
-            body = await grants.refresh_token(db, keys, settings, form, authorization)
+            body = await grants.refresh_token(db, keys, settings, form, authorization,
+                                              revocations=request.app.state.revocations)
         elif not grant:
             raise oauth.OAuthError("invalid_request", "grant_type is required")
         else:
@@ -167,7 +147,8 @@ async def revoke(request: Request) -> Response:
         form = await _form(request)
         request.state.oauth_client_id = form.get("client_id")
         await introspection.revoke(request.app.state.db, request.app.state.keys, settings, form,
-                                   request.headers.get("authorization"))
+                                   request.headers.get("authorization"),
+                                   revocations=request.app.state.revocations)
     except oauth.OAuthError as exc:
         request.state.refusal = exc.error
         return oauth_error(exc)
@@ -317,35 +298,10 @@ async def openid_configuration(request: Request) -> Response:
     }, headers=CORS)
 
 
-async def _proxy(request: Request, rest: str, upstream: str, audience: str) -> Response:
-    proxy.reject_unsafe_path(request.scope.get("raw_path", b"").decode("latin-1"))
-    if proxy.needs_token(rest):
-        token = await request.app.state.verifiers[audience].verify(tokens.bearer_token(request))
-        request.state.caller = {
-            "client_id": token.client_id, "subject": token.subject, "fhir_user": token.fhir_user,
-            "jti": token.jti, "patient": f"Patient/{token.patient}" if token.patient else None,
-            "purpose_of_use": [token.purpose_of_use] if token.purpose_of_use else [],
-        }
-        if await store.is_revoked(request.app.state.db, token.jti, token.session_id):
-            raise errors.Unauthorized("The access token has been revoked")
-        client = await _registration(request, token.client_id) if token.client_id else None
-        await _limit(request, f"client:{token.client_id or token.subject}", client)
-        proxy.check_scopes(token, proxy.classify(request.method, rest))
-    elif request.method != "GET":
-        raise errors.MethodNotAllowed("Only GET is supported here")
-    return await proxy.forward(request, request.app.state.http, upstream, request.state.request_id)
-
-
-# The exact base too (`POST /fhir` is a batch/transaction): no 307 to a trailing slash.
-@router.api_route("/fhir", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-@router.api_route("/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def records(request: Request, rest: str = "") -> Response:
-    settings = _settings(request)
-    return await _proxy(request, rest, settings.records_url, "records")
-
-
-@router.api_route("/psychnotes/fhir", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-@router.api_route("/psychnotes/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def psychnotes(request: Request, rest: str = "") -> Response:
-    settings = _settings(request)
-    return await _proxy(request, rest, settings.psychnotes_url, "psychnotes")
+# The FHIR bases: pure ASGI endpoints (proxy.ProxyEndpoint), the exact base too (`POST /fhir` is
+# a batch/transaction: no 307 to a trailing slash). Declared last, so the discovery documents
+# above keep their own routes.
+for _base, _backend in (("/fhir", "records"), ("/psychnotes/fhir", "psychnotes")):
+    _endpoint = proxy.ProxyEndpoint(_backend)
+    for _path in (_base, _base + "/{rest:path}"):
+        router.routes.append(Route(_path, _endpoint, methods=list(proxy.METHODS), name=_backend))

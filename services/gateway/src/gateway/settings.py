@@ -35,6 +35,12 @@ class GatewaySettings(ServiceSettings):
     login_lockout_seconds: int = 300
     rate_limit_requests: int = 6000  # per client per window; generous so tests never trip it
     rate_limit_window_seconds: int = 60
+    # 0: each replica counts its own windows (with N replicas a client gets N x the budget);
+    # > 0: replicas add their counts to the datastore this often and share one budget.
+    rate_limit_sync_seconds: float = 0.0
+    # How often each replica asks the datastore for revocations newer than the last it saw: a
+    # revoked access token is refused by every other replica within this interval.
+    revocation_refresh_seconds: float = 1.0
 
     @property
     def issuer(self) -> str:

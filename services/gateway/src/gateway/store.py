@@ -31,6 +31,7 @@ async def ensure_indexes(db: Db) -> None:
     await db.refresh_tokens.create_index([("family", ASCENDING)])
     await db.refresh_tokens.create_index([("expires", ASCENDING)])
     await db.revoked_tokens.create_index([("expires", ASCENDING)])
+    await db.revoked_tokens.create_index([("revoked_at", ASCENDING)])
     await db.launches.create_index([("expires", ASCENDING)])
     await db.rate_windows.create_index([("expires", ASCENDING)])
 
@@ -154,19 +155,37 @@ async def revoke_refresh_family(db: Db, family: str) -> None:
     await db.refresh_tokens.update_many({"family": family}, {"$set": {"revoked": True}})
 
 
-async def revoke_family_tokens(db: Db, family: str) -> None:
+async def revoke_family_tokens(db: Db, family: str) -> tuple[str, datetime]:
+    """Revoke every access token of a grant; returns the revocation's id and expiry."""
+    revoked_id, expires = f"family:{family}", datetime.now(UTC) + timedelta(days=1)
+    await _put_revocation(db, revoked_id, expires)
+    return revoked_id, expires
+
+
+async def revoke_jti(db: Db, jti: str, expires: datetime) -> tuple[str, datetime]:
+    revoked_id = f"jti:{jti}"
+    await _put_revocation(db, revoked_id, expires)
+    return revoked_id, expires
+
+
+async def _put_revocation(db: Db, revoked_id: str, expires: datetime) -> None:
+    # `revoked_at` is the datastore's own clock ($currentDate), one clock for every replica, so
+    # replicas can ask "what was revoked since the newest revocation I have seen".
     await db.revoked_tokens.update_one(
-        {"_id": f"family:{family}"},
-        {"$set": {"expires": datetime.now(UTC) + timedelta(days=1)}}, upsert=True)
-
-
-async def revoke_jti(db: Db, jti: str, expires: datetime) -> None:
-    await db.revoked_tokens.update_one({"_id": f"jti:{jti}"}, {"$set": {"expires": expires}}, upsert=True)
+        {"_id": revoked_id}, {"$set": {"expires": expires}, "$currentDate": {"revoked_at": True}},
+        upsert=True)
 
 
 async def is_revoked(db: Db, jti: str, family: str | None) -> bool:
     ids = [f"jti:{jti}"] + ([f"family:{family}"] if family else [])
     return await db.revoked_tokens.find_one({"_id": {"$in": ids}}) is not None
+
+
+async def revocations_since(db: Db, since: datetime | None) -> list[dict[str, Any]]:
+    """Revocations stamped at or after `since`; with None, every revocation not yet expired."""
+    query: dict[str, Any] = ({"revoked_at": {"$gte": since}} if since is not None
+                             else {"expires": {"$gt": datetime.now(UTC)}})
+    return await db.revoked_tokens.find(query, {"expires": 1, "revoked_at": 1}).to_list()
 
 
 async def put_launch(db: Db, launch: dict[str, Any]) -> None:
@@ -177,15 +196,17 @@ async def get_launch(db: Db, launch_id: str) -> dict[str, Any] | None:
     return await db.launches.find_one({"_id": launch_id, "expires": {"$gt": datetime.now(UTC)}})
 
 
-# -- rate limiting: fixed windows counted in the datastore, so every replica shares them -------
+# -- rate limiting: windows are counted in each replica's memory (ratelimit.py); with
+# `rate_limit_sync_seconds` set, replicas add their counts here and read back the shared total.
 
-async def count_in_window(db: Db, key: str, window_start: int, window_seconds: int) -> int:
+async def add_to_window(db: Db, key: str, window_start: int, window_seconds: int, amount: int) -> int:
+    """Add `amount` requests to a client's window; the window's total over every replica."""
     doc = await db.rate_windows.find_one_and_update(
         {"_id": f"{key}\n{window_start}"},
-        {"$inc": {"count": 1},
+        {"$inc": {"count": amount},
          "$setOnInsert": {"expires": datetime.fromtimestamp(window_start + window_seconds, UTC)}},
         upsert=True, return_document=ReturnDocument.AFTER)
-    return int(doc["count"]) if doc else 1
+    return int(doc["count"]) if doc else amount
 
 
 async def forget_old_windows(db: Db) -> None:
