@@ -1,6 +1,7 @@
 """FHIR Bulk Data 2.0 `$export` end to end (issue 6): kick-off → poll → download through the gateway,
 as an insurer's backend client would, plus cancel, refusals, the concurrency cap, R/V withholding,
-disclosures and `Patient/$everything`. The last test kills records mid-export.
+disclosures (in the gateway's accounting) and `Patient/$everything`. The last test kills records
+mid-export.
 
 Records is restarted for this module with small export files and short leases (EXPORT_ENV), so
 splitting, progress and reclaiming are visible with little data; it is restored afterwards.
@@ -18,6 +19,7 @@ import httpx
 import orjson
 import pytest
 
+from mindchart_core import audit
 from tests.actors import BackendAuth, BackendClient, mint_token, register_backend
 from tests.conftest import RunningStack
 
@@ -353,28 +355,125 @@ def test_expired_exports_answer_404_and_their_files_are_swept(
     assert db.export_files.count_documents({"job": job}) == 0
 
 
-def test_disclosures_list_each_export_and_download_for_the_patient(
+def accounting(live: RunningStack, patient: str, token: str, **params: Any) -> httpx.Response:
+    """The gateway's 45 CFR 164.528 accounting of disclosures for a patient."""
+    return httpx.get(f"{live.gateway_url}/audit/Patient/{patient}/$disclosures", params=params,
+                     headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def auditor_token(live: RunningStack) -> str:
+    return mint_token(live, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
+
+
+def test_accounting_lists_each_export_and_download_for_the_patient(
     bulk: RunningStack, payer: httpx.Client, cohort: dict[str, Any]
 ) -> None:
+    """Issue 6: a payer's Group export and a file download appear in the gateway's accounting of
+    each member (purpose HPAYMT, recipient the payer's client); a non-member's shows neither."""
     manifest = export(payer, f"/Group/{cohort['group']}/$export?_type=Observation")
-    contents(payer, manifest)
-    job = manifest["output"][0]["url"].split("/$export-file/")[1].split("/")[0]
-    assert payer.get(f"/Patient/{cohort['a']}/$disclosures").status_code == 403
-    token = mint_token(bulk, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
-    response = httpx.get(f"{bulk.fhir}/Patient/{cohort['a']}/$disclosures",
-                         headers={"Authorization": f"Bearer {token}"})
+    [item] = manifest["output"]
+    download(payer, item["url"])
+    job, file_id = item["url"].split("/$export-file/")[1].split("/")
+    token = auditor_token(bulk)
+    assert accounting(bulk, cohort["a"], mint_token(bulk, scope="system/*.rs")).status_code == 403
+    response = accounting(bulk, cohort["a"], token)
     assert response.status_code == 200, response.text
     bundle = assert_valid(response.json())
-    events = [e["resource"] for e in bundle["entry"] if job in orjson.dumps(e["resource"]).decode()]
-    assert len(events) == 2  # the export, and the download of the file holding A's scores
+    events = [e["resource"] for e in bundle["entry"] if job in e["resource"].get("outcomeDesc", "")]
+    # Newest first: the download, then the export. A: three PHQ-9 and the GAD-7.
+    assert [e["outcomeDesc"] for e in events] == [
+        f"bulk export file download {job} (file {file_id}): 4 Observation",
+        f"bulk export {job}: 4 Observation"]
     for event in events:
         assert event["type"]["code"] == "110106"
+        assert event["subtype"][0]["code"] == "disclose"
+        assert event["recorded"].startswith(str(datetime.now(UTC).date()))
         assert event["purposeOfEvent"][0]["coding"][0]["code"] == "HPAYMT"
         assert {"reference": f"Patient/{cohort['a']}"} in [e.get("what") for e in event["entity"]]
-        assert payer_client_id(payer) in orjson.dumps(event["agent"]).decode()
-    c_events = httpx.get(f"{bulk.fhir}/Patient/{cohort['c']}/$disclosures",
-                         headers={"Authorization": f"Bearer {token}"}).json()
-    assert job not in orjson.dumps(c_events).decode()  # C is not a member: nothing disclosed
+        recipient = next(a for a in event["agent"] if a["type"]["coding"][0]["code"] == "110152")
+        assert recipient["who"] == {"identifier": {"value": payer_client_id(payer)}}
+    b_text = orjson.dumps(accounting(bulk, cohort["b"], token).json()).decode()
+    assert f"bulk export {job}: 3 Observation" in b_text
+    c_text = orjson.dumps(accounting(bulk, cohort["c"], token).json()).decode()
+    assert job not in c_text  # C is not a member: neither the export nor the download
+
+
+def test_accounting_pages_through_records_entries(
+    bulk: RunningStack, payer: httpx.Client, cohort: dict[str, Any]
+) -> None:
+    for _ in range(2):
+        contents(payer, export(payer, f"/Group/{cohort['group']}/$export?_type=Patient"))
+    token = auditor_token(bulk)
+    whole = accounting(bulk, cohort["b"], token).json()["entry"]
+    assert len(whole) >= 4
+    assert not any(link["relation"] == "next" for link in accounting(bulk, cohort["b"], token).json()["link"])
+    paged: list[dict[str, Any]] = []
+    url: str | None = f"{bulk.gateway_url}/audit/Patient/{cohort['b']}/$disclosures?_count=3"
+    while url:
+        page = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert page.status_code == 200, page.text
+        entries = page.json().get("entry", [])
+        assert len(entries) <= 3
+        paged += entries
+        url = next((link["url"] for link in page.json()["link"] if link["relation"] == "next"), None)
+    assert [e["resource"]["id"] for e in paged] == [e["resource"]["id"] for e in whole]
+    recorded = [e["resource"]["recorded"] for e in whole]
+    assert recorded == sorted(recorded, reverse=True)
+    tomorrow = datetime.now(UTC).date().toordinal() + 1
+    later = accounting(bulk, cohort["b"], token, date=f"ge{datetime.fromordinal(tomorrow).date()}")
+    assert later.json()["entry"] == []
+
+
+def test_records_disclosure_log_is_internal_to_the_gateways_accounting(
+    bulk: RunningStack, payer: httpx.Client, cohort: dict[str, Any], tmp_path: Any
+) -> None:
+    """Records answers its `$disclosures` to the gateway's own accounting token only."""
+    path = f"/Patient/{cohort['a']}/$disclosures"
+    assert payer.get(path).status_code == 403
+    for claims in ({"scope": "system/AuditEvent.rs", "sub": "auditor", "client_id": "auditor"},
+                   {"scope": "user/AuditEvent.rs", "sub": "root", "client_id": "app", "roles": ["admin"]},
+                   {"scope": audit.ACCOUNTING_SCOPE, "sub": "auditor", "client_id": "auditor"},
+                   {"scope": "system/*.rs", "sub": audit.ACCOUNTING_CLIENT,
+                    "client_id": audit.ACCOUNTING_CLIENT}):
+        token = mint_token(bulk, **claims)
+        for base in (bulk.fhir, f"{bulk.direct_url('records')}/fhir"):
+            refused = httpx.get(f"{base}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert refused.status_code == 403, (claims, refused.text)
+            assert refused.json()["issue"][0]["code"] == "forbidden"
+    # A client registered with the accounting scope still cannot use it: the client id is the
+    # gateway's own, which no registration can take.
+    sneaky = backend(bulk, "sneaky", f"system/*.rs {audit.ACCOUNTING_SCOPE}", tmp_path)
+    with http_for(bulk, sneaky, f"system/*.rs {audit.ACCOUNTING_SCOPE}") as http:
+        assert http.get(path).status_code == 403
+    gateway_own = mint_token(bulk, scope=audit.ACCOUNTING_SCOPE, sub=audit.ACCOUNTING_CLIENT,
+                             client_id=audit.ACCOUNTING_CLIENT)
+    direct = httpx.get(f"{bulk.direct_url('records')}/fhir{path}",
+                       headers={"Authorization": f"Bearer {gateway_own}"}, timeout=30)
+    assert direct.status_code == 200, direct.text
+    # ... and that token reads nothing clinical.
+    clinical = httpx.get(f"{bulk.direct_url('records')}/fhir/Patient/{cohort['a']}",
+                         headers={"Authorization": f"Bearer {gateway_own}"}, timeout=30)
+    assert clinical.status_code in (403, 404)
+
+
+def test_accounting_is_503_not_partial_while_records_is_down(
+    bulk: RunningStack, cohort: dict[str, Any]
+) -> None:
+    token = auditor_token(bulk)
+    assert accounting(bulk, cohort["a"], token).status_code == 200
+    bulk.runner.stop(only=("records",))
+    try:
+        response = accounting(bulk, cohort["a"], token)
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"].startswith("application/fhir+json")
+        assert int(response.headers["retry-after"]) > 0
+        outcome = response.json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert outcome["issue"][0]["code"] == "transient"
+        assert "records" in outcome["issue"][0]["diagnostics"]
+    finally:
+        bulk.runner.restart_service("records")
+    assert accounting(bulk, cohort["a"], token).status_code == 200
 
 
 def payer_client_id(http: httpx.Client) -> str:
@@ -469,8 +568,6 @@ def test_a_second_export_waits_and_a_crash_mid_export_loses_and_duplicates_nothi
     assert db["export.files"].count_documents({"metadata.job": job}) == len(manifest["output"])
     assert db["export.chunks"].count_documents(first_attempt) == 0
     # The disclosure log counts what was released once, not what the dead attempt had counted.
-    token = mint_token(bulk, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
-    events = httpx.get(f"{bulk.fhir}/Patient/{patient}/$disclosures",
-                       headers={"Authorization": f"Bearer {token}"}).json()["entry"]
+    events = accounting(bulk, patient, auditor_token(bulk)).json()["entry"]
     exports = [e["resource"]["outcomeDesc"] for e in events if "bulk export " + job in e["resource"]["outcomeDesc"]]
     assert exports == [f"bulk export {job}: {CRASH_SIZE} Observation"]

@@ -3,7 +3,9 @@ gateway's hash chain, the header never leaves the gateway (also when malformed),
 `GET /audit/Patient/{id}/$disclosures` gives the 45 CFR 164.528 accounting.
 
 The gateway app runs in-process on the test stack's gateway datastore (its own database), with a
-fake upstream in place of records, so this does not depend on psychnotes or bulk export."""
+fake upstream in place of records, so this does not depend on psychnotes or bulk export. That fake also answers as records' internal
+`$disclosures`, to check how the accounting merges, pages and fails; the real records is in
+tests/e2e/test_export.py."""
 
 from __future__ import annotations
 
@@ -23,23 +25,52 @@ from pymongo import MongoClient
 from gateway import chain
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from mindchart_core.audit import DISCLOSURE_HEADER, Disclosure, encode_disclosures
+from mindchart_core.audit import (
+    ACCOUNTING_CLIENT,
+    ACCOUNTING_SCOPE,
+    DISCLOSURE_HEADER,
+    Disclosure,
+    disclosure_audit_event,
+    encode_disclosures,
+)
 from tests.conftest import RunningStack
 
 BASE = "http://testserver"
 
 
 class Upstream:
-    """Stands in for a FHIR backend: answers 200 and reports what the test tells it to."""
+    """Stands in for a FHIR backend: answers 200 and reports what the test tells it to. As records'
+    internal `$disclosures` it answers `records_events` (or fails as `records_failure` says) and
+    keeps the requests it got."""
 
     def __init__(self) -> None:
         self.report: str | None = None
+        self.records_events: list[dict[str, Any]] = []
+        self.records_failure: str | None = None  # "down" | "error" | "garbage"
+        self.accounting_requests: list[httpx.Request] = []
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/$disclosures"):
+            return self.records_disclosures(request)
         headers = {"content-type": "application/fhir+json"}
         if self.report is not None:
             headers[DISCLOSURE_HEADER] = self.report
         return httpx.Response(200, headers=headers, stream=OneChunk(b'{"resourceType":"DocumentReference","id":"n1"}'))
+
+
+    def records_disclosures(self, request: httpx.Request) -> httpx.Response:
+        self.accounting_requests.append(request)
+        if self.records_failure == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if self.records_failure == "error":
+            return httpx.Response(500, json={"resourceType": "OperationOutcome", "issue": []})
+        if self.records_failure == "garbage":
+            return httpx.Response(200, json={"resourceType": "Patient"})
+        entries = [{"fullUrl": f"urn:uuid:{e['id']}", "resource": e, "search": {"mode": "match"}}
+                   for e in self.records_events]
+        return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset",
+                                         "link": [{"relation": "self", "url": str(request.url)}],
+                                         "entry": entries})
 
 
 class OneChunk(httpx.AsyncByteStream):
@@ -150,3 +181,82 @@ def asyncio_verify(db: Any) -> dict[str, Any]:
             await client.close()
 
     return asyncio.run(run())
+
+
+def records_export_event(patient: str, recorded: datetime, ident: str) -> dict[str, Any]:
+    event = disclosure_audit_event(
+        Disclosure(patient=f"Patient/{patient}", entities=[], purpose_of_use=["HPAYMT"],
+                   basis="scope:payer", recipient_client_id="payer",
+                   description=f"bulk export job-{ident}: 2 Observation"),
+        custodian=f"{BASE}/fhir", request_id=f"job-{ident}", recorded=recorded)
+    event["id"] = ident
+    return event
+
+
+def test_accounting_merges_records_export_disclosures_newest_first(
+    gateway: tuple[TestClient, Upstream, Any]
+) -> None:
+    client, upstream, db = gateway
+    patient = f"m{uuid.uuid4().hex[:8]}"
+    upstream.report = encode_disclosures([released(patient, "app")])
+    assert client.get("/fhir/DocumentReference/n1", headers={"Authorization": f"Bearer {token(db)}"}
+                      ).status_code == 200
+    upstream.report = None
+    now = datetime.now(UTC)
+    upstream.records_events = [records_export_event(patient, now + timedelta(hours=1), "later"),
+                               records_export_event(patient, now - timedelta(hours=1), "earlier")]
+    upstream.accounting_requests.clear()
+    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs')}"}
+    response = client.get(f"/audit/Patient/{patient}/$disclosures", headers=admin,
+                          params={"date": f"ge{(now - timedelta(days=1)).date()}"})
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    descriptions = [e["resource"]["outcomeDesc"] for e in entries]
+    assert descriptions == ["bulk export job-later: 2 Observation",
+                            "psychotherapy note released under the patient's authorization",
+                            "bulk export job-earlier: 2 Observation"]
+    assert entries[0]["fullUrl"] == "urn:uuid:later"
+    assert entries[1]["fullUrl"].startswith(f"{BASE}/audit/AuditEvent/")
+    assert entries[0]["resource"]["purposeOfEvent"][0]["coding"][0]["code"] == "HPAYMT"
+    # What the gateway asked records, and with which credentials: a token of its own, for the
+    # records audience, short-lived, with the one accounting scope and nothing clinical.
+    [asked] = upstream.accounting_requests
+    assert asked.url.path == f"/fhir/Patient/{patient}/$disclosures"
+    assert asked.url.params.get_list("date") == [f"ge{(now - timedelta(days=1)).date()}"]
+    key = RSAKey.import_key(db.signing_keys.find_one(sort=[("created", -1)])["jwk"])
+    claims = jwt.decode(asked.headers["authorization"].removeprefix("Bearer "), key).claims
+    assert claims["client_id"] == claims["sub"] == ACCOUNTING_CLIENT
+    assert claims["scope"] == ACCOUNTING_SCOPE
+    assert claims["aud"] == f"{BASE}/fhir" and claims["iss"] == BASE
+    assert 0 < claims["exp"] - claims["iat"] <= 60
+    # Paged: one entry at a time, in the same order, through both logs.
+    seen: list[str] = []
+    url: str | None = f"/audit/Patient/{patient}/$disclosures?_count=1"
+    while url:
+        page = client.get(url, headers=admin).json()
+        seen += [e["resource"]["outcomeDesc"] for e in page["entry"]]
+        url = next((link["url"].removeprefix(BASE) for link in page["link"] if link["relation"] == "next"),
+                   None)
+        upstream.records_events = [e for e in upstream.records_events
+                                   if url is None or e["outcomeDesc"] not in seen]
+    assert seen == descriptions
+    upstream.records_events = []
+
+
+@pytest.mark.parametrize("failure", ["down", "error", "garbage"])
+def test_accounting_is_503_when_records_cannot_answer(
+    gateway: tuple[TestClient, Upstream, Any], failure: str
+) -> None:
+    client, upstream, db = gateway
+    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs')}"}
+    upstream.records_failure = failure
+    try:
+        response = client.get("/audit/Patient/p1/$disclosures", headers=admin)
+    finally:
+        upstream.records_failure = None
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    assert int(response.headers["retry-after"]) > 0
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "transient" and "records" in issue["diagnostics"]
+    assert client.get("/audit/Patient/p1/$disclosures", headers=admin).status_code == 200

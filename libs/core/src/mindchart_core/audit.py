@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -147,6 +148,59 @@ def rest_audit_event(audit: RestAudit) -> dict[str, Any]:
 # AuditEvent per patient in its audit trail, from which `/audit/Patient/{id}/$disclosures` answers.
 
 DISCLOSURE_HEADER = "x-mindchart-disclosure"
+
+# Records keeps its own disclosure log for bulk export (one entry per patient per export and per
+# file download: far too many for a header). The gateway reads it for the accounting with an
+# access token it mints for itself: this client id (never registrable: client ids are
+# `[A-Za-z0-9._-]`) and this scope (SMART 2.2 §scopes: a custom scope starts with `__`).
+# Records answers its `Patient/{id}/$disclosures` to that token only.
+ACCOUNTING_CLIENT = "urn:mindchart:gateway:accounting"
+ACCOUNTING_SCOPE = "__mindchart.disclosures"
+_DATE = re.compile(r"^(eq|ge|gt|le|lt)?(\d{4}-\d{2}-\d{2})(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?$")
+
+
+def recorded_range(value: str) -> dict[str, datetime] | None:
+    """A FHIR `date` search value (R4 search.html §date: eq|ge|gt|le|lt, a day or an instant) as
+    a MongoDB range on a UTC datetime; None when the value is not a date. The gateway's audit
+    search and both halves of the accounting (gateway, records) read `date` alike through this."""
+    match = _DATE.match(value)
+    if match is None:
+        return None
+    prefix = match[1] or "eq"
+    text = match[2] + (match[3] or "")
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    end = moment + (timedelta(days=1) if match[3] is None else timedelta(milliseconds=1))
+    return {"eq": {"$gte": moment, "$lt": end}, "ge": {"$gte": moment}, "gt": {"$gte": end},
+            "le": {"$lt": end}, "lt": {"$lt": moment}}[prefix]
+
+
+def accounting_key(event: dict[str, Any]) -> tuple[datetime, str]:
+    """The order of an accounting (newest first): `recorded`, then the AuditEvent id for ties."""
+    recorded = datetime.fromisoformat(str(event["recorded"]).replace("Z", "+00:00"))
+    return recorded, str(event["id"])
+
+
+def accounting_cursor(event: dict[str, Any]) -> str:
+    """Where the next page of an accounting starts: after this event (see `accounting_key`)."""
+    recorded, ident = accounting_key(event)
+    return f"{recorded.astimezone(UTC).isoformat(timespec='milliseconds').replace('+00:00', 'Z')}|{ident}"
+
+
+def parse_accounting_cursor(value: str) -> tuple[datetime, str] | None:
+    """`accounting_cursor` read back; None when malformed."""
+    stamp, _, ident = value.partition("|")
+    if not ident or not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", ident):
+        return None
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), ident
 
 
 @dataclass

@@ -9,31 +9,34 @@ username or fhirUser), `entity` (a reference such as Patient/1 or DocumentRefere
 (0, 4, 8, 12), `_count` (default 50, at most 500). Newest first; `next` links page by chain position.
 
 The accounting is a FHIR `searchset` Bundle of IHE.BasicAudit.PrivacyDisclosure AuditEvents, one
-per release, newest first, filterable by `date`. 164.528(b)(2) elements map to: date =
-`recorded`; recipient = the `agent` with type DCM#110152 (`who`, and `altId` = the app's
-client_id); description of what was disclosed = the `entity` entries with role object-role#4 plus
-`outcomeDesc`; purpose = `purposeOfEvent`; basis (authorization or exception) = the `entity` with
-role object-role#13.
+per release, newest first, filterable by `date`, paged by `_count` (default 1000, at most 500 when
+given) and `_cursor`. It merges the gateway's own disclosure records (reported by backends in
+DISCLOSURE_HEADER) with records' bulk-export log (each export and each file download, per
+patient), which the gateway reads from records with a token it mints for itself
+(gateway/accounting.py); if records does not answer, the accounting is 503, never partial.
+164.528(b)(2) elements map to: date = `recorded`; recipient = the `agent` with type DCM#110152
+(`who`, and `altId` = the app's client_id); description of what was disclosed = the `entity`
+entries with role object-role#4 plus `outcomeDesc`; purpose = `purposeOfEvent`; basis
+(authorization or exception) = the `entity` with role object-role#13.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway import introspection
+from gateway import accounting, introspection
 from gateway.settings import GatewaySettings
-from mindchart_core import errors, fhirjson, scopes
+from mindchart_core import audit, errors, fhirjson, scopes
 
 router = APIRouter()
 
 _PARAMS = {"date", "patient", "agent", "entity", "outcome", "_count", "_cursor", "_format"}
-_DATE = re.compile(r"^(eq|ge|gt|le|lt)?(\d{4}-\d{2}-\d{2})(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?$")
 _REF = re.compile(r"^[A-Za-z0-9._:/|-]{1,256}$")
 
 
@@ -62,20 +65,10 @@ async def require_auditor(request: Request) -> dict[str, Any]:
 
 
 def _date_clause(value: str) -> dict[str, datetime]:
-    match = _DATE.match(value)
-    if match is None:
+    window = audit.recorded_range(value)
+    if window is None:
         raise errors.Invalid(f"date must be YYYY-MM-DD or an instant, with an optional prefix: {value!r}")
-    prefix = match[1] or "eq"
-    text = match[2] + (match[3] or "")
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise errors.Invalid(f"date is not a valid date: {value!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    end = moment + (timedelta(days=1) if match[3] is None else timedelta(milliseconds=1))
-    return {"eq": {"$gte": moment, "$lt": end}, "ge": {"$gte": moment}, "gt": {"$gte": end},
-            "le": {"$lt": end}, "lt": {"$lt": moment}}[prefix]
+    return window
 
 
 def search_filter(request: Request) -> tuple[dict[str, Any], int, int | None]:
@@ -159,17 +152,67 @@ async def read_audit(request: Request, event_id: str) -> Response:
     return fhirjson.FhirResponse(record["event"])
 
 
+_ACCOUNTING_PARAMS = {"date", "_count", "_cursor", "_format"}
+_DEFAULT_ACCOUNTING_PAGE = 1000
+
+
+async def _own_disclosures(request: Request, patient: str, windows: list[dict[str, datetime]],
+                           before: tuple[datetime, str] | None, limit: int) -> list[dict[str, Any]]:
+    """The gateway's PrivacyDisclosure records of a patient, newest first by (recorded, id)."""
+    clauses: list[dict[str, Any]] = [{"kind": "disclosure"}, {"patient": patient}]
+    clauses += [{"recorded": w} for w in windows]
+    if before is not None:
+        moment, ident = before
+        clauses.append({"$or": [{"recorded": {"$lt": moment}}, {"recorded": moment, "_id": {"$lt": ident}}]})
+    found: list[dict[str, Any]] = await request.app.state.db.audit_events.find({"$and": clauses}).sort(
+        [("recorded", -1), ("_id", -1)]).limit(limit).to_list()
+    return [r["event"] for r in found]
+
+
 @router.get("/audit/Patient/{patient_id}/$disclosures")
 async def disclosures(request: Request, patient_id: str) -> Response:
-    """45 CFR 164.528: who received this patient's data, when, why, and on what basis."""
+    """45 CFR 164.528: who received this patient's data, when, why, and on what basis.
+
+    One accounting from two logs: the gateway's own disclosure records (what backends reported
+    in DISCLOSURE_HEADER, e.g. psychotherapy notes) and records' bulk-export log (each export
+    and each file download per patient), fetched from records (gateway/accounting.py). Merged
+    newest first by (`recorded`, AuditEvent id); `_cursor` pages through both. If records does
+    not answer, 503: never a partial accounting.
+    """
     await require_auditor(request)
     if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", patient_id):
         raise errors.Invalid("patient id is not a FHIR id")
-    query, count, _ = search_filter(request)
-    clauses = [{"kind": "disclosure"}, {"patient": f"Patient/{patient_id}"}] + ([query] if query else [])
-    limit = count if "_count" in request.query_params else 1000
-    records, cursor = await _page(request, {"$and": clauses}, limit)
+    params = request.query_params
+    unknown = set(params.keys()) - _ACCOUNTING_PARAMS
+    if unknown:
+        raise errors.Invalid(f"Unsupported search parameter(s): {', '.join(sorted(unknown))}")
+    dates = params.getlist("date")
+    windows = [_date_clause(value) for value in dates]
+    try:
+        count = (min(max(int(params["_count"]), 1), 500) if "_count" in params
+                 else _DEFAULT_ACCOUNTING_PAGE)
+    except ValueError:
+        raise errors.Invalid("_count must be an integer") from None
+    cursor = params.get("_cursor")
+    before = audit.parse_accounting_cursor(cursor) if cursor is not None else None
+    if cursor is not None and before is None:
+        raise errors.Invalid("_cursor is not a cursor this server issued")
+    own = await _own_disclosures(request, f"Patient/{patient_id}", windows, before, count + 1)
+    theirs, more_there = await accounting.records_disclosures(
+        request.app, patient_id, dates, cursor, count, str(request.state.request_id))
+    merged = sorted(own + theirs, key=audit.accounting_key, reverse=True)
+    page, more = merged[:count], len(merged) > count or more_there
     settings: GatewaySettings = request.app.state.settings
     self_url = f"{settings.issuer}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
-    bundle = _bundle(settings, records, self_url, _next(request, cursor))
-    return fhirjson.FhirResponse(bundle)
+    links = [{"relation": "self", "url": self_url}]
+    if more and page:
+        pairs = [(k, v) for k, v in params.multi_items() if k != "_cursor"]
+        pairs.append(("_cursor", audit.accounting_cursor(page[-1])))
+        links.append({"relation": "next", "url": f"{settings.issuer}{request.url.path}?{urlencode(pairs)}"})
+    own_ids = {event["id"] for event in own}
+    return fhirjson.FhirResponse({
+        "resourceType": "Bundle", "type": "searchset", "link": links,
+        "entry": [{"fullUrl": f"{settings.issuer}/audit/AuditEvent/{event['id']}" if event["id"] in own_ids
+                   else f"urn:uuid:{event['id']}",
+                   "resource": event, "search": {"mode": "match"}} for event in page],
+    })

@@ -5,7 +5,8 @@
 - Status: `GET /fhir/$export-status/{job}` → 202 (`X-Progress`, `Retry-After`) | 200 manifest |
   404 after cancel or expiry; `DELETE` cancels (202).
 - Files: `GET /fhir/$export-file/{job}/{file}` → `application/fhir+ndjson`, streamed from GridFS.
-- `GET /fhir/Patient/{id}/$disclosures`: the 45 CFR 164.528 entries records holds for a patient.
+- `GET /fhir/Patient/{id}/$disclosures`: internal, for the gateway's accounting only (see
+  `patient_disclosures`): the 45 CFR 164.528 entries records holds for a patient.
 
 Status and file URLs carry a `$` segment, so the gateway treats them as operations (any clinical
 scope passes its coarse check); records itself restricts them to the kick-off's client and
@@ -18,6 +19,7 @@ import uuid
 from datetime import UTC
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, Request
@@ -247,36 +249,84 @@ async def export_file(job_id: str, file_id: str, request: Request) -> Response:
                              headers={"Content-Disposition": f'attachment; filename="{file_id}.ndjson"'})
 
 
+_DISCLOSURE_PARAMS = {"date", "_count", "_cursor", "_format"}
+
+
 @router.get("/Patient/{patient_id}/$disclosures")
 async def patient_disclosures(patient_id: str, request: Request) -> Response:
-    """Disclosures of one patient's records data (45 CFR 164.528), as BALP PrivacyDisclosure
-    AuditEvents. For administrators (role `admin`) or `system/AuditEvent.rs` clients."""
+    """Internal: the bulk-export disclosures of one patient (45 CFR 164.528(b)(2)), as BALP
+    PrivacyDisclosure AuditEvents, for the gateway's accounting only.
+
+    The public accounting is the gateway's `GET /audit/Patient/{id}/$disclosures`, which merges
+    these with its own entries. Here only the token the gateway mints for itself is accepted
+    (client `audit.ACCOUNTING_CLIENT` with scope `audit.ACCOUNTING_SCOPE`); any other caller,
+    administrators and `system/AuditEvent.rs` clients included, gets 403, so this log has one
+    reader and one set of access rules (the gateway's).
+
+    Parameters: `date` (repeatable; eq|ge|gt|le|lt, a day or an instant) on `recorded`;
+    `_count` (page size, at most 1000); `_cursor` (from the `next` link). Newest first, ordered
+    by (`recorded`, AuditEvent id).
+    """
     token = await _caller(request)
     fhirjson.negotiate(request)
-    auditor = any(s.context == "system" and s.resource_type == "AuditEvent" and "s" in s.permissions
-                  for s in token.scope.clinical)  # explicitly: `system/*.rs` is not enough
-    if "admin" not in token.roles and not auditor:
-        raise errors.Forbidden("Listing disclosures needs the admin role or system/AuditEvent.rs")
+    if token.client_id != audit.ACCOUNTING_CLIENT or token.subject != audit.ACCOUNTING_CLIENT or \
+            not token.scope.has(audit.ACCOUNTING_SCOPE):
+        raise errors.Forbidden("This operation is internal: read the accounting of disclosures "
+                               "at the gateway's /audit/Patient/{id}/$disclosures")
+    params = request.query_params
+    unknown = set(params.keys()) - _DISCLOSURE_PARAMS
+    if unknown:
+        raise errors.Invalid(f"Unsupported parameter(s): {', '.join(sorted(unknown))}")
+    windows = []
+    for value in params.getlist("date"):
+        window = audit.recorded_range(value)
+        if window is None:
+            raise errors.Invalid("date must be YYYY-MM-DD or an instant, with an optional prefix: "
+                                 f"{value[:40]!r}")
+        windows.append(window)
+    try:
+        count = min(max(int(params.get("_count", str(store.MAX_DISCLOSURES))), 1), store.MAX_DISCLOSURES)
+    except ValueError:
+        raise errors.Invalid("_count must be an integer") from None
+    before = None
+    if "_cursor" in params:
+        before = audit.parse_accounting_cursor(params["_cursor"])
+        if before is None:
+            raise errors.Invalid("_cursor is not a cursor this server issued")
     base_url = _base_url(request)
+
+    def event_id(doc: dict[str, Any]) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base_url}/disclosure/{doc['_id']}"))
+
+    docs = await store.disclosures_of(_db(request), patient_id, windows=windows, before=before,
+                                      limit=count + 1, event_id=event_id)
     entries = []
-    for doc in await store.disclosures_of(_db(request), patient_id):
+    for doc in docs[:count]:
         counts = doc.get("counts") or {}
         what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-        verb = "bulk export" if doc["event"] == "export" else "bulk export file download"
+        if doc["event"] == "export":
+            verb = f"bulk export {doc['job']}"
+        else:
+            verb = f"bulk export file download {doc['job']} (file {doc.get('file')})"
         event = audit.disclosure_audit_event(
             audit.Disclosure(
                 patient=f"Patient/{patient_id}", entities=[], purpose_of_use=[doc["purpose"]],
                 basis=f"scope:{doc['recipient']}", recipient_client_id=doc["recipient"],
                 recipient_user=doc.get("recipient_user"),
-                description=f"{verb} {doc['job']}: {what}"),
+                description=f"{verb}: {what}"),
             custodian=base_url, request_id=str(doc["job"]), recorded=doc["recorded"],
         )
-        event["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base_url}/disclosure/{doc['_id']}"))
+        event["id"] = event_id(doc)
         entries.append({"fullUrl": f"urn:uuid:{event['id']}", "resource": event,
                         "search": {"mode": "match"}})
-    bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(entries),
-              "link": [{"relation": "self", "url": f"{base_url}/Patient/{patient_id}/$disclosures"}],
-              "entry": entries}
+    self_url = f"{base_url}/Patient/{patient_id}/$disclosures"
+    links = [{"relation": "self", "url": self_url + (f"?{request.url.query}" if request.url.query else "")}]
+    if len(docs) > count:
+        pairs = [(k, v) for k, v in params.multi_items() if k != "_cursor"]
+        pairs.append(("_cursor", audit.accounting_cursor(entries[-1]["resource"])))
+        links.append({"relation": "next", "url": f"{self_url}?{urlencode(pairs)}"})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links,
+                              "entry": entries}
     if not entries:
         del bundle["entry"]
     return fhirjson.FhirResponse(bundle)
