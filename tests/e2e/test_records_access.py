@@ -13,7 +13,7 @@ import pytest
 
 from tests.actors import BackendAuth, BackendClient, mint_token, records_client
 from tests.conftest import RunningStack
-from tests.e2e.test_records_rest import (
+from tests.records_resources import (
     OBS_CATEGORY,
     ids_of,
     outcome,

@@ -15,7 +15,7 @@ from fhirpy import AsyncFHIRClient
 
 from tests.actors import BackendClient
 from tests.conftest import RunningStack
-from tests.e2e.test_records_rest import phq9_total, progress_note
+from tests.records_resources import phq9_total, progress_note
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from tests.actors import BackendAuth, BackendClient, mint_token, records_client
 from tests.conftest import RunningStack
-from tests.e2e.test_records_rest import outcome, patient, phq9_total
+from tests.records_resources import outcome, patient, phq9_total
 
 TYPES = ("Patient", "Observation", "DocumentReference", "Provenance")
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.actors import BackendAuth, BackendClient, records_client
 from tests.conftest import RunningStack
-from tests.e2e.test_records_rest import (
+from tests.records_resources import (
     LOINC,
     NOTE_CATEGORY,
     OBS_CATEGORY,

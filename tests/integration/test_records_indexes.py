@@ -25,7 +25,7 @@ from records import store
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
 from records.search import query
-from tests.e2e.test_records_rest import phq9_total, progress_note
+from tests.records_resources import phq9_total, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"
 NOTES = 120

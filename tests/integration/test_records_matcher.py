@@ -28,7 +28,7 @@ from records.everything import _care_clause
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
 from records.search import extract, matcher, query
-from tests.e2e.test_records_rest import LOINC, patient, phq9_total, progress_note
+from tests.records_resources import LOINC, patient, phq9_total, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"
 CONF = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"

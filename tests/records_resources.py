@@ -1,0 +1,64 @@
+"""Records test data and answers shared by the records test modules: US Core-shaped builders
+(Patient, progress note, PHQ-9 total) and small checks of FHIR answers."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+
+LOINC = "http://loinc.org"
+NOTE_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category"
+OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+
+
+def patient(family: str = "Rivera", **changes: Any) -> dict[str, Any]:
+    body = {"resourceType": "Patient", "name": [{"family": family, "given": ["Alex"]}],
+            "gender": "other", "birthDate": "1990-05-17"}
+    body.update(changes)
+    return body
+
+
+def progress_note(patient_id: str, *, code: str = "11506-3", date: str = "2026-11-20T10:00:00Z",
+                  text: str = "S: low mood. O: PHQ-9 14. A: moderate. P: CBT weekly.",
+                  **changes: Any) -> dict[str, Any]:
+    note = {
+        "resourceType": "DocumentReference", "status": "current",
+        "type": {"coding": [{"system": LOINC, "code": code}]},
+        "category": [{"coding": [{"system": NOTE_CATEGORY, "code": "clinical-note"}]}],
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "date": date,
+        "content": [{"attachment": {"contentType": "text/plain",
+                                    "data": base64.b64encode(text.encode()).decode()}}],
+    }
+    note.update(changes)
+    return note
+
+
+def phq9_total(patient_id: str, score: float = 14, *, when: str = "2026-11-20",
+               code: str = "44261-6", **changes: Any) -> dict[str, Any]:
+    body = {
+        "resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": OBS_CATEGORY, "code": "survey"}]}],
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": score, "system": "http://unitsofmeasure.org", "code": "{score}"},
+    }
+    body.update(changes)
+    return body
+
+
+def outcome(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    if code is not None:
+        assert body["issue"][0]["code"] == code, body
+    return dict(body)
+
+
+def ids_of(bundle: dict[str, Any], mode: str | None = "match") -> list[str]:
+    return [e["resource"]["id"] for e in bundle.get("entry", [])
+            if mode is None or e.get("search", {}).get("mode") == mode]
