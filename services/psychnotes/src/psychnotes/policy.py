@@ -14,7 +14,8 @@ Minting (shared/DESIGN.md "Consent token"):
 
 Reading: the token verifies (consent_token.verify), its grantee is this request's caller (client_id
 and fhirUser of the verified access token), its basis is still in force now (the Consent is read
-live on every request: revocation is immediate; an exception grant must still exist), and each
+live on every request: revocation is immediate; an exception grant must still exist and not
+be revoked, `$revoke-consent-token`), and each
 note returned is the token's patient's and inside the token's note scope.
 """
 
@@ -32,8 +33,10 @@ from psychnotes.consent_token import ConsentToken, NoteScope
 
 COMPLIANCE_ROLE = "compliance"
 ORIGINATOR = "originator-treatment"
-# 164.508(a)(2) exceptions -> the v3-ActReason purpose recorded for each (codes from the v3
-# PurposeOfUse hierarchy, from memory: shared/STANDARDS.md marks HLEGAL as unconfirmed).
+# 164.508(a)(2) exceptions -> the v3-ActReason purpose recorded for each. Each code checked
+# against http://terminology.hl7.org/CodeSystem/v3-ActReason (THO, v3-ActReason 2.1.0, the
+# _ActHealthInformationManagementReason / PurposeOfUse concepts): TREAT "treatment", TRAIN
+# "training", HLEGAL "legal", HCOMPL "health compliance", HDECD "decedent", THREAT "threat".
 EXCEPTIONS: dict[str, str] = {
     ORIGINATOR: "TREAT",            # (a)(2)(i)(A) the originator's own treatment use
     "training": "TRAIN",            # (a)(2)(i)(B) supervised mental-health training programs
@@ -159,9 +162,22 @@ async def check_token_in_force(db: store.Db, consent_token: ConsentToken, token:
             raise Refusal("The consent token does not match its authorization")
         return
     grant = await store.get_exception_grant(db, consent_token.jti)
-    if grant is None or grant.get("revoked") or grant["patient"] != consent_token.patient or (
+    if grant is not None and grant.get("revoked"):
+        raise Refusal("The exception grant behind this consent token was revoked")
+    if grant is None or grant["patient"] != consent_token.patient or (
             grant["basis"] != consent_token.exception):
         raise Refusal("The exception grant behind this consent token is not on record")
+
+
+def may_revoke_exception(grant: dict[str, Any], token: AccessToken) -> str:
+    """Who may end an exception grant early: its grantee (the same client and user that minted
+    it: one may always give up a permission), or the compliance role (oversight of exception
+    use, the role that grants all but originator-treatment). Returns the role, else Refusal."""
+    if grant.get("client_id") == token.client_id and grant.get("fhir_user") == caller_user(token):
+        return "grantee"
+    if COMPLIANCE_ROLE in token.roles:
+        return "compliance officer"
+    raise Refusal("Only the grantee or the compliance role may revoke an exception grant")
 
 
 def note_filter(consent_token: ConsentToken) -> dict[str, Any]:

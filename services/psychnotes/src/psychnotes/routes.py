@@ -12,7 +12,9 @@ Authorizations: `POST Consent` records one, `GET Consent?patient=` lists a patie
 patient or a treating practitioner, `GET Consent/{id}` shows it to the patient, the
 treating practitioner and the named recipients, `POST Consent/{id}/$revoke` revokes it (status
 inactive, effective at once). A Consent is never edited (PUT/PATCH/DELETE: 405).
-Tokens: `POST Consent/{id}/$consent-token`, `POST $consent-token` (164.508(a)(2) exceptions).
+Tokens: `POST Consent/{id}/$consent-token`, `POST $consent-token` (164.508(a)(2) exceptions);
+`POST $revoke-consent-token` (Parameters `jti` or `token`) ends an exception grant at once, for
+its grantee or the compliance role (service.revoke_exception).
 """
 
 from __future__ import annotations
@@ -151,6 +153,11 @@ async def consent_token_from_consent(consent_id: str, request: Request, ctx: Con
 @router.post("/$consent-token")
 async def consent_token_for_exception(request: Request, ctx: ContextDep) -> Response:
     return await service.mint_for_exception(ctx, await body_of(request, ctx))
+
+
+@router.post("/$revoke-consent-token")
+async def revoke_exception_grant(request: Request, ctx: ContextDep) -> Response:
+    return await service.revoke_exception(ctx, await body_of(request, ctx))
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

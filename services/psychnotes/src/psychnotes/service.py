@@ -682,3 +682,52 @@ async def mint_for_exception(ctx: Context, body: Any) -> Response:
                           basis=f"exception:{basis}", purposes=[purpose], jti=token.jti,
                           reason=f"consent token minted under the {basis} exception")
     return _token_response(raw, token)
+
+
+async def revoke_exception(ctx: Context, body: Any) -> Response:
+    """End a 45 CFR 164.508(a)(2) exception grant now: every later use of its consent token is
+    refused (policy.check_token_in_force reads the grant on every request).
+
+    Parameters: `jti` (the grant: the consent token's `jti`) or `token` (the consent token
+    itself, still unexpired). Who may revoke (policy.may_revoke_exception): the grantee (same
+    client and user as at minting) or a caller with the compliance role (oversight of
+    exception use). Revoking twice answers the same. Each decision is audited (AuthZconsent,
+    action `exception-revoke`), permit or deny.
+    """
+    params = _parameters(body)
+    jti, raw = _one_code(params, "jti"), _one_code(params, "token")
+    if bool(jti) == bool(raw):
+        raise errors.Invalid("Give the grant to revoke: jti, or token (the consent token), once")
+    if raw:
+        try:
+            jti = consent_token.verify(raw, ctx.signing_key, base_url=ctx.base).jti
+        except consent_token.InvalidConsentToken as exc:
+            raise errors.Invalid(f"token: {exc}; an expired consent token needs no revoking") from None
+    assert jti is not None
+    grant = await store.get_exception_grant(ctx.db, jti) if _ID.match(jti) else None
+    if grant is None:
+        raise errors.NotFound("No exception grant with this jti")
+    basis = f"exception:{grant['basis']}"
+    try:
+        role = policy.may_revoke_exception(grant, ctx.token)
+    except policy.Refusal as exc:
+        await record_decision(ctx, permit=False, action="exception-revoke", reason=exc.diagnostics,
+                              patient=grant["patient"], basis=basis, jti=jti)
+        raise
+    if not grant.get("revoked"):
+        by = ctx.user or ctx.token.client_id
+        if await store.revoke_exception_grant(ctx.db, jti, by=by, at=store.now()):
+            grant = await store.get_exception_grant(ctx.db, jti) or grant
+    await record_decision(ctx, permit=True, action="exception-revoke", patient=grant["patient"],
+                          basis=basis, purposes=[grant["purpose"]], jti=jti,
+                          reason=f"exception grant revoked by the {role}")
+    parameters = {"resourceType": "Parameters", "parameter": [
+        {"name": "jti", "valueString": jti},
+        {"name": "basis", "valueString": basis},
+        {"name": "patient", "valueReference": {"reference": grant["patient"]}},
+        {"name": "revoked", "valueBoolean": True},
+        {"name": "revokedBy", "valueString": str(grant.get("revoked_by") or "")},
+        {"name": "revokedAt", "valueInstant": instant(grant["revoked_at"])},
+    ]}
+    return fhirjson.FhirResponse(parameters, headers=NO_STORE)
+

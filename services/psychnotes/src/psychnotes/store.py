@@ -147,6 +147,14 @@ async def get_exception_grant(db: Db, jti: str) -> dict[str, Any] | None:
     return doc
 
 
+async def revoke_exception_grant(db: Db, jti: str, *, by: str, at: datetime) -> bool:
+    """Mark a grant revoked (once: the first revocation's who and when are kept)."""
+    result = await db.exception_grants.update_one(
+        {"_id": jti, "revoked": {"$ne": True}},
+        {"$set": {"revoked": True, "revoked_by": by, "revoked_at": at}})
+    return result.modified_count == 1
+
+
 async def insert_decision(db: Db, record: dict[str, Any]) -> None:
     await db.decisions.insert_one(record)
 
