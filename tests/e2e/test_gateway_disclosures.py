@@ -9,10 +9,12 @@ tests/e2e/test_export.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -83,18 +85,46 @@ class OneChunk(httpx.AsyncByteStream):
         yield self.body
 
 
+def serve_backend(upstream: Upstream) -> ThreadingHTTPServer:
+    """A real HTTP server standing in for the FHIR backend behind the proxy (the proxy relays with
+    its own connection pool, not `app.state.http`): 200, reporting what `upstream.report` says."""
+
+    class Backend(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = b'{"resourceType":"DocumentReference","id":"n1"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            if upstream.report is not None:
+                self.send_header(DISCLOSURE_HEADER, upstream.report)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture(scope="module")
 def gateway(live: RunningStack) -> Iterator[tuple[TestClient, Upstream, Any]]:
     db_name = f"gw_disclosures_{uuid.uuid4().hex[:8]}"
-    settings = GatewaySettings(mongo_url=live.config.mongo_url("gateway"), db_name=db_name, public_url=BASE)
-    app = create_app(settings)
     upstream = Upstream()
+    backend = serve_backend(upstream)
+    settings = GatewaySettings(mongo_url=live.config.mongo_url("gateway"), db_name=db_name, public_url=BASE,
+                               records_url=f"http://127.0.0.1:{backend.server_address[1]}")
+    app = create_app(settings)
     mongo: MongoClient[dict[str, Any]] = MongoClient(live.config.mongo_url("gateway"), tz_aware=True)
     with TestClient(app, base_url=BASE) as client:
         app.state.http = httpx.AsyncClient(transport=httpx.MockTransport(upstream.handle))
         yield client, upstream, mongo[db_name]
     mongo.drop_database(db_name)
     mongo.close()
+    backend.shutdown()
 
 
 def token(db: Any, **claims: Any) -> str:

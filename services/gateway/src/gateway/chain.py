@@ -4,8 +4,10 @@ Each record carries `seq` (its position, unique-indexed), `prev_hash` (the previ
 and `hash` (SHA-256 of its own canonical form, `prev_hash` included). A writer claims position
 `head.seq + 1` by inserting it; the unique index lets only one writer win a position, the losers
 re-read the head and retry, so concurrent requests and several gateway replicas cannot fork the
-chain. Within one process the writes are batched behind a lock and the last link is remembered,
-so the common case costs one insert and one head update per batch.
+chain. Within one process appends are group-committed: while one batch is being written, the
+records of every other request queue up and become the next batch (one insert_many and one head
+update), and the last link is remembered so no read is needed. Every caller waits until the
+batch holding its record is stored, so nothing acknowledged is ever lost.
 Records are never updated; `verify` walks the chain and names the first broken link.
 """
 
@@ -130,6 +132,8 @@ class AuditChain:
             futures.append(future)
         async with self._lock:
             if not all(f.done() for f in futures):
+                # Let requests that are ready in this turn of the event loop join the batch.
+                await asyncio.sleep(0)
                 batch, self._pending = self._pending, []
                 try:
                     self._tail = await _write(self.db, [r for r, _ in batch], self.key, self._tail)
