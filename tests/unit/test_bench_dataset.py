@@ -1,4 +1,5 @@
-"""The bench's data for measurement 3: documents in records' storage shape, patients with equal
+"""The bench's data for measurement 3: its notes stored in records' own shape (by records'
+`stored_document`) with the values its searches look for, patients with equal
 numbers of notes, and the flat-filter diagnostic built from records' own search parsing."""
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import orjson
 from bench import dataset
 from bench.measures import search
 from records.resources import RESOURCES
+from records.store import stored_document
 
 BASE = "http://127.0.0.1:8000/fhir"
 
 
 def test_stored_note_has_records_shape_and_searchable_values() -> None:
     moment = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-    doc = dataset.stored_document(RESOURCES["DocumentReference"], dataset.progress_note(23, 10), BASE, moment)
+    doc = stored_document(RESOURCES["DocumentReference"], dataset.progress_note(23, 10), BASE, moment)
     assert doc["_id"] == "bench-note-23" and doc["vid"] == 1 and doc["deleted"] is False
     assert doc["c"] == ["bench-p2"]
     assert "Patient/bench-p2" in doc["sp"]["patient"]
