@@ -6,7 +6,8 @@ and `hash` (SHA-256 of its own canonical form, `prev_hash` included). A writer c
 re-read the head and retry, so concurrent requests and several gateway replicas cannot fork the
 chain. Within one process appends are group-committed: while one batch is being written, the
 records of every other request queue up and become the next batch (one insert_many and one head
-update), and the last link is remembered so no read is needed. Every caller waits until the
+update, sent as one MongoDB 8 bulkWrite where the server has it), and the last link is
+remembered so no read is needed. Every caller waits until the
 batch holding its record is stored, so nothing acknowledged is ever lost.
 Records are never updated; `verify` walks the chain and names the first broken link.
 """
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo import InsertOne, UpdateOne
+from pymongo.errors import BulkWriteError, ClientBulkWriteException, DuplicateKeyError, InvalidOperation
 
 from gateway import store
 
@@ -81,6 +83,39 @@ async def _advance_head(db: store.Db, seq: int, digest: str) -> None:
         {"_id": HEAD_ID, "seq": {"$lt": seq}}, {"$set": {"seq": seq, "hash": digest}})
 
 
+async def _insert_links(db: store.Db, records: list[dict[str, Any]], key: bytes | None) -> int:
+    """Insert `records` (already linked) and advance the head past the last one, in one round trip
+    where the server has MongoDB 8's client bulkWrite (ordered: the head moves only if every
+    insert succeeded), else as insert_many + update_one. Returns how many records were inserted
+    before the first failure; raises only for failures other than losing a race for a position."""
+    last = records[-1]
+    head_update = {"$set": {"seq": last["seq"], "hash": last["hash"]}}
+    if _client_bulk_write.get(id(db.client), True):
+        models: list[InsertOne[dict[str, Any]] | UpdateOne] = [
+            InsertOne(r, namespace=f"{db.name}.audit_events") for r in records]
+        models.append(UpdateOne({"_id": HEAD_ID, "seq": {"$lt": last["seq"]}}, head_update,
+                                namespace=f"{db.name}.audit_chain"))
+        try:
+            await db.client.bulk_write(models, ordered=True)
+            return len(records)
+        except InvalidOperation:  # a server before MongoDB 8.0: no client bulkWrite
+            _client_bulk_write[id(db.client)] = False
+        except ClientBulkWriteException as exc:
+            failures: list[dict[str, Any]] = list(exc.details.get("writeErrors") or [])
+            if exc.error is not None or not failures:
+                raise
+            return min(int(failure.get("idx", 0)) for failure in failures)
+    try:
+        await db.audit_events.insert_many(records, ordered=True)
+    except BulkWriteError as exc:
+        return int(exc.details.get("nInserted", 0))
+    await db.audit_chain.update_one({"_id": HEAD_ID, "seq": {"$lt": last["seq"]}}, head_update)
+    return len(records)
+
+
+_client_bulk_write: dict[int, bool] = {}  # per client: does its server take bulkWrite?
+
+
 async def _write(db: store.Db, records: list[dict[str, Any]], key: bytes | None,
                  tail: tuple[int, str] | None = None) -> tuple[int, str]:
     """Append `records` after `tail` (this process's last known link; read from the datastore
@@ -93,23 +128,19 @@ async def _write(db: store.Db, records: list[dict[str, Any]], key: bytes | None,
             record["seq"], record["prev_hash"] = seq, digest
             record["chain"] = "hmac-sha256" if key else "sha256"
             record["hash"] = digest = record_hash(record, key)
-        try:
-            await db.audit_events.insert_many(pending, ordered=True)
-        except BulkWriteError as exc:
-            inserted = int(exc.details.get("nInserted", 0))
-            if inserted:
-                last = pending[inserted - 1]
-                await _advance_head(db, last["seq"], last["hash"])
-            pending = pending[inserted:]
-            for record in pending:
-                for field in ("seq", "prev_hash", "hash", "chain"):
-                    record.pop(field, None)
-            tail = None  # someone else holds the next position: re-read the chain's end
-            await asyncio.sleep(random.uniform(0, 0.005))  # noqa: S311 - jitter, not security
-            continue
-        last = pending[-1]
-        await _advance_head(db, last["seq"], last["hash"])
-        return int(last["seq"]), str(last["hash"])
+        inserted = await _insert_links(db, pending, key)
+        if inserted == len(pending):
+            last = pending[-1]
+            return int(last["seq"]), str(last["hash"])
+        if inserted:
+            last = pending[inserted - 1]
+            await _advance_head(db, last["seq"], last["hash"])
+        pending = pending[inserted:]
+        for record in pending:
+            for field in ("seq", "prev_hash", "hash", "chain"):
+                record.pop(field, None)
+        tail = None  # someone else holds the next position: re-read the chain's end
+        await asyncio.sleep(random.uniform(0, 0.005))  # noqa: S311 - jitter, not security
     raise RuntimeError("could not append to the audit chain")
 
 
