@@ -36,7 +36,19 @@ strings, identifier/code tokens, date `_lo`s); `ensure_indexes` drops any other 
 collections, so deployments shed the retired ones (status, category, `_security`, `_tag`, `_x`,
 `_hi`, compounds), which cost writes and could never drive a query here.
 
-MEASURED
+Measured 2026-11-22 on SecantusDB 0.7.0b3 (2 shared cores, so ±50% run to run), p50 through
+ResourceStore.search for patient bench-p3 (10 notes), notes + one Observation each loaded in
+records' shape (bench.dataset's builders with `stored_document`), before (hinted `$and`, ~20
+indexes per collection) → after (two phases, this index set):
+
+    DocumentReference?patient&category        1k: 95 → 5-8 ms      20k: 3137 → 3-7 ms
+    DocumentReference?patient&category&date   1k: 100 → 7-9 ms     20k: 2573 → 4-8 ms
+    Observation?patient&code                  1k: 83 → 6-8 ms      20k: 2624 → 3-6 ms
+    read by id (patient-scoped token)         1k: 41-46 → 1-2 ms   20k: 1074-1306 → 1.1 ms
+    bulk insert, note + Observation           79-88 → 134-248 notes/s (the index diet)
+
+(system and patient-scoped tokens alike; the 20k "before" rows ran with other load on the
+machine, where this morning's quieter probe measured 1846 ms for a hinted search).
 
 Paging is keyset, not offset: the default order is `_id` (next page = `_id > last`), and `_sort`
 orders the matches in memory on values extracted at write time and pages by (sort key, id); it
