@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import sys
 import time
+from pathlib import Path
 from types import ModuleType
 
 from bench import machine, report
@@ -36,6 +37,17 @@ def header(plan: Plan, context: dict[str, object]) -> str:
             f"datastore: {store['kind']} {version}; commit {str(git.get('commit'))[:12]}{dirty}")
 
 
+def keep_logs(log_dir: Path, results: Path, number: str, lines: int = 300) -> list[str]:
+    """The last lines of every process log (the stack's directory is temporary) beside the result."""
+    results.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for log in sorted(log_dir.glob("*.log")):
+        target = results / f"{number}-{log.stem}.log"
+        target.write_text("\n".join(log.read_text(errors="replace").splitlines()[-lines:]) + "\n")
+        kept.append(str(target.relative_to(report.RESULTS.parent.parent)))
+    return kept
+
+
 async def run_all(plan: Plan, selected: set[str]) -> int:
     results: list[report.Result] = []
     started = time.monotonic()
@@ -57,6 +69,8 @@ async def run_all(plan: Plan, selected: set[str]) -> int:
                 result = await module.run(ctx)
             except Exception as exc:  # one broken measurement must not hide the others
                 result = report.Result(module.KEY, module.TITLE).failed(f"{type(exc).__name__}: {exc}"[:300])
+                kept = keep_logs(stack.runner.log_dir, report.RESULTS / plan.mode, number)
+                result.rows[0].notes.append(f"Process logs at the failure: {', '.join(kept)}.")
             result.load_average_before, result.load_average_after = before, machine.load_average()
             result.elapsed_s = time.monotonic() - t0
             report.write(result, mode=plan.mode, context=context)
