@@ -1,5 +1,6 @@
 """`python -m bench [--quick] [--only 1,3]`: start the stack, run the measurements, print the table,
-write one JSON per measurement under bench/results/<mode>/ (plus summary.md)."""
+write one JSON per measurement under bench/results/<mode>/ (plus summary.md, which also lists the
+latest result of each measurement `--only` left out). `--summary` rebuilds summary.md alone."""
 
 from __future__ import annotations
 
@@ -77,11 +78,9 @@ async def run_all(plan: Plan, selected: set[str]) -> int:
             for line in report.table([result], with_notes=False).splitlines()[2:]:
                 print(line, flush=True)
             results.append(result)
-    results.sort(key=lambda r: r.key)
-    table = report.table(results)
     finished = (f"load average at end {machine.load_average()}; "
                 f"wall time {time.monotonic() - started:.0f} s")
-    summary = f"{header(plan, context)}\n{finished}\n\n{table}\n"
+    summary = report.summary(plan.mode, f"{header(plan, context)}\n{finished}", results)
     if plan.mode == "quick":
         summary += ("\nQuick mode: small N and short runs; measurement 3 compares "
                     f"{plan.notes_small} with at most {plan.notes_large} notes (not 1k with 100k).\n")
@@ -95,8 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N, short runs (under 3 minutes)")
     parser.add_argument("--only", default="", help="comma-separated measurement numbers, e.g. 1,3")
+    parser.add_argument("--summary", action="store_true",
+                        help="measure nothing: rebuild summary.md from the results already written")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.summary:
+        title = (f"Mindchart bench, {plan.mode} mode: summary rebuilt {machine.timestamp()} "
+                 f"from the latest result of each measurement")
+        text = report.summary(plan.mode, title, [])
+        (report.RESULTS / plan.mode / "summary.md").write_text(text)
+        print(text)
+        return 0
     selected = {n.strip() for n in args.only.split(",") if n.strip()} or {n for n, _ in MEASURES}
     return asyncio.run(run_all(plan, selected))
 

@@ -96,3 +96,28 @@ def write(result: Result, *, mode: str, context: dict[str, Any]) -> Path:
     }
     path.write_text(json.dumps(body, indent=2, default=str) + "\n")
     return path
+
+
+def read(path: Path) -> tuple[Result, str]:
+    """A result written by `write`, and where it came from (its run's time and commit)."""
+    body = json.loads(path.read_text())
+    result = Result(body["measurement"], body["title"], body["status"],
+                    rows=[Row(**row) for row in body["rows"]], parameters=body.get("parameters", {}),
+                    figures=body.get("figures", {}), profiles=body.get("profiles", []))
+    return result, f"{body['timestamp']}, commit {str(body.get('git', {}).get('commit'))[:12]}"
+
+
+def summary(mode: str, header: str, this_run: list[Result]) -> str:
+    """The table of this run's results, completed with the latest result of every measurement
+    this run did not make (`--only`), each named with the run it came from."""
+    results = {r.key: r for r in this_run}
+    earlier = []
+    for path in sorted((RESULTS / mode).glob("*.json")):
+        if path.stem not in results and not path.name.endswith(".speedscope.json"):
+            result, origin = read(path)
+            results[result.key] = result
+            earlier.append(f"{result.key} ({origin})")
+    text = f"{header}\n\n{table(sorted(results.values(), key=lambda r: r.key))}\n"
+    if earlier:
+        text += "\nFrom earlier runs (not re-measured in this one): " + "; ".join(earlier) + ".\n"
+    return text
