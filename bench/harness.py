@@ -183,7 +183,7 @@ def running_stack() -> Iterator[BenchStack]:
             http_ports={name: free_port() for name in stack.SERVICES},
             db_ports={name: free_port() for name in stack.SERVICES},
             mongo_urls={name: mongo_url for name in stack.SERVICES} if mongo_url else {},
-            ephemeral=True,
+            ephemeral=False,  # on disk under the temporary directory: 100k notes overflow an in-memory cache
             log_to_files=True,
             extra_env=extra_env,
         )
