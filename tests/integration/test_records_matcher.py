@@ -1,5 +1,5 @@
 """Phase 2 of records' queries decides in Python what the datastore would decide (records.store,
-records.search.matcher): a differential test on the real embedded datastore.
+mindchart_core.matcher): a differential test on the real embedded datastore.
 
 Hundreds of filters, built by records' own parser and access policy (every parameter type, prefix,
 modifier and precision, alone and in pairs, for system, patient-scoped and granular callers) and
@@ -21,13 +21,13 @@ import pytest
 from bson.objectid import ObjectId
 from pymongo import AsyncMongoClient
 
-from mindchart_core import errors, scopes
+from mindchart_core import errors, matcher, scopes
 from mindchart_core.tokens import AccessToken
 from records import store
 from records.everything import _care_clause
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
-from records.search import extract, matcher, query
+from records.search import extract, query
 from tests.records_resources import LOINC, patient, phq9_total, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"

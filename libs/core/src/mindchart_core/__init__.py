@@ -1,7 +1,8 @@
 """Mindchart's shared library: what must behave identically in every service.
 
 FHIR JSON I/O, OperationOutcome errors, validation, SMART scopes, access-token verification,
-audit-event shape, settings base, logging and request context. No FastAPI app, no database code.
+audit-event shape, settings base, logging and request context, and MongoDB's matching semantics
+for the services' two-phase queries (`matcher`). No FastAPI app, no database connections.
 """
 
 from mindchart_core import (
@@ -11,6 +12,7 @@ from mindchart_core import (
     fhirjson,
     health,
     logs,
+    matcher,
     scopes,
     settings,
     tokens,
@@ -24,6 +26,7 @@ __all__ = [
     "fhirjson",
     "health",
     "logs",
+    "matcher",
     "scopes",
     "settings",
     "tokens",

@@ -20,7 +20,7 @@ index with exactly those fields); any `$and`, extra clause or `$elemMatch` means
    say), never the collection. Equality, `$in` and ranges are IXSCANs; an `$elemMatch` of bounds
    drives as the plain range (a superset); ranges on `_id` scan, so they never drive.
 2. The whole filter (access policy, parameters, `deleted`, keyset cursor) is evaluated on those
-   candidates in Python by `records.search.matcher` (MongoDB semantics, strict: an operator it does
+   candidates in Python by `mindchart_core.matcher` (MongoDB semantics, strict: an operator it does
    not implement raises; tests/integration/test_records_matcher.py checks it against the datastore
    on hundreds of records' own filters). Ordering and paging happen on that bounded set.
 
@@ -79,10 +79,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
-from mindchart_core import errors
+from mindchart_core import errors, matcher
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
-from records.search import extract, matcher, query
+from records.search import extract, query
 
 MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
 MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
@@ -197,7 +197,7 @@ async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
 #
 # Phase 1 sends the datastore only the driving conjunct (an index-matched IXSCAN, no hint) and
 # reads at most `cap` candidates; phase 2 evaluates the whole filter on them in Python
-# (records.search.matcher), then orders and pages that bounded set. A filter with no driver, or a
+# (mindchart_core.matcher), then orders and pages that bounded set. A filter with no driver, or a
 # driver matching more than `cap` documents, goes to the datastore whole instead.
 
 MAX_CANDIDATES = 5000

@@ -141,7 +141,7 @@ def compare_keys(keys: list[SortKey], a: tuple[list[Any], str], b: tuple[list[An
 
 # Which conjunct drives a query. SecantusDB's planner picks an index only when the *whole* filter
 # matches one, so the store sends the driving conjunct alone (phase 1, an IXSCAN) and evaluates the
-# whole filter on the candidates it returns (phase 2, records.search.matcher).
+# whole filter on the candidates it returns (phase 2, mindchart_core.matcher).
 _DRIVER_RANK = (("_id",), ("id",), ("sp.patient", "sp.subject", "sp.target"), ("c",),
                 ("sp.identifier",))
 _EQUALITY_OPS = {"$in", "$eq"}

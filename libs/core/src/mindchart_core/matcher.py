@@ -1,5 +1,8 @@
-"""MongoDB query semantics in Python, for exactly the filters records builds (query.py, policy.py,
-store.py): phase 2 of the store's two-phase queries evaluates them over candidate documents.
+"""MongoDB query semantics in Python: the one answer to "what would MongoDB match" for every
+service. Phase 2 of the two-phase queries (records.store, gateway.audit_routes) evaluates the
+whole filter with it over the candidates an index-matched phase 1 returned; it covers exactly
+the filters those build (records' search/policy filters, the gateway's audit and accounting
+filters), and tests/integration/test_records_matcher.py checks it against the datastore.
 
 Supported, as MongoDB 8 defines them (docs: "Query and Projection Operators", "Comparison/Sort
 Order", "Query an Array"): `$and` `$or` `$nor`; `$eq` `$ne` `$in` `$nin` `$gt` `$gte` `$lt` `$lte`
