@@ -1,5 +1,5 @@
 """MongoDB query semantics in Python: the one answer to "what would MongoDB match" for every
-service. Phase 2 of the two-phase queries (records.store, gateway.audit_routes) evaluates the
+service. Phase 2 of the two-phase queries (records.store, gateway.audit_store) evaluates the
 whole filter with it over the candidates an index-matched phase 1 returned; it covers exactly
 the filters those build (records' search/policy filters, the gateway's audit and accounting
 filters), and tests/integration/test_records_matcher.py checks it against the datastore.

@@ -7,6 +7,8 @@ do not count. Search parameters (R4
 AuditEvent): `date` (with ge/gt/le/lt/eq prefixes, repeatable), `patient`, `agent` (client id,
 username or fhirUser), `entity` (a reference such as Patient/1 or DocumentReference/2), `outcome`
 (0, 4, 8, 12), `_count` (default 50, at most 500). Newest first; `next` links page by chain position.
+Both read the trail in two phases, an index-bound candidate set then MongoDB's semantics in
+Python (gateway/audit_store.py), so a query costs what it selects, not the size of the trail.
 
 The accounting is a FHIR `searchset` Bundle of IHE.BasicAudit.PrivacyDisclosure AuditEvents, one
 per release, newest first, filterable by `date`, paged by `_count` (default 1000, at most 500 when
@@ -30,7 +32,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway import accounting, introspection
+from gateway import accounting, audit_store, introspection
 from gateway.settings import GatewaySettings
 from mindchart_core import audit, errors, fhirjson, scopes
 
@@ -115,15 +117,6 @@ def _bundle(settings: GatewaySettings, records: list[dict[str, Any]], self_url: 
     }
 
 
-async def _page(
-    request: Request, query: dict[str, Any], count: int
-) -> tuple[list[dict[str, Any]], int | None]:
-    found = await request.app.state.db.audit_events.find(query).sort("seq", -1).limit(count + 1).to_list()
-    more = len(found) > count
-    found = found[:count]
-    return found, (int(found[-1]["seq"]) if more and found else None)
-
-
 def _next(request: Request, cursor: int | None) -> str | None:
     if cursor is None:
         return None
@@ -136,8 +129,8 @@ def _next(request: Request, cursor: int | None) -> str | None:
 @router.get("/audit/AuditEvent")
 async def search_audit(request: Request) -> Response:
     await require_auditor(request)
-    query, count, _ = search_filter(request)
-    records, cursor = await _page(request, query, count)
+    query, count, before = search_filter(request)
+    records, cursor = await audit_store.search(request.app.state.db, query, count, before)
     settings: GatewaySettings = request.app.state.settings
     self_url = f"{settings.issuer}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
     return fhirjson.FhirResponse(_bundle(settings, records, self_url, _next(request, cursor)))
@@ -154,19 +147,6 @@ async def read_audit(request: Request, event_id: str) -> Response:
 
 _ACCOUNTING_PARAMS = {"date", "_count", "_cursor", "_format"}
 _DEFAULT_ACCOUNTING_PAGE = 1000
-
-
-async def _own_disclosures(request: Request, patient: str, windows: list[dict[str, datetime]],
-                           before: tuple[datetime, str] | None, limit: int) -> list[dict[str, Any]]:
-    """The gateway's PrivacyDisclosure records of a patient, newest first by (recorded, id)."""
-    clauses: list[dict[str, Any]] = [{"kind": "disclosure"}, {"patient": patient}]
-    clauses += [{"recorded": w} for w in windows]
-    if before is not None:
-        moment, ident = before
-        clauses.append({"$or": [{"recorded": {"$lt": moment}}, {"recorded": moment, "_id": {"$lt": ident}}]})
-    found: list[dict[str, Any]] = await request.app.state.db.audit_events.find({"$and": clauses}).sort(
-        [("recorded", -1), ("_id", -1)]).limit(limit).to_list()
-    return [r["event"] for r in found]
 
 
 @router.get("/audit/Patient/{patient_id}/$disclosures")
@@ -197,7 +177,8 @@ async def disclosures(request: Request, patient_id: str) -> Response:
     before = audit.parse_accounting_cursor(cursor) if cursor is not None else None
     if cursor is not None and before is None:
         raise errors.Invalid("_cursor is not a cursor this server issued")
-    own = await _own_disclosures(request, f"Patient/{patient_id}", windows, before, count + 1)
+    own = await audit_store.own_disclosures(request.app.state.db, f"Patient/{patient_id}", windows,
+                                            before, count + 1)
     theirs, more_there = await accounting.records_disclosures(
         request.app, patient_id, dates, cursor, count, str(request.state.request_id))
     merged = sorted(own + theirs, key=audit.accounting_key, reverse=True)

@@ -1,30 +1,37 @@
 """Every gateway database query: clients, users, signing keys, assertion jtis, authorization
-sessions, codes, refresh tokens, launches, revocations and rate windows. The audit chain's queries
-live in chain.py, next to the hashing they must agree with."""
+sessions, codes, refresh tokens, launches, revocations and rate windows, and the indexes of the
+audit trail. The audit chain's writes and verification live in chain.py, next to the hashing they
+must agree with; its searches in audit_store.py."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 Db = AsyncDatabase[dict[str, Any]]
+_log = logging.getLogger(__name__)
+
+
+# The audit trail's indexes: each one costs CPU on every audited request (SecantusDB maintains
+# them in Python), so only the chain position and the phase-1 drivers of audit_store.DRIVERS.
+AUDIT_INDEXES: list[tuple[str, bool]] = [
+    ("seq", True),  # unique: two writers can never both claim the same link (chain.py)
+    ("patient", False),
+    ("entities", False),
+    ("agents", False),
+    ("request_id", False),  # a request's records, from the x-request-id in its logs
+    ("recorded", False),
+]
 
 
 async def ensure_indexes(db: Db) -> None:
     await db.assertion_jtis.create_index([("expires", ASCENDING)])
-    # The chain position is unique, so two writers can never both claim the same link.
-    await db.audit_events.create_index([("seq", ASCENDING)], unique=True)
-    await db.audit_events.create_index([("recorded", ASCENDING)])
-    await db.audit_events.create_index([("patient", ASCENDING)])
-    await db.audit_events.create_index([("client_id", ASCENDING)])
-    await db.audit_events.create_index([("request_id", ASCENDING)])
-    await db.audit_events.create_index([("agents", ASCENDING)])
-    await db.audit_events.create_index([("entities", ASCENDING)])
-    await db.audit_events.create_index([("kind", ASCENDING)])
+    await _ensure_audit_indexes(db)
     await db.signing_keys.create_index([("created", DESCENDING)])
     await db.authorization_sessions.create_index([("expires", ASCENDING)])
     await db.authorization_codes.create_index([("expires", ASCENDING)])
@@ -34,6 +41,20 @@ async def ensure_indexes(db: Db) -> None:
     await db.revoked_tokens.create_index([("revoked_at", ASCENDING)])
     await db.launches.create_index([("expires", ASCENDING)])
     await db.rate_windows.create_index([("expires", ASCENDING)])
+
+
+async def _ensure_audit_indexes(db: Db) -> None:
+    """Create AUDIT_INDEXES and drop any other index on `audit_events` (deployments shed the
+    retired `client_id` and `kind`); `_id_` is never touched."""
+    wanted = {((field, ASCENDING),) for field, _ in AUDIT_INDEXES}
+    async for index in await db.audit_events.list_indexes():
+        if index["name"] != "_id_" and tuple(index["key"].items()) not in wanted:
+            try:
+                await db.audit_events.drop_index(index["name"])
+            except OperationFailure:  # another replica starting up dropped it first
+                _log.info("index audit_events.%s was already dropped", index["name"])
+    for field, unique in AUDIT_INDEXES:
+        await db.audit_events.create_index([(field, ASCENDING)], unique=unique)
 
 
 # -- clients and users ------------------------------------------------------------------------
