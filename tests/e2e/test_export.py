@@ -22,15 +22,7 @@ import pytest
 from mindchart_core import audit
 from tests.actors import BackendAuth, BackendClient, mint_token, register_backend
 from tests.conftest import RunningStack
-
-try:  # the official R4 JSON schema (tests/fhir_schema.py), when present
-    from tests.fhir_schema import assert_valid
-except ImportError:  # pragma: no cover - fallback: the fhir.resources R4B models
-    from fhir.resources.R4B import get_fhir_model_class
-
-    def assert_valid(resource: Any) -> Any:
-        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-        return resource
+from tests.fhir_schema import assert_valid  # the official R4 JSON schema
 
 EXPORT_ENV = {
     "MINDCHART_RECORDS_EXPORT_RESOURCES_PER_FILE": "40",

@@ -10,12 +10,7 @@ from mindchart_core import errors
 from records import export
 from records.export import exporter, kickoff, ndjson
 from records.resources import RESOURCES
-
-try:
-    from tests.fhir_schema import assert_valid
-except ImportError:  # pragma: no cover
-    def assert_valid(resource: object) -> object:
-        return resource
+from tests.fhir_schema import assert_valid
 
 BASE = "https://ehr.example/fhir"
 
