@@ -9,6 +9,8 @@ request would, so a Bundle cannot do what its parts could not.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import PyMongoError
 
 from mindchart_core import errors, validation
 from records import service
@@ -170,7 +173,9 @@ async def _execute(store: ResourceStore, e: Entry, base_url: str, session: Async
         return _response(stored, base_url, 201, with_resource=with_resource)
     target = e.resource_id
     if target is None:  # conditional update
-        found = await service.matching(store, definition, e.criteria, base_url)
+        if session is not None:  # one at a time per criteria, as for PUT [type]?criteria
+            await store.claim(definition, service.criteria_key(e.criteria or ""), session)
+        found = await service.matching(store, definition, e.criteria, base_url, session)
         if len(found) > 1:
             raise errors.PreconditionFailed("The update criteria match more than one resource")
         target = found[0].id if found else (resource.get("id") or str(uuid.uuid4()))
@@ -202,8 +207,22 @@ async def process(store: ResourceStore, body: Any, base_url: str, *, prefer: str
         return {"resourceType": "Bundle", "type": "batch-response",
                 "entry": [await _batch_entry(store, i, e, base_url, with_resource)
                           for i, e in enumerate(raw_entries)]}
-    return {"resourceType": "Bundle", "type": "transaction-response",
-            "entry": await _transaction(store, raw_entries, base_url, with_resource)}
+    for attempt in range(RERUNS):
+        try:
+            return {"resourceType": "Bundle", "type": "transaction-response",
+                    "entry": await _transaction(store, raw_entries, base_url, with_resource)}
+        except (_Rerun, PyMongoError) as exc:
+            if isinstance(exc, PyMongoError) and not exc.has_error_label("TransientTransactionError"):
+                raise
+            await asyncio.sleep(random.uniform(0, 0.02 * 2 ** attempt))  # noqa: S311 - jitter
+    raise errors.Conflict("Concurrent requests kept changing what this transaction depends on; retry")
+
+
+class _Rerun(Exception):
+    """A concurrent write changed what the transaction's conditions match: run it again."""
+
+
+RERUNS = 6
 
 
 async def _batch_entry(store: ResourceStore, index: int, raw: Any, base_url: str,
@@ -267,6 +286,14 @@ async def _transaction(store: ResourceStore, raw_entries: list[Any], base_url: s
                                            e.index))
     results: dict[int, dict[str, Any]] = {}
     async with store.transaction() as session:
+        # ifNoneExist was resolved above, outside the transaction: claim each criteria and check
+        # again inside it, so a concurrent request cannot create a match in between (else rerun).
+        for e in entries:
+            if e.method == "POST" and e.if_none_exist:
+                await store.claim(e.definition, service.criteria_key(e.if_none_exist), session)
+                found = await service.matching(store, e.definition, e.if_none_exist, base_url, session)
+                if [f.id for f in found] != ([e.existing.id] if e.existing else []):
+                    raise _Rerun
         for e in order:
             if e.method == "GET":
                 continue

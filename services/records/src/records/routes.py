@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from pymongo.asynchronous.client_session import AsyncClientSession
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
@@ -17,7 +18,7 @@ from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
 from records.search import query
 from records.settings import RecordsSettings
-from records.store import ResourceStore
+from records.store import ResourceStore, StoredResource
 
 router = APIRouter(prefix="/fhir")
 JSON_PATCH = frozenset({"application/json-patch+json"})
@@ -193,15 +194,12 @@ async def create(resource_type: str, request: Request, store: StoreDep, settings
     prefer = request.headers.get("prefer")
     criteria = request.headers.get("if-none-exist")
     if criteria is not None:  # conditional create: 0 → create, 1 → 200 with it, >1 → 412
-        found = await service.matching(store, definition, criteria, settings.public_base_url)
-        if len(found) > 1:
-            raise errors.PreconditionFailed("If-None-Exist matches more than one resource")
-        if found:
-            return service.resource_response(found[0], settings.public_base_url, status=200,
-                                             location=True, prefer=prefer)
-    stored = await store.create(definition, resource)
-    return service.resource_response(stored, settings.public_base_url, status=201, location=True,
-                                     prefer=prefer)
+        stored, created = await service.match_or_create(store, definition, resource, criteria,
+                                                        settings.public_base_url)
+    else:
+        stored, created = await store.create(definition, resource), True
+    return service.resource_response(stored, settings.public_base_url, status=201 if created else 200,
+                                     location=True, prefer=prefer)
 
 
 @router.put("/{resource_type}")
@@ -210,17 +208,23 @@ async def conditional_update(resource_type: str, request: Request, store: StoreD
     """R4 http.html §cond-update: PUT [type]?criteria; 0 matches → create, 1 → update, >1 → 412."""
     definition = definition_of(resource_type)
     resource = await incoming_resource(request, definition, settings)
-    found = await service.matching(store, definition, request.url.query, settings.public_base_url)
-    if len(found) > 1:
-        raise errors.PreconditionFailed("The criteria match more than one resource")
-    if found:
-        target = found[0].id
-        if resource.get("id") not in (None, target):
-            raise errors.Invalid("The body's id does not match the resource the criteria found")
-    else:
-        target = resource.get("id") or str(uuid.uuid4())
-    stored, created = await store.update(definition, target, {**resource, "id": target},
-                                         fhirjson.if_match_version(request))
+    criteria, if_match = request.url.query, fhirjson.if_match_version(request)
+
+    async def once(session: AsyncClientSession) -> tuple[StoredResource, bool]:
+        # Claimed first, so concurrent conditional updates with these criteria run one at a time.
+        await store.claim(definition, service.criteria_key(criteria), session)
+        found = await service.matching(store, definition, criteria, settings.public_base_url, session)
+        if len(found) > 1:
+            raise errors.PreconditionFailed("The criteria match more than one resource")
+        if found:
+            target = found[0].id
+            if resource.get("id") not in (None, target):
+                raise errors.Invalid("The body's id does not match the resource the criteria found")
+        else:
+            target = resource.get("id") or str(uuid.uuid4())
+        return await store.update(definition, target, {**resource, "id": target}, if_match, session=session)
+
+    stored, created = await store.atomically(once)
     return service.resource_response(stored, settings.public_base_url, status=201 if created else 200,
                                      location=created, prefer=request.headers.get("prefer"))
 

@@ -11,13 +11,14 @@ from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from pymongo.asynchronous.client_session import AsyncClientSession
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, validation
 from records import subsetting
 from records.resources import RESOURCES, ResourceDef
 from records.search import extract, query
-from records.store import MAX_INCLUDES, ResourceStore, StoredResource, instant
+from records.store import MAX_INCLUDES, ResourceStore, Session, StoredResource, instant
 
 
 def resource_headers(stored: StoredResource, base_url: str, *, location: bool = False) -> dict[str, str]:
@@ -207,14 +208,35 @@ async def history_bundle(
 
 
 async def matching(store: ResourceStore, definition: ResourceDef, criteria: str,
-                   base_url: str) -> list[StoredResource]:
+                   base_url: str, session: Session = None) -> list[StoredResource]:
     """Up to two matches of a conditional interaction's criteria (R4 http.html §cond-update)."""
     items = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
     request = parse_search(definition, items, base_url, strict=True)
     if not request.filter:
         raise errors.Invalid("Conditional criteria must include at least one search parameter")
     request.count, request.sort, request.includes = 2, [], []
-    return (await store.search(definition, request)).resources
+    return (await store.search(definition, request, session)).resources
+
+
+def criteria_key(criteria: str) -> str:
+    """The same criteria however written: parameters in one order, one encoding."""
+    return urlencode(sorted(parse_qsl(criteria.lstrip("?"), keep_blank_values=True)))
+
+
+async def match_or_create(store: ResourceStore, definition: ResourceDef, resource: dict[str, Any],
+                          criteria: str, base_url: str) -> tuple[StoredResource, bool]:
+    """Conditional create (If-None-Exist): the match, or the new resource (created: True). The
+    check and the create run in one transaction that first claims the criteria, so concurrent
+    requests with the same criteria create one resource between them."""
+    async def once(session: AsyncClientSession) -> tuple[StoredResource, bool]:
+        await store.claim(definition, criteria_key(criteria), session)
+        found = await matching(store, definition, criteria, base_url, session)
+        if len(found) > 1:
+            raise errors.PreconditionFailed("If-None-Exist matches more than one resource")
+        if found:
+            return found[0], False
+        return await store.create(definition, resource, session=session), True
+    return await store.atomically(once)
 
 
 async def docref(store: ResourceStore, items: list[tuple[str, str]], base_url: str) -> bytes:

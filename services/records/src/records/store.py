@@ -61,14 +61,16 @@ under updates (lastUpdated moves a row on every write).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from bson.binary import Binary
@@ -77,7 +79,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from mindchart_core import errors, matcher
 from records.policy import AccessPolicy
@@ -87,6 +89,7 @@ from records.search import extract, query
 MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
 MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
 Session = AsyncClientSession | None
+T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
@@ -332,6 +335,33 @@ class ResourceStore:
         async with self.client.start_session() as session, await session.start_transaction():
             yield session
 
+    async def atomically(self, work: Callable[[AsyncClientSession], Awaitable[T]], *,
+                         attempts: int = 6) -> T:
+        """`work` in one transaction, run again when the datastore reports a transient conflict
+        with a concurrent transaction (write conflict: MongoDB's TransientTransactionError);
+        409 if it keeps conflicting."""
+        for attempt in range(attempts):
+            try:
+                async with self.transaction() as session:
+                    return await work(session)
+            except PyMongoError as exc:
+                if not exc.has_error_label("TransientTransactionError"):
+                    raise
+                if attempt == attempts - 1:
+                    raise errors.Conflict("Concurrent requests kept conflicting; retry") from None
+                await asyncio.sleep(random.uniform(0, 0.02 * 2 ** attempt))  # noqa: S311 - jitter
+        raise AssertionError("unreachable")
+
+    async def claim(self, definition: ResourceDef, criteria: str, session: AsyncClientSession) -> None:
+        """Serialize conditional interactions (If-None-Exist, conditional update) on the same
+        criteria: each writes this guard document inside its transaction, so two running at once
+        conflict (one runs again) and one starting later finds what the earlier one wrote."""
+        guard = {"_id": f"{definition.type}?{criteria}"}
+        # The guard exists before the transaction writes it (this upsert runs and commits on its
+        # own): two transactions both inserting a new guard would not reliably conflict.
+        await self.db.conditional_guards.update_one(guard, {"$setOnInsert": {"uses": 0}}, upsert=True)
+        await self.db.conditional_guards.update_one(guard, {"$inc": {"uses": 1}}, session=session)
+
     async def _select(self, definition: ResourceDef, filt: dict[str, Any], *,
                       order: list[tuple[str, int]] | None = None, limit: int | None = None,
                       raw: bool = True, session: Session = None) -> list[dict[str, Any]]:
@@ -409,11 +439,12 @@ class ResourceStore:
         scope = self.policy.filter_for(definition, "search-type")
         return _and(scope, request.filter, {"deleted": {"$ne": True}})
 
-    async def search(self, definition: ResourceDef, request: query.SearchRequest) -> SearchPage:
+    async def search(self, definition: ResourceDef, request: query.SearchRequest,
+                     session: Session = None) -> SearchPage:
         """One page of matches; keyset paging, so links stay stable under concurrent writes."""
         base = self._search_filter(definition, request)
         if request.sort:
-            return await self._search_sorted(definition, request, base)
+            return await self._search_sorted(definition, request, base, session)
         cursor = request.cursor
         backwards = cursor is not None and cursor.backwards
         filt = base
@@ -422,7 +453,7 @@ class ResourceStore:
         if request.count == 0:
             return SearchPage([], None, None)
         docs = await self._select(definition, filt, order=[("_id", DESCENDING if backwards else ASCENDING)],
-                                  limit=request.count + 1)
+                                  limit=request.count + 1, session=session)
         more = len(docs) > request.count
         docs = docs[: request.count]
         if backwards:
@@ -437,10 +468,12 @@ class ResourceStore:
         return SearchPage(page, after if has_next else None, before if has_previous else None)
 
     async def _search_sorted(
-        self, definition: ResourceDef, request: query.SearchRequest, filt: dict[str, Any]
+        self, definition: ResourceDef, request: query.SearchRequest, filt: dict[str, Any],
+        session: Session = None,
     ) -> SearchPage:
         """`_sort`: order the (bounded) candidate set in memory on values extracted at write time."""
-        candidates = await self._select(definition, filt, limit=MAX_SORT_CANDIDATES + 1, raw=False)
+        candidates = await self._select(definition, filt, limit=MAX_SORT_CANDIDATES + 1, raw=False,
+                                        session=session)
         if len(candidates) > MAX_SORT_CANDIDATES:
             raise errors.FhirError(
                 f"More than {MAX_SORT_CANDIDATES} matches to sort: narrow the search or omit _sort",
@@ -462,8 +495,8 @@ class ResourceStore:
             else:
                 start = sum(1 for k in keyed if compare(k) <= mark)
         window = keyed[start: start + request.count] if request.count else []
-        docs = await self._select(
-            definition, _and({"_id": {"$in": [i for _, i in window]}}, filt)) if window else []
+        docs = await self._select(definition, _and({"_id": {"$in": [i for _, i in window]}}, filt),
+                                  session=session) if window else []
         by_id = {d["_id"]: d for d in docs}
         page = [_stored(definition.type, by_id[i]) for _, i in window if i in by_id]
         next_cursor = previous = None
