@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from mindchart_core import errors, validation
 from records import service
 from records.resources import RESOURCES, ResourceDef
 from records.search import query
-from records.store import ResourceStore, StoredResource, instant
+from records.store import CONFLICT_RETRY_SECONDS, ResourceStore, StoredResource, instant
 
 MAX_ENTRIES = 200
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
@@ -207,22 +208,24 @@ async def process(store: ResourceStore, body: Any, base_url: str, *, prefer: str
         return {"resourceType": "Bundle", "type": "batch-response",
                 "entry": [await _batch_entry(store, i, e, base_url, with_resource)
                           for i, e in enumerate(raw_entries)]}
-    for attempt in range(RERUNS):
+    deadline, attempt = time.monotonic() + CONFLICT_RETRY_SECONDS, 0
+    while True:
         try:
             return {"resourceType": "Bundle", "type": "transaction-response",
                     "entry": await _transaction(store, raw_entries, base_url, with_resource)}
         except (_Rerun, PyMongoError) as exc:
             if isinstance(exc, PyMongoError) and not exc.has_error_label("TransientTransactionError"):
                 raise
-            await asyncio.sleep(random.uniform(0, 0.02 * 2 ** attempt))  # noqa: S311 - jitter
-    raise errors.Conflict("Concurrent requests kept changing what this transaction depends on; retry")
+            if time.monotonic() > deadline:
+                raise errors.Conflict(
+                    "Concurrent requests kept changing what this transaction depends on; retry") from None
+        attempt += 1
+        await asyncio.sleep(random.uniform(0, min(0.25, 0.01 * 2 ** attempt)))  # noqa: S311 - jitter
 
 
 class _Rerun(Exception):
     """A concurrent write changed what the transaction's conditions match: run it again."""
 
-
-RERUNS = 6
 
 
 async def _batch_entry(store: ResourceStore, index: int, raw: Any, base_url: str,

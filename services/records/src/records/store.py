@@ -65,6 +65,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -88,6 +89,7 @@ from records.search import extract, query
 
 MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
 MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
+CONFLICT_RETRY_SECONDS = 15.0  # how long a conditional interaction waits out concurrent ones
 Session = AsyncClientSession | None
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -336,21 +338,24 @@ class ResourceStore:
             yield session
 
     async def atomically(self, work: Callable[[AsyncClientSession], Awaitable[T]], *,
-                         attempts: int = 6) -> T:
-        """`work` in one transaction, run again when the datastore reports a transient conflict
-        with a concurrent transaction (write conflict: MongoDB's TransientTransactionError);
-        409 if it keeps conflicting."""
-        for attempt in range(attempts):
+                         within_s: float = CONFLICT_RETRY_SECONDS) -> T:
+        """`work` in one transaction, run again (with growing, jittered pauses) while the
+        datastore reports a transient conflict with a concurrent transaction (a write conflict:
+        MongoDB's TransientTransactionError); 409 if it still conflicts after `within_s`. Requests
+        contending for one guard run one after another, so the last of N may conflict N-1 times."""
+        deadline = time.monotonic() + within_s
+        attempt = 0
+        while True:
             try:
                 async with self.transaction() as session:
                     return await work(session)
             except PyMongoError as exc:
                 if not exc.has_error_label("TransientTransactionError"):
                     raise
-                if attempt == attempts - 1:
+                if time.monotonic() > deadline:
                     raise errors.Conflict("Concurrent requests kept conflicting; retry") from None
-                await asyncio.sleep(random.uniform(0, 0.02 * 2 ** attempt))  # noqa: S311 - jitter
-        raise AssertionError("unreachable")
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, min(0.25, 0.01 * 2 ** attempt)))  # noqa: S311
 
     async def claim(self, definition: ResourceDef, criteria: str, session: AsyncClientSession) -> None:
         """Serialize conditional interactions (If-None-Exist, conditional update) on the same
@@ -665,6 +670,7 @@ class ResourceStore:
                               "POST" if expected is None else "PUT"), create
 
 
-__all__ = ["HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES", "ResourceStore", "SearchPage",
-           "StoredResource", "count", "ensure_indexes", "index_specs", "indexed_fields", "instant",
-           "matching", "now", "phase_one", "select", "stored_document", "stream"]
+__all__ = ["CONFLICT_RETRY_SECONDS", "HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES",
+           "ResourceStore", "SearchPage", "StoredResource", "count", "ensure_indexes", "index_specs",
+           "indexed_fields", "instant", "matching", "now", "phase_one", "select", "stored_document",
+           "stream"]
