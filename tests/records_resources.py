@@ -1,12 +1,17 @@
 """Records test data and answers shared by the records test modules: US Core-shaped builders
-(Patient, progress note, PHQ-9 total) and small checks of FHIR answers."""
+(Patient, progress note, PHQ-9 total), small checks of FHIR answers, and verified-token stand-ins
+for tests that drive records' store directly."""
 
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import httpx
+
+from mindchart_core import scopes
+from mindchart_core.tokens import AccessToken
 
 LOINC = "http://loinc.org"
 NOTE_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category"
@@ -62,3 +67,9 @@ def outcome(response: httpx.Response, status: int, code: str | None = None) -> d
 def ids_of(bundle: dict[str, Any], mode: str | None = "match") -> list[str]:
     return [e["resource"]["id"] for e in bundle.get("entry", [])
             if mode is None or e.get("search", {}).get("mode") == mode]
+
+
+def access_token(scope: str, patient: str | None = None, *, audience: str) -> AccessToken:
+    """What records' policy receives once a token is verified (for tests below the HTTP layer)."""
+    return AccessToken(subject="t", client_id="t", scope=scopes.parse(scope), audience=audience, jti="j",
+                       expires_at=int(time.time()) + 300, patient=patient)

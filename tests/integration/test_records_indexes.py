@@ -19,21 +19,20 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 
-from mindchart_core import errors, scopes
+from mindchart_core import errors
 from mindchart_core.tokens import AccessToken
 from records import store
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
 from records.search import query
-from tests.records_resources import phq9_total, progress_note
+from tests.records_resources import access_token, phq9_total, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"
 NOTES = 120
 
 
 def token(scope: str, patient: str | None = None) -> AccessToken:
-    return AccessToken(subject="t", client_id="t", scope=scopes.parse(scope), audience=BASE, jti="j",
-                       expires_at=int(time.time()) + 300, patient=patient)
+    return access_token(scope, patient, audience=BASE)
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,21 @@ import pytest
 from bson.objectid import ObjectId
 from pymongo import AsyncMongoClient
 
-from mindchart_core import errors, matcher, scopes
+from mindchart_core import errors, matcher
 from mindchart_core.tokens import AccessToken
 from records import store
 from records.everything import _care_clause
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
 from records.search import extract, query
-from tests.records_resources import LOINC, patient, phq9_total, progress_note
+from tests.records_resources import LOINC, access_token, patient, phq9_total, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"
 CONF = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
 
 def token(scope: str, patient_id: str | None = None) -> AccessToken:
-    return AccessToken(subject="t", client_id="t", scope=scopes.parse(scope), audience=BASE, jti="j",
-                       expires_at=int(time.time()) + 300, patient=patient_id)
+    return access_token(scope, patient_id, audience=BASE)
 
 
 @pytest.fixture(scope="module")
