@@ -31,26 +31,18 @@ _MISSING = object()
 _RANGE = {"$gt", "$gte", "$lt", "$lte"}
 
 
+# BSON comparison order brackets (MongoDB "Comparison/Sort Order"), checked in this order: bool
+# before numbers, since a Python bool is an int.
+_BRACKETS: tuple[tuple[type | tuple[type, ...], int], ...] = (
+    (type(None), 1), (bool, 8), ((int, float), 2), (str, 3), (dict, 4), (list, 5), (bytes, 6),
+    (ObjectId, 7), (datetime, 9),
+)
+
+
 def _bracket(value: Any) -> int:
-    """BSON comparison order brackets (MongoDB "Comparison/Sort Order")."""
-    if value is None:
-        return 1
-    if isinstance(value, bool):
-        return 8
-    if isinstance(value, int | float):
-        return 2
-    if isinstance(value, str):
-        return 3
-    if isinstance(value, dict):
-        return 4
-    if isinstance(value, list):
-        return 5
-    if isinstance(value, bytes):
-        return 6
-    if isinstance(value, ObjectId):
-        return 7
-    if isinstance(value, datetime):
-        return 9
+    for kinds, bracket in _BRACKETS:
+        if isinstance(value, kinds):
+            return bracket
     raise UnsupportedFilter(f"Values of type {type(value).__name__} are not supported")
 
 
