@@ -86,6 +86,7 @@ from mindchart_core import errors, matcher
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
 from records.search import extract, query
+from records.subscriptions import outbox
 
 MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
 MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
@@ -636,6 +637,10 @@ class ResourceStore:
         collection = self.db[definition.type]
 
         async def run(s: AsyncClientSession) -> None:
+            # Topic triggers compare versions (records/subscriptions/topics.py): read the one
+            # being replaced inside this transaction, for watched types only.
+            previous = (await outbox.previous_version(collection, resource_id, s)
+                        if expected is not None and outbox.watches(definition.type) else None)
             try:
                 if expected is None:
                     await collection.insert_one({"_id": resource_id, **doc}, session=s)
@@ -660,6 +665,9 @@ class ResourceStore:
                  "method": "POST" if expected is None else "PUT", "c": compartment, "sp": sp},
                 session=s,
             )
+            # The outbox: the event commits or aborts with this write.
+            await outbox.record(self.db, s, definition.type, body, previous, version=version,
+                                moment=moment, sp=sp, compartment=compartment)
 
         if session is not None:
             await run(session)
