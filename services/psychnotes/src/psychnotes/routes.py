@@ -1,5 +1,5 @@
-"""Psychnotes FHIR surface: thin handlers; the interactions are in service.py, the rules in
-policy.py, notes.py and consent.py.
+"""Psychnotes FHIR surface: thin handlers; the interactions are in notes_service.py,
+consents.py and minting.py, the rules in policy.py, notes.py and consent.py.
 
 Writes: the treating practitioner creates, updates (author only, history kept) and soft-deletes
 notes. Reads (read, vread, search, history) need a `Consent-Token` header on top of the access
@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from mindchart_core import asgi, errors, fhirjson, tokens
-from psychnotes import service
+from psychnotes import consents, minting, notes_service, service
 from psychnotes.consent_token import ConsentToken
 
 router = APIRouter(prefix="/psychnotes/fhir")
@@ -60,14 +60,14 @@ def presented_tokens(request: Request) -> list[str]:
 
 
 async def gated(request: Request, ctx: service.Context, action: str) -> ConsentToken:
-    return await service.gate(ctx, presented_tokens(request), action)
+    return await notes_service.gate(ctx, presented_tokens(request), action)
 
 
 # -- notes --------------------------------------------------------------------------------------
 
 @router.post("/DocumentReference")
 async def create_note(request: Request, ctx: ContextDep) -> Response:
-    return await service.create_note(ctx, await body_of(request, ctx))
+    return await notes_service.create_note(ctx, await body_of(request, ctx))
 
 
 @router.post("/DocumentReference/_search")
@@ -78,64 +78,64 @@ async def search_notes_post(request: Request, ctx: ContextDep) -> Response:
         raise errors.UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
     form = await request.form()
     items = list(request.query_params.multi_items()) + [(k, str(v)) for k, v in form.multi_items()]
-    return await service.search_notes(ctx, token, items)
+    return await notes_service.search_notes(ctx, token, items)
 
 
 @router.get("/DocumentReference")
 async def search_notes(request: Request, ctx: ContextDep) -> Response:
     token = await gated(request, ctx, "search")
-    return await service.search_notes(ctx, token, list(request.query_params.multi_items()))
+    return await notes_service.search_notes(ctx, token, list(request.query_params.multi_items()))
 
 
 @router.get("/DocumentReference/{note_id}/_history/{version}")
 async def vread_note(note_id: str, version: str, request: Request, ctx: ContextDep) -> Response:
     token = await gated(request, ctx, "vread")
-    return await service.vread_note(ctx, token, note_id, version)
+    return await notes_service.vread_note(ctx, token, note_id, version)
 
 
 @router.get("/DocumentReference/{note_id}/_history")
 async def note_history(note_id: str, request: Request, ctx: ContextDep) -> Response:
     token = await gated(request, ctx, "history")
-    return await service.note_history(ctx, token, note_id)
+    return await notes_service.note_history(ctx, token, note_id)
 
 
 @router.get("/DocumentReference/{note_id}")
 async def read_note(note_id: str, request: Request, ctx: ContextDep) -> Response:
     token = await gated(request, ctx, "read")
-    return await service.read_note(ctx, token, note_id)
+    return await notes_service.read_note(ctx, token, note_id)
 
 
 @router.put("/DocumentReference/{note_id}")
 async def update_note(note_id: str, request: Request, ctx: ContextDep) -> Response:
-    return await service.update_note(ctx, note_id, await body_of(request, ctx),
+    return await notes_service.update_note(ctx, note_id, await body_of(request, ctx),
                                      fhirjson.if_match_version(request))
 
 
 @router.delete("/DocumentReference/{note_id}")
 async def delete_note(note_id: str, ctx: ContextDep) -> Response:
-    return await service.delete_note(ctx, note_id)
+    return await notes_service.delete_note(ctx, note_id)
 
 
 # -- authorizations and consent tokens ----------------------------------------------------------
 
 @router.post("/Consent")
 async def create_consent(request: Request, ctx: ContextDep) -> Response:
-    return await service.create_consent(ctx, await body_of(request, ctx))
+    return await consents.create_consent(ctx, await body_of(request, ctx))
 
 
 @router.get("/Consent")
 async def search_consents(request: Request, ctx: ContextDep) -> Response:
-    return await service.search_consents(ctx, list(request.query_params.multi_items()))
+    return await consents.search_consents(ctx, list(request.query_params.multi_items()))
 
 
 @router.get("/Consent/{consent_id}")
 async def read_consent(consent_id: str, ctx: ContextDep) -> Response:
-    return await service.read_consent(ctx, consent_id)
+    return await consents.read_consent(ctx, consent_id)
 
 
 @router.post("/Consent/{consent_id}/$revoke")
 async def revoke_consent(consent_id: str, ctx: ContextDep) -> Response:
-    return await service.revoke_consent(ctx, consent_id)
+    return await consents.revoke_consent(ctx, consent_id)
 
 
 @router.api_route("/Consent/{consent_id}", methods=["PUT", "PATCH", "DELETE"])
@@ -147,17 +147,17 @@ async def edit_consent(consent_id: str, ctx: ContextDep) -> Response:
 
 @router.post("/Consent/{consent_id}/$consent-token")
 async def consent_token_from_consent(consent_id: str, request: Request, ctx: ContextDep) -> Response:
-    return await service.mint_from_consent(ctx, consent_id, await body_of(request, ctx))
+    return await minting.mint_from_consent(ctx, consent_id, await body_of(request, ctx))
 
 
 @router.post("/$consent-token")
 async def consent_token_for_exception(request: Request, ctx: ContextDep) -> Response:
-    return await service.mint_for_exception(ctx, await body_of(request, ctx))
+    return await minting.mint_for_exception(ctx, await body_of(request, ctx))
 
 
 @router.post("/$revoke-consent-token")
 async def revoke_exception_grant(request: Request, ctx: ContextDep) -> Response:
-    return await service.revoke_exception(ctx, await body_of(request, ctx))
+    return await minting.revoke_exception(ctx, await body_of(request, ctx))
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
