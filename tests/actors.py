@@ -64,7 +64,7 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 
 def register_backend(env: dict[str, str], client: BackendClient, scope: str,
                      audiences: tuple[str, ...] = ("records",), tmp: Path | None = None,
-                     roles: tuple[str, ...] = ()) -> dict[str, Any]:
+                     roles: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> dict[str, Any]:
     folder = tmp or Path(env["MINDCHART_DATA_DIR"])
     jwks_file = folder / f"{client.client_id}.jwks.json"
     jwks_file.write_text(json.dumps(client.public_jwks()))
@@ -74,7 +74,7 @@ def register_backend(env: dict[str, str], client: BackendClient, scope: str,
         args += ["--audience", audience]
     for role in roles:
         args += ["--role", role]
-    result = run_cli(env, *args)
+    result = run_cli(env, *args, *extra)
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
 

@@ -38,13 +38,15 @@ def client_create(
     name: Annotated[str | None, typer.Option(help="name shown to users on the sign-in pages")] = None,
     rate_limit: Annotated[int | None, typer.Option(
         help="requests per rate-limit window for this client (default: the gateway's)")] = None,
+    payer_endpoint: Annotated[list[str], typer.Option(
+        help="(role payer) a $submit-attachment URL records may deliver CDex attachments to")] = [],  # noqa: B006
 ) -> None:
     """Register (or replace) an OAuth client."""
     keyset = json.loads(jwks.read_text()) if jwks else None
     emit(on_gateway_db(lambda db: admin.create_client(
         db, client_id=id, auth=auth, scope=scope, audiences=audience, jwks=keyset,
         jwks_url=jwks_url, secret=secret, redirect_uris=redirect_uri, roles=role, name=name,
-        rate_limit=rate_limit)))
+        rate_limit=rate_limit, payer_endpoints=payer_endpoint)))
 
 
 @user_app.command("create")

@@ -41,6 +41,8 @@ class AccessToken:
     roles: tuple[str, ...] = ()
     purpose_of_use: str | None = None
     session_id: str | None = None  # `sid`: the grant a user token belongs to (revocable as one)
+    # A payer client's registered CDex `$submit-attachment` endpoints (gateway registration).
+    payer_endpoints: tuple[str, ...] = ()
 
     @property
     def fhir_user_ref(self) -> str | None:
@@ -144,6 +146,8 @@ def claims_to_token(claims: dict[str, Any]) -> AccessToken:
         roles=tuple(str(r) for r in roles) if isinstance(roles, list) else (),
         purpose_of_use=claims.get("purpose_of_use"),
         session_id=claims.get("sid"),
+        payer_endpoints=tuple(str(u) for u in endpoints) if isinstance(
+            endpoints := claims.get("payer_endpoints"), list) else (),
     )
 
 

@@ -15,6 +15,7 @@ from mindchart_core import scopes
 
 AUDIENCES = ("records", "psychnotes")
 ROLES = ("practitioner", "patient", "admin", "compliance")
+PAYER_ROLE = "payer"  # a backend client acting for an insurer (Da Vinci CDex data consumer)
 _FHIR_USER = r"(Practitioner|Patient|PractitionerRole|RelatedPerson|Person)/[A-Za-z0-9\-.]{1,64}"
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -35,6 +36,7 @@ async def create_client(
     jwks: dict[str, Any] | None = None, jwks_url: str | None = None, secret: str | None = None,
     redirect_uris: list[str] | None = None, roles: list[str] | None = None,
     name: str | None = None, rate_limit: int | None = None,
+    payer_endpoints: list[str] | None = None,
 ) -> dict[str, Any]:
     if not _ID.match(client_id):
         raise RegistrationError("client id: 1-64 letters, digits, '.', '_' or '-'")
@@ -47,11 +49,14 @@ async def create_client(
                 f"redirect URI {uri!r} must be absolute and have no fragment (RFC 6749 §3.1.2)")
     if rate_limit is not None and rate_limit < 1:
         raise RegistrationError("rate limit must be at least 1 request per window")
+    endpoints = _payer_endpoints(payer_endpoints or [], roles or [])
     client: dict[str, Any] = {
         "_id": client_id, "auth": auth, "scope": _check_scope(scope), "audiences": sorted(set(audiences)),
         "redirect_uris": redirect_uris or [], "roles": roles or [], "created": datetime.now(UTC),
         "name": name or client_id, "rate_limit": rate_limit,
     }
+    if endpoints:
+        client["payer_endpoints"] = endpoints
     if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
         raise RegistrationError("--jwks-url must be an http(s) URL")
     if auth == "private_key_jwt" and jwks is None:
@@ -79,6 +84,20 @@ async def create_client(
     await store.put_client(db, client)
     return {k: v for k, v in client.items() if k not in ("secret_hash", "jwks")} | {
         "id": client_id, "created": client["created"].isoformat()}
+
+
+def _payer_endpoints(urls: list[str], roles: list[str]) -> list[str]:
+    """The `$submit-attachment` endpoints records may call for this payer (Da Vinci CDex 2.1
+    Task `payer-url` input): records releases attachments only to a URL registered here, never to
+    one a Task merely names (server-side request forgery). Absolute http(s), no query or fragment."""
+    if urls and PAYER_ROLE not in roles:
+        raise RegistrationError(f"--payer-endpoint needs --role {PAYER_ROLE}")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
+            raise RegistrationError(
+                f"payer endpoint {url[:200]!r} must be an absolute http(s) URL without query or fragment")
+    return sorted(set(urls))
 
 
 async def create_user(

@@ -202,6 +202,8 @@ async def client_credentials(
     }
     if client.get("roles"):
         claims["roles"] = list(client["roles"])
+    if client.get("payer_endpoints"):  # where records may deliver this payer's CDex attachments
+        claims["payer_endpoints"] = list(client["payer_endpoints"])
     token = await keys.sign(claims)
     log.info("token_issued", client_id=client["_id"], grant="client_credentials",
              audience=audience_name)

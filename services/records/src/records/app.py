@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
-from records import export, routes, store
+from records import cdex, export, routes, store
 from records.settings import RecordsSettings
 
 
@@ -22,7 +22,9 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
         await export.start(app)
+        await cdex.start(app)
         yield
+        await cdex.stop(app)
         await export.stop(app)
         await client.close()
 
@@ -33,5 +35,6 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     )
 
     export.install(app)  # before routes.router: its /{type}/{id} would match $export URLs
+    cdex.install(app)  # likewise: Task writes and the review operations
     app.include_router(routes.router)
     return service_app.finish(app, "records")

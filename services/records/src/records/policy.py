@@ -9,6 +9,11 @@ repo.ts, HAPI IConsentService). A resource outside the filter does not exist for
   every patient of this (single) practice.
 - `system/` scopes: what the client was registered for (capped when the token was issued).
 - Granular scopes (`?category=...`) narrow each scope to resources matching their parameters.
+- `Task` (Da Vinci CDex requests, records/cdex): a payer client (role `payer`) sees only the
+  Tasks it posted (tagged with its client id when records stored them); practitioner and admin
+  users see all of them (the review queue); nobody else sees any. Tasks are written only by
+  records' own CDex code (token `CDEX_CLIENT`), never by a REST create, update, patch, delete or
+  transaction entry, so a Task's status and output change only through the review.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from records.resources import ResourceDef
 from records.search import query
 
 NOTHING: dict[str, Any] = {"_id": {"$in": []}}
+PAYER_ROLE = "payer"
+# Records' own CDex code acts under this client id, which no registration can take (the gateway
+# allows only letters, digits, '.', '_' and '-' in client ids).
+CDEX_CLIENT = "urn:mindchart:records:cdex"
+# meta.tag naming the payer client that posted a Task (set by records, never by the payer).
+TASK_CLIENT_TAG = "https://mindchart.dev/fhir/CodeSystem/cdex-requester-client"
+TASK_WRITES = frozenset({"create", "update", "patch", "delete"})
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,23 @@ class AccessPolicy:
             return True
         return None
 
-    def _scope_filter(self, definition: ResourceDef, scope: ClinicalScope) -> dict[str, Any] | None:
+    def _task_filter(self, scope: ClinicalScope, interaction: str) -> dict[str, Any] | None:
+        if self.token.client_id == CDEX_CLIENT:
+            return {}
+        if interaction in TASK_WRITES:
+            return None
+        if scope.context == "system" and PAYER_ROLE in self.token.roles:
+            return {"sp._tag": f"{TASK_CLIENT_TAG}|{self.token.client_id}"}
+        user = self.token.fhir_user_ref or ""
+        if scope.context == "user" and (
+                user.startswith(("Practitioner/", "PractitionerRole/")) or "admin" in self.token.roles):
+            return {}
+        return None
+
+    def _scope_filter(self, definition: ResourceDef, scope: ClinicalScope,
+                      interaction: str = "read") -> dict[str, Any] | None:
+        if definition.type == "Task":
+            return self._task_filter(scope, interaction)
         confinement = self._compartment_of_caller(scope)
         if confinement is None:
             return None
@@ -67,7 +95,8 @@ class AccessPolicy:
             raise errors.Forbidden(
                 f"The granted scopes do not permit {interaction} on {definition.type}"
             )
-        alternatives = [f for s in matching if (f := self._scope_filter(definition, s)) is not None]
+        alternatives = [f for s in matching
+                        if (f := self._scope_filter(definition, s, interaction)) is not None]
         if not alternatives:
             return NOTHING
         if any(not f for f in alternatives):

@@ -172,5 +172,24 @@ RESOURCES: dict[str, ResourceDef] = {
             ),
             patient_compartment=("member.entity",),
         ),
+        # Da Vinci CDex 2.1 data and attachment requests from payers (records/cdex). Outside
+        # every Patient compartment here: the member is usually a contained Patient, and who sees
+        # a Task is decided by records.policy (its payer, and reviewers), never by patient scopes.
+        ResourceDef(
+            "Task",
+            (
+                _p("identifier", "token", "identifier", base="Task-identifier"),
+                _p("status", "token", "status", base="Task-status"),
+                _p("business-status", "token", "businessStatus", base="Task-business-status"),
+                _p("code", "token", "code", base="Task-code"),
+                _p("requester", "reference", "requester", base="Task-requester"),
+                _p("owner", "reference", "owner", base="Task-owner"),
+                _p("authored-on", "date", "authoredOn", base="Task-authored-on"),
+                _p("modified", "date", "lastModified", base="Task-modified"),
+            ),
+            patient_compartment=(),
+            profiles=("http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-data-request",
+                      "http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-attachment-request"),
+        ),
     )
 }

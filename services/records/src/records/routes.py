@@ -12,7 +12,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
-from records import bundles, patch, service
+from records import bundles, cdex, patch, service
 from records.export import declare as declare_bulk_export
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
@@ -61,6 +61,7 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
         settings.public_base_url, settings.issuer, list(RESOURCES.values())
     )
     declare_bulk_export(statement)  # Bulk Data operations (records/export)
+    cdex.declare(statement)  # Da Vinci CDex parts (records/cdex)
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})
 
 

@@ -306,6 +306,8 @@ async def patient_disclosures(patient_id: str, request: Request) -> Response:
         what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
         if doc["event"] == "export":
             verb = f"bulk export {doc['job']}"
+        elif doc["event"] == "cdex":  # records/cdex: a reviewed release to a payer
+            verb = f"Da Vinci CDex release, Task/{doc['job']}"
         else:
             verb = f"bulk export file download {doc['job']} (file {doc.get('file')})"
         event = audit.disclosure_audit_event(

@@ -1,0 +1,321 @@
+"""Da Vinci CDex 2.1 through the gateway: payers resolve members and query directly, file Task
+requests that a practitioner reviews, and receive only what was approved (records/cdex)."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.actors import (
+    BackendAuth,
+    BackendClient,
+    create_user,
+    mint_token,
+    records_client,
+    register_app,
+    register_backend,
+    smart_login,
+)
+from tests.conftest import RunningStack
+
+PASSWORD = "cdex-reviewer-password-1"
+LOINC = "http://loinc.org"
+CDEX_TEMP = "http://hl7.org/fhir/us/davinci-cdex/CodeSystem/cdex-temp"
+HREX_TEMP = "http://hl7.org/fhir/us/davinci-hrex/CodeSystem/hrex-temp"
+CONF = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+MEMBER_IDS = "http://payer.example/member-ids"
+PAYER_SCOPE = "system/Task.crs system/Patient.rs system/DocumentReference.rs system/Observation.rs"
+REVIEWER_SCOPE = "user/Task.rus user/Patient.rs user/DocumentReference.rs user/Observation.rs"
+
+
+@dataclass
+class Cdex:
+    payer: httpx.Client
+    other_payer: httpx.Client
+    reviewer: httpx.Client
+    patient: str
+    member_id: str
+    notes: dict[str, str]
+    payer_id: str
+    payer_endpoint: str
+
+
+def note(patient: str, label: str, *, start: str, signed: bool = True,
+         security: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    text = base64.b64encode(f"Progress note {label}".encode()).decode()
+    resource: dict[str, Any] = {
+        "resourceType": "DocumentReference", "status": "current",
+        "type": {"coding": [{"system": LOINC, "code": "11506-3", "display": "Progress note"}]},
+        "category": [{"coding": [{
+            "system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
+            "code": "clinical-note"}]}],
+        "subject": {"reference": f"Patient/{patient}"}, "date": f"{start}T10:00:00Z",
+        "context": {"period": {"start": f"{start}T09:00:00Z", "end": f"{start}T09:50:00Z"}},
+        "content": [{"attachment": {"contentType": "text/plain", "data": text}}],
+    }
+    if signed:
+        resource["docStatus"] = "final"
+    if security:
+        resource["meta"] = {"security": security}
+    return resource
+
+
+@pytest.fixture(scope="module")
+def cdex(live: RunningStack, writer_http: httpx.Client,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cdex]:
+    suffix = uuid.uuid4().hex[:6]
+    member_id = f"M-{suffix}"
+    patient = writer_http.post("/Patient", json={
+        "resourceType": "Patient", "identifier": [{"system": MEMBER_IDS, "value": member_id}],
+        "name": [{"family": f"Shaw{suffix}", "given": ["Amy"]}], "birthDate": "1987-02-20",
+        "gender": "female"}).json()["id"]
+    notes = {}
+    for label, body in {
+        "plain": note(patient, "plain", start="2026-03-02"),
+        "newest": note(patient, "newest", start="2026-05-04"),
+        "restricted": note(patient, "restricted", start="2026-04-01",
+                           security=[{"system": CONF, "code": "R"}, {"system": ACT_CODE, "code": "BH"}]),
+        "unsigned": note(patient, "unsigned", start="2026-01-15", signed=False),
+        "process": note(patient, "process", start="2026-02-01", security=[
+            {"system": CONF, "code": "V"}, {"system": ACT_CODE, "code": "PSYTHPN"}]),
+    }.items():
+        response = writer_http.post("/DocumentReference", json=body)
+        assert response.status_code == 201, response.text
+        notes[label] = response.json()["id"]
+    keys = tmp_path_factory.mktemp("cdex-keys")
+    endpoint = f"http://127.0.0.1:9/payer-{suffix}/$submit-attachment"
+    payer = BackendClient(f"payer-{suffix}", live.gateway_url)
+    register_backend(live.cli_env, payer, PAYER_SCOPE, tmp=keys, roles=("payer",),
+                     extra=("--payer-endpoint", endpoint))
+    other = BackendClient(f"payer2-{suffix}", live.gateway_url)
+    register_backend(live.cli_env, other, PAYER_SCOPE, tmp=keys, roles=("payer",))
+    app = f"review-app-{suffix}"
+    register_app(live.cli_env, app, f"{REVIEWER_SCOPE} openid fhirUser")
+    create_user(live.cli_env, f"rev-{suffix}", PASSWORD, "practitioner", "Practitioner/cdex-reviewer")
+    reviewer_token = smart_login(live.gateway_url, client_id=app, username=f"rev-{suffix}",
+                                 password=PASSWORD, scope=REVIEWER_SCOPE, aud=live.fhir)["access_token"]
+    with records_client(live, auth=BackendAuth(payer, PAYER_SCOPE)) as payer_http, \
+            records_client(live, auth=BackendAuth(other, PAYER_SCOPE)) as other_http, \
+            records_client(live, token=reviewer_token) as reviewer_http:
+        yield Cdex(payer_http, other_http, reviewer_http, patient, member_id, notes, payer.client_id,
+                   endpoint)
+
+
+def data_request(member_id: str, *, code: str = "11506-3", due: str = "2099-01-01",
+                 purpose: str = "CLMATTCH") -> dict[str, Any]:
+    """A cdex-task-data-request as a payer sends it (CDex 2.1 examples): member contained."""
+    return {
+        "resourceType": "Task",
+        "meta": {"profile": ["http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-data-request"]},
+        "contained": [{"resourceType": "Patient", "id": "member",
+                       "identifier": [{"system": MEMBER_IDS, "value": member_id}]}],
+        "status": "requested", "intent": "order",
+        "code": {"coding": [{"system": CDEX_TEMP, "code": "data-request-code"}]},
+        "for": {"reference": "#member"},
+        "requester": {"identifier": {"system": "http://payer.example/payer-ids", "value": "Payer123"}},
+        "owner": {"identifier": {"system": "http://hl7.org/fhir/sid/us-npi", "value": "9941339108"}},
+        "reasonCode": {"coding": [{"system": "http://hl7.org/fhir/claim-use", "code": "claim"}]},
+        "reasonReference": {"identifier": {"system": "http://payer.example/claims", "value": "Claim-1"}},
+        "restriction": {"period": {"end": due}},
+        "input": [
+            {"type": {"coding": [{"system": HREX_TEMP, "code": "data-code"}]},
+             "valueCodeableConcept": {"coding": [{"system": LOINC, "code": code}]}},
+            {"type": {"coding": [{"system": CDEX_TEMP, "code": "purpose-of-use"}]},
+             "valueCodeableConcept": {"coding": [{
+                 "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}]}},
+            {"type": {"coding": [{"system": CDEX_TEMP, "code": "signature-flag"}]}, "valueBoolean": True},
+        ],
+    }
+
+
+def params(*parts: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Parameters", "parameter": list(parts)}
+
+
+def release(reference: str) -> dict[str, Any]:
+    return {"name": "release", "valueReference": {"reference": reference}}
+
+
+def file(cdex: Cdex, task: dict[str, Any]) -> str:
+    response = cdex.payer.post("/Task", json=task)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def accounting(live: RunningStack, patient: str) -> list[dict[str, Any]]:
+    token = mint_token(live, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
+    response = httpx.get(f"{live.gateway_url}/audit/Patient/{patient}/$disclosures",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return [e["resource"] for e in response.json().get("entry", [])]
+
+
+def test_payer_resolves_its_member_and_reads_signed_notes_by_direct_query(cdex: Cdex) -> None:
+    found = cdex.payer.get("/Patient", params={"identifier": f"{MEMBER_IDS}|{cdex.member_id}",
+                                               "birthdate": "1987-02-20"}).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [cdex.patient]
+
+    matched = cdex.payer.post("/Patient/$match", json=params(
+        {"name": "resource", "resource": {"resourceType": "Patient", "birthDate": "1987-02-20",
+                                          "identifier": [{"system": MEMBER_IDS, "value": cdex.member_id}],
+                                          "name": [{"family": found["entry"][0]["resource"]["name"][0]["family"]}]}},
+        {"name": "onlyCertainMatches", "valueBoolean": True}))
+    assert matched.status_code == 200, matched.text
+    [entry] = matched.json()["entry"]
+    assert entry["resource"]["id"] == cdex.patient
+    assert entry["search"]["score"] == 0.9  # identifier + birthDate + family (match.py weights)
+    grade = entry["search"]["extension"][0]
+    assert grade == {"url": "http://hl7.org/fhir/StructureDefinition/match-grade", "valueCode": "certain"}
+    weak = cdex.payer.post("/Patient/$match", json=params({"name": "resource", "resource": {
+        "resourceType": "Patient", "birthDate": "1987-02-20", "name": [{"family": "Nobody"}]}}))
+    assert weak.status_code == 200 and "entry" not in weak.json()
+    assert cdex.payer.post("/Patient/$match", json=params()).status_code == 400
+
+    # CDex 2.1 direct query: the latest progress note, newest period first, one at a time.
+    latest = cdex.payer.get("/DocumentReference", params={
+        "patient": cdex.patient, "type": f"{LOINC}|11506-3", "_sort": "-period", "_count": "1"})
+    assert latest.status_code == 200, latest.text
+    body = latest.json()
+    assert [e["resource"]["id"] for e in body["entry"]] == [cdex.notes["newest"]]
+    assert body["entry"][0]["resource"]["docStatus"] == "final"
+    assert any(link["relation"] == "next" for link in body["link"])
+    by_date = cdex.payer.get("/DocumentReference", params={
+        "patient": cdex.patient, "type": f"{LOINC}|11506-3", "_sort": "-date", "_count": "2"}).json()
+    assert [e["resource"]["id"] for e in by_date["entry"]] == [
+        cdex.notes["newest"], cdex.notes["restricted"]]
+
+
+def test_payers_see_only_their_own_tasks_and_cannot_change_them(live: RunningStack, cdex: Cdex,
+                                                                 writer_http: httpx.Client) -> None:
+    task_id = file(cdex, data_request(cdex.member_id))
+    mine = cdex.payer.get(f"/Task/{task_id}").json()
+    assert mine["status"] == "requested"
+    assert mine["businessStatus"]["coding"][0]["code"] == "awaiting-review"
+    assert cdex.other_payer.get(f"/Task/{task_id}").status_code == 404
+    others = cdex.other_payer.get("/Task").json()
+    assert task_id not in [e["resource"]["id"] for e in others.get("entry", [])]
+    assert task_id in [e["resource"]["id"] for e in cdex.payer.get("/Task").json()["entry"]]
+    # A forged requester tag changes nothing: records tags the Task with the caller.
+    forged = data_request(cdex.member_id)
+    forged["meta"]["tag"] = [{"system": "https://mindchart.dev/fhir/CodeSystem/cdex-requester-client",
+                              "code": "someone-else"}]
+    forged_id = file(cdex, forged)
+    assert cdex.other_payer.get(f"/Task/{forged_id}").status_code == 404
+    # Nobody changes a Task by REST: not its payer, not a writer with system/*.cruds.
+    changed = {**mine, "status": "completed"}
+    for client in (cdex.payer, writer_http):
+        assert client.put(f"/Task/{task_id}", json=changed).status_code in (403, 405)
+        assert client.delete(f"/Task/{task_id}").status_code in (403, 405)
+    assert writer_http.post("/Task", json=data_request(cdex.member_id)).status_code == 403
+    via_bundle = writer_http.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": data_request(cdex.member_id), "request": {"method": "POST", "url": "Task"}}]})
+    assert via_bundle.status_code in (403, 400), via_bundle.text
+    assert cdex.payer.get(f"/Task/{task_id}").json()["status"] == "requested"
+    # Bad requests: a clear 4xx, nothing stored.
+    wrong = data_request(cdex.member_id)
+    wrong["code"] = {"coding": [{"system": CDEX_TEMP, "code": "no-such-request"}]}
+    before = len(cdex.payer.get("/Task", params={"_count": "100"}).json().get("entry", []))
+    assert cdex.payer.post("/Task", json=wrong).status_code == 422
+    assert cdex.payer.post("/Task", json={"resourceType": "Task"}).status_code in (400, 422)
+    after = len(cdex.payer.get("/Task", params={"_count": "100"}).json().get("entry", []))
+    assert before == after
+
+
+def test_a_reviewed_request_releases_only_the_approved_signed_notes(live: RunningStack, cdex: Cdex) -> None:
+    task_id = file(cdex, data_request(cdex.member_id))
+    queue = cdex.reviewer.get("/Task", params={"status": "requested", "_count": "100"}).json()
+    assert task_id in [e["resource"]["id"] for e in queue["entry"]]
+    assert cdex.payer.get(f"/Task/{task_id}/$candidates").status_code == 403
+
+    listed = cdex.reviewer.get(f"/Task/{task_id}/$candidates")
+    assert listed.status_code == 200, listed.text
+    offered = {}
+    for candidate in listed.json()["parameter"]:
+        parts = {p["name"]: p for p in candidate["part"]}
+        offered[parts["reference"]["valueReference"]["reference"]] = parts["restricted"]["valueBoolean"]
+    notes = cdex.notes
+    assert offered == {f"DocumentReference/{notes['plain']}": False,
+                       f"DocumentReference/{notes['newest']}": False,
+                       f"DocumentReference/{notes['restricted']}": True}
+
+    # Restricted data only when the reviewer explicitly includes it; a non-candidate never.
+    for choice in (params(release(f"DocumentReference/{notes['restricted']}")),
+                   params(release(f"DocumentReference/{notes['unsigned']}")),
+                   params(release(f"DocumentReference/{notes['process']}")),
+                   params(release(f"DocumentReference/{notes['plain']}"),
+                          release(f"DocumentReference/{notes['restricted']}"))):
+        refused = cdex.reviewer.post(f"/Task/{task_id}/$approve", json=choice)
+        assert refused.status_code == 422, refused.text
+    assert cdex.payer.get(f"/Task/{task_id}").json()["status"] == "requested"
+
+    approved = cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
+        release(f"DocumentReference/{notes['plain']}")))
+    assert approved.status_code == 200, approved.text
+    assert cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
+        release(f"DocumentReference/{notes['newest']}"))).status_code == 409
+
+    deadline = time.monotonic() + 10
+    polled = cdex.payer.get(f"/Task/{task_id}").json()
+    while polled["status"] != "completed" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        polled = cdex.payer.get(f"/Task/{task_id}").json()
+    assert polled["status"] == "completed"
+    assert polled["output"][0]["type"]["coding"][0] == {"system": HREX_TEMP, "code": "data-value"}
+    ref = polled["output"][0]["valueReference"]["reference"]
+    answer = next(r for r in polled["contained"] if f"#{r['id']}" == ref)
+    assert answer["resourceType"] == "Bundle" and answer["type"] == "searchset"
+    assert [e["resource"]["id"] for e in answer["entry"]] == [notes["plain"]]
+
+    released = [e for e in accounting(live, cdex.patient) if task_id in e.get("entity", [{}])[-1].get(
+        "description", "") or task_id in str(e)]
+    assert len(released) == 1
+    event = released[0]
+    assert event["purposeOfEvent"][0]["coding"][0]["code"] == "CLMATTCH"
+    assert cdex.payer_id in str(event["agent"])
+    decisions = list(live.db("records").cdex_decisions.find({"task": task_id}))
+    assert [d["decision"] for d in decisions] == ["approve"]
+    assert decisions[0]["reviewer"] == "Practitioner/cdex-reviewer"
+    assert decisions[0]["released"] == [f"DocumentReference/{notes['plain']}"]
+
+
+def test_restricted_notes_go_only_when_the_reviewer_includes_them(cdex: Cdex) -> None:
+    task_id = file(cdex, data_request(cdex.member_id))
+    restricted = f"DocumentReference/{cdex.notes['restricted']}"
+    approved = cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
+        release(restricted), {"name": "includeRestricted", "valueBoolean": True}))
+    assert approved.status_code == 200, approved.text
+    answer = approved.json()["contained"][-1]
+    assert [e["resource"]["id"] for e in answer["entry"]] == [cdex.notes["restricted"]]
+
+
+def test_a_refused_request_ends_rejected_with_the_reason(live: RunningStack, cdex: Cdex) -> None:
+    task_id = file(cdex, data_request(cdex.member_id))
+    assert cdex.reviewer.post(f"/Task/{task_id}/$refuse", json=params()).status_code == 400
+    reason = "Not needed for this claim: minimum necessary (45 CFR 164.502(b))"
+    refused = cdex.reviewer.post(f"/Task/{task_id}/$refuse", json=params(
+        {"name": "reason", "valueString": reason}))
+    assert refused.status_code == 200, refused.text
+    polled = cdex.payer.get(f"/Task/{task_id}").json()
+    assert polled["status"] == "rejected"
+    assert polled["statusReason"]["text"] == reason
+    assert "output" not in polled
+    assert cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
+        release(f"DocumentReference/{cdex.notes['plain']}"))).status_code == 409
+    assert [d["decision"] for d in live.db("records").cdex_decisions.find({"task": task_id})] == ["refuse"]
+    assert not any(task_id in str(e) for e in accounting(live, cdex.patient))
+
+
+def test_the_capability_statement_declares_cdex(live: RunningStack) -> None:
+    statement = httpx.get(f"{live.fhir}/metadata", timeout=30).json()
+    resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert "Task" in resources
+    assert {"name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match"} in \
+        resources["Patient"]["operation"]
