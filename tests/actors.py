@@ -149,6 +149,27 @@ def records_client(live: Any, *, token: str | None = None, auth: httpx.Auth | No
 # walk them with form posts. `smart_login` returns the token response a real app would get.
 
 APP_REDIRECT = "https://app.example/callback"
+JS_DIR = Path(__file__).resolve().parent / "js"
+
+
+def js_modules(package: str) -> Path:
+    """An npm package of tests/js (fhir-kit-client, fhirclient), installed from its lock file on
+    first use with `npm ci`; skips where node/npm are missing or the registry cannot be reached."""
+    import shutil
+
+    import pytest
+
+    wanted = JS_DIR / "node_modules" / package
+    if wanted.exists():
+        return wanted
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("node/npm are not installed")
+    installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True,
+                               text=True, timeout=300, check=False)
+    if installed.returncode != 0 or not wanted.exists():
+        pytest.skip(f"npm ci failed (registry unreachable?): {installed.stderr[-300:]}")
+    return wanted
 
 
 def pkce_pair() -> tuple[str, str]:

@@ -12,9 +12,8 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.actors import APP_REDIRECT, create_user, register_app, sensitive
+from tests.actors import APP_REDIRECT, create_user, js_modules, register_app, sensitive
 from tests.conftest import RunningStack
 
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
@@ -58,14 +57,9 @@ def test_fhirclient_discovers_through_metadata_and_launches(live: RunningStack, 
 
 
 def test_fhir_kit_client_discovers_through_well_known(live: RunningStack) -> None:
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        pytest.skip("node/npm are not installed")
-    if not (JS_DIR / "node_modules" / "fhir-kit-client").exists():
-        installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True,
-                                   text=True, timeout=300, check=False)
-        if installed.returncode != 0:
-            pytest.skip(f"npm ci failed (registry unreachable?): {installed.stderr[-300:]}")
+    js_modules("fhir-kit-client")
+    node = shutil.which("node")
+    assert node is not None
     events = live.db("gateway").audit_events
     asked = {"path": "/fhir/.well-known/smart-configuration", "status": 200}
     before = events.count_documents(asked)

@@ -326,6 +326,27 @@ def test_refresh_rotates_narrows_and_detects_reuse(live: RunningStack, world: Wo
     assert fhir_get(f"{live.fhir}/Patient/{world.patient_id}", third.json()["access_token"]).status_code == 401
 
 
+def test_refresh_without_client_id_only_for_public_clients(live: RunningStack, world: World) -> None:
+    """SMART 2.2 §refresh-access-token: a public app sends grant_type and refresh_token only; a
+    confidential client must still authenticate (RFC 6749 §6)."""
+    public = world.login(world.patient_user, "offline_access patient/*.rs")
+    bare = httpx.post(f"{live.gateway_url}/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": public["refresh_token"]})
+    assert bare.status_code == 200, bare.text
+    assert fhir_get(f"{live.fhir}/Patient/{world.patient_id}", bare.json()["access_token"]).status_code == 200
+    confidential = world.login(world.patient_user, "offline_access patient/*.rs", client_id=world.secret_app,
+                               secret=world.secret)
+    unauthenticated = httpx.post(f"{live.gateway_url}/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": confidential["refresh_token"]})
+    assert unauthenticated.status_code == 401 and unauthenticated.json()["error"] == "invalid_client"
+    unknown = httpx.post(f"{live.gateway_url}/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": "not-a-token"})
+    assert unknown.status_code == 400 and unknown.json()["error"] == "invalid_grant"
+    # The refused attempt did not spend the confidential client's token.
+    assert refresh(live, confidential["refresh_token"], world.secret_app,
+                   client_secret=world.secret).status_code == 200
+
+
 def introspect(live: RunningStack, token: str, auth_token: str) -> httpx.Response:
     return httpx.post(f"{live.gateway_url}/oauth/introspect", data={"token": token},
                       headers={"Authorization": f"Bearer {auth_token}"})

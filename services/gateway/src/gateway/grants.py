@@ -22,7 +22,7 @@ import structlog
 
 from gateway import store
 from gateway.keys import Keyring
-from gateway.oauth import OAuthError, identify_client
+from gateway.oauth import OAuthError, identify_client, presents_credentials
 from gateway.revocations import RevocationList
 from gateway.settings import GatewaySettings
 from mindchart_core import scopes
@@ -142,7 +142,11 @@ async def refresh_token(
     db: store.Db, keys: Keyring, settings: GatewaySettings, form: dict[str, str],
     authorization: str | None, *, revocations: RevocationList,
 ) -> dict[str, Any]:
-    client = await identify_client(db, settings, form, authorization)
+    """SMART App Launch 2.2 §refresh-access-token: a public app sends only `grant_type`,
+    `refresh_token` (and optionally `scope`): "authentication is not possible (and thus not
+    required)" for it, and RFC 6749 §6 asks client authentication only of confidential clients.
+    The refresh token already names its client, so a request without credentials and without
+    `client_id` is taken as that client's, which must then be public."""
     presented = form.get("refresh_token")
     if not presented:
         raise OAuthError("invalid_request", "refresh_token is required")
@@ -150,6 +154,9 @@ async def refresh_token(
     stored = await store.get_refresh(db, digest)
     if stored is None or stored.get("revoked") or stored["expires"] <= datetime.now(UTC):
         raise OAuthError("invalid_grant", "The refresh token is invalid, expired or revoked")
+    if not form.get("client_id") and not presents_credentials(form, authorization):
+        form = {**form, "client_id": stored["client_id"]}  # identify_client: must be public
+    client = await identify_client(db, settings, form, authorization)
     if stored["client_id"] != client["_id"]:
         raise OAuthError("invalid_grant", "The refresh token was issued to another client")
     grant = dict(stored["grant"])
