@@ -134,7 +134,7 @@ def test_smart_configuration_for_both_bases(live: RunningStack, base: str) -> No
         "launch-standalone", "launch-ehr", "client-public", "client-confidential-symmetric",
         "client-confidential-asymmetric", "context-standalone-patient", "context-ehr-patient",
         "permission-patient", "permission-user", "permission-offline", "permission-v1",
-        "permission-v2", "sso-openid-connect"}
+        "permission-v2", "sso-openid-connect", "context-style"}
     assert {"openid", "fhirUser", "launch/patient", "offline_access"} <= set(config["scopes_supported"])
 
 
@@ -275,6 +275,13 @@ def test_ehr_launch_carries_patient_and_encounter(live: RunningStack, world: Wor
     assert body["patient"] == world.patient_id
     assert body["encounter"] == world.encounter_id
     assert body["need_patient_banner"] is False
+    # ONC (g)(10) `g10_smart_style_url`: present on the EHR launch and answering JSON.
+    style = httpx.get(body["smart_style_url"], headers={"Origin": "https://app.example"})
+    assert style.status_code == 200 and style.headers["content-type"].startswith("application/json")
+    assert style.headers["access-control-allow-origin"] == "*"
+    assert style.json()["color_background"].startswith("#")
+    standalone = world.login(world.clinician, "openid fhirUser user/*.rs")
+    assert "smart_style_url" not in standalone
     claims = claims_of(live, body["access_token"])
     assert claims["patient"] == world.patient_id and claims["encounter"] == world.encounter_id
     # A launch id the gateway never minted is refused at the authorize endpoint.

@@ -295,6 +295,7 @@ async def decide(request: Request, form: dict[str, str], approved_words: list[st
         "encounter": launch.get("encounter") if granted.has("launch/encounter") or granted.has("launch")
         else None,
         "need_patient_banner": session.get("need_patient_banner", True),
+        "ehr_launch": bool(launch),
         "nonce": session.get("nonce"), "auth_time": session.get("auth_time"),
     }
     code = secrets.token_urlsafe(32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _PREFIXES = ("/fhir", "/psychnotes/fhir", "/oauth/token", "/oauth/jwks", "/oauth/introspect",
-             "/oauth/revoke", "/oauth/launch", "/.well-known", "/audit")
+             "/oauth/revoke", "/oauth/launch", "/oauth/smart-style.json", "/.well-known", "/audit")
 _EXPOSE = b"Location, ETag, Last-Modified, Content-Location, X-Request-ID, Retry-After, WWW-Authenticate"
 _OURS = (b"access-control-allow-origin", b"access-control-expose-headers")
 _METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"

@@ -32,6 +32,15 @@ log = structlog.get_logger(__name__)
 # SMART identity, context and refresh scopes: any client using the authorization code may ask.
 LAUNCH_SCOPES = frozenset({"openid", "fhirUser", "profile", "launch", "launch/patient",
                            "launch/encounter", "offline_access", "online_access"})
+SMART_STYLE_PATH = "/oauth/smart-style.json"
+# SMART App Launch "Experimental features: smart-app-styling-properties": the keys an app may read
+# from `smart_style_url` to look like its host. These are the gateway pages' own colours and fonts.
+SMART_STYLE = {
+    "color_background": "#f7f7f5", "color_error": "#9e2d2d", "color_highlight": "#1d5e8c",
+    "color_modal_backdrop": "rgba(0, 0, 0, 0.4)", "color_success": "#2f6f3e", "color_text": "#1b1b1b",
+    "dim_border_radius": "4px", "dim_font_size": "16px", "dim_spacing_size": "16px",
+    "font_family_body": "system-ui, sans-serif", "font_family_heading": "system-ui, sans-serif",
+}
 _VERIFIER = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")  # RFC 7636 §4.1
 
 
@@ -83,6 +92,10 @@ async def issue_tokens(
     if grant.get("patient"):
         claims["need_patient_banner"] = body["need_patient_banner"] = bool(
             grant.get("need_patient_banner", True))
+    if grant.get("ehr_launch"):
+        # SMART 2.2 §launch-context `smart_style_url` (capability `context-style`); the ONC (g)(10)
+        # test kit's `g10_smart_style_url` requires it on the EHR launch and fetches it as JSON.
+        body["smart_style_url"] = f"{settings.issuer}{SMART_STYLE_PATH}"
     body["access_token"] = await keys.sign(claims)
     if granted.has("openid"):
         id_claims: dict[str, Any] = {

@@ -229,6 +229,12 @@ async def create_launch(request: Request) -> Response:
     return JSONResponse(result, status_code=201, headers=NO_STORE)
 
 
+@router.get(grants.SMART_STYLE_PATH)
+async def smart_style(_: Request) -> Response:
+    """What `smart_style_url` points at: JSON, readable from any origin (apps fetch it)."""
+    return JSONResponse(grants.SMART_STYLE, headers=CORS)
+
+
 @router.get("/oauth/jwks")
 async def jwks(request: Request) -> Response:
     return JSONResponse(await request.app.state.keys.public_jwks(fresh=True), headers=CORS)
@@ -237,7 +243,7 @@ async def jwks(request: Request) -> Response:
 CAPABILITIES = [
     "launch-standalone", "launch-ehr", "authorize-post", "client-public",
     "client-confidential-symmetric", "client-confidential-asymmetric", "sso-openid-connect",
-    "context-banner", "context-standalone-patient", "context-ehr-patient", "context-ehr-encounter",
+    "context-banner", "context-style", "context-standalone-patient", "context-ehr-patient", "context-ehr-encounter",
     "permission-patient", "permission-user", "permission-offline", "permission-online",
     "permission-v1", "permission-v2",
 ]
