@@ -71,21 +71,51 @@ class Structure(FhirError):
     status, code = 400, "structure"
 
 
+def bearer_challenge(error: str | None = None, *, scope: str | None = None) -> str:
+    """RFC 6750 §3: the `WWW-Authenticate` value of a bearer-protected resource's refusal.
+
+    §3.1: "If the request lacks any authentication information (e.g., the client was unaware that
+    authentication is necessary or attempted using an unsupported authentication method), the
+    resource server SHOULD NOT include an error code or other error information"; otherwise the
+    error is `invalid_request`, `invalid_token` (401) or `insufficient_scope` (403, MAY name the
+    `scope` needed)."""
+    params = ['realm="mindchart"']
+    if error:
+        params.append(f'error="{error}"')
+    if scope:
+        params.append(f'scope="{scope}"')
+    return "Bearer " + ", ".join(params)
+
+
 class Unauthorized(FhirError):
-    """RFC 6750 §3: 401 with a WWW-Authenticate challenge."""
+    """RFC 6750 §3: 401 with a WWW-Authenticate challenge (`error=None`: no credentials at all)."""
 
     status, code = 401, "login"
 
     def __init__(self, diagnostics: str = "A valid bearer token is required",
-                 *, error: str = "invalid_token") -> None:
-        super().__init__(
-            diagnostics,
-            headers={"WWW-Authenticate": f'Bearer error="{error}"'},
-        )
+                 *, error: str | None = "invalid_token") -> None:
+        super().__init__(diagnostics, headers={"WWW-Authenticate": bearer_challenge(error)})
+
+
+class NoCredentials(Unauthorized):
+    """No bearer token at all (or another scheme): RFC 6750 §3.1, a challenge with no error code."""
+
+    def __init__(self, diagnostics: str = "A bearer token is required") -> None:
+        super().__init__(diagnostics, error=None)
 
 
 class Forbidden(FhirError):
     status, code = 403, "forbidden"
+
+
+class InsufficientScope(Forbidden):
+    """A valid token whose scopes do not cover the request: RFC 6750 §3.1 `insufficient_scope`
+    ("The resource server SHOULD respond with the HTTP 403 (Forbidden) status code"), which §3
+    carries in `WWW-Authenticate` whenever the token does not enable access."""
+
+    def __init__(self, diagnostics: str, *, scope: str | None = None) -> None:
+        super().__init__(diagnostics, headers={
+            "WWW-Authenticate": bearer_challenge("insufficient_scope", scope=scope)})
 
 
 class NotFound(FhirError):

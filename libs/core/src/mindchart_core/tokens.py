@@ -151,10 +151,15 @@ def claims_to_token(claims: dict[str, Any]) -> AccessToken:
     )
 
 
+def bearer_value(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer` header value (RFC 6750 §2.1); without one, the
+    401 whose challenge carries no error code (§3.1). Every service reads bearer tokens here."""
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise errors.NoCredentials()
+    return value.strip()
+
+
 def bearer_token(request: Request) -> str:
     """The raw bearer token of a request (RFC 6750 §2.1), or 401."""
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise errors.Unauthorized("A bearer token is required", error="invalid_request")
-    return value.strip()
+    return bearer_value(request.headers.get("authorization"))

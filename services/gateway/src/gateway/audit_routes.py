@@ -34,7 +34,7 @@ from starlette.responses import Response
 
 from gateway import accounting, audit_store, introspection
 from gateway.settings import GatewaySettings
-from mindchart_core import audit, errors, fhirjson, scopes
+from mindchart_core import audit, errors, fhirjson, scopes, tokens
 
 router = APIRouter()
 
@@ -44,13 +44,9 @@ _REF = re.compile(r"^[A-Za-z0-9._:/|-]{1,256}$")
 
 async def require_auditor(request: Request) -> dict[str, Any]:
     """The caller's token claims if they may read the audit trail; else 401/403."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise errors.Unauthorized("A bearer token is required", error="invalid_request")
+    token = tokens.bearer_value(request.headers.get("authorization"))
     app = request.app
-    claims = await introspection.access_claims(
-        app.state.db, app.state.keys, app.state.settings, token.strip())
+    claims = await introspection.access_claims(app.state.db, app.state.keys, app.state.settings, token)
     if claims is None:
         raise errors.Unauthorized("The access token is invalid, expired or revoked")
     request.state.caller = {"client_id": claims.get("client_id"), "subject": claims.get("sub"),
@@ -62,8 +58,8 @@ async def require_auditor(request: Request) -> dict[str, Any]:
         return claims
     if any(s.context == "user" for s in granted) and "admin" in (claims.get("roles") or []):
         return claims
-    raise errors.Forbidden("Reading the audit trail needs user/AuditEvent.rs as an administrator "
-                           "or system/AuditEvent.rs")
+    raise errors.InsufficientScope("Reading the audit trail needs user/AuditEvent.rs as an "
+                                   "administrator or system/AuditEvent.rs")
 
 
 def _date_clause(value: str) -> dict[str, datetime]:

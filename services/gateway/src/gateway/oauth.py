@@ -185,7 +185,8 @@ async def client_credentials(
     granted = scopes.cap(requested, allowed)
     if not granted.clinical:
         raise OAuthError("invalid_scope", "None of the requested scopes is registered for this client")
-    audience_name = _audience_name(settings, form.get("aud") or form.get("resource"))
+    audience_name = _audience_name(settings, form.get("aud") or form.get("resource"),
+                                   client.get("audiences", []))
     if audience_name not in client.get("audiences", []):
         raise OAuthError("invalid_request", "This client is not registered for that audience (aud)")
     now = int(time.time())
@@ -211,9 +212,11 @@ async def client_credentials(
             "scope": str(granted)}
 
 
-def _audience_name(settings: GatewaySettings, aud: str | None) -> str:
+def _audience_name(settings: GatewaySettings, aud: str | None, registered: list[str]) -> str:
+    """The FHIR server a token is for. RFC 8707 §2 makes `resource` optional; without it (or
+    SMART's `aud`) a client registered for exactly one server gets that one, any other records."""
     if aud is None:
-        return "records"
+        return registered[0] if len(registered) == 1 else "records"
     aud = aud.rstrip("/")
     for name in ("records", "psychnotes"):
         if aud == settings.audience_for(name):

@@ -94,11 +94,11 @@ def check_scopes(token: tokens.AccessToken, interaction: Interaction) -> None:
         raise errors.MethodNotAllowed("This method is not supported on this URL")
     if interaction.resource_type and interaction.name != "operation":
         if not token.scope.allows(interaction.resource_type, interaction.name):
-            raise errors.Forbidden(
+            raise errors.InsufficientScope(
                 f"The granted scopes do not permit {interaction.name} on {interaction.resource_type}"
             )
     elif not token.scope.clinical:
-        raise errors.Forbidden("The granted scopes do not permit this request")
+        raise errors.InsufficientScope("The granted scopes do not permit this request")
 
 
 # -- the proxy endpoint ------------------------------------------------------------------------
@@ -165,10 +165,7 @@ class Registrations:
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str:
     """RFC 6750 §2.1: the bearer token of the first Authorization header, or 401."""
     header = next((v for k, v in headers if k == b"authorization"), b"").decode("latin-1")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise errors.Unauthorized("A bearer token is required", error="invalid_request")
-    return value.strip()
+    return tokens.bearer_value(header)
 
 
 class ProxyEndpoint:

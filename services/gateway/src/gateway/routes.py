@@ -22,7 +22,7 @@ from gateway import (
     ratelimit,
 )
 from gateway.settings import GatewaySettings
-from mindchart_core import errors, metrics
+from mindchart_core import errors, metrics, tokens
 
 router = APIRouter()
 router.include_router(audit_routes.router)
@@ -204,10 +204,8 @@ async def create_launch(request: Request) -> Response:
     """An EHR user (practitioner or admin, with a token from this gateway) mints a launch id."""
     settings = _settings(request)
     db, keys = request.app.state.db, request.app.state.keys
-    header = request.headers.get("authorization", "")
-    claims = None
-    if header.lower().startswith("bearer "):
-        claims = await introspection.access_claims(db, keys, settings, header[7:].strip())
+    raw = tokens.bearer_value(request.headers.get("authorization"))
+    claims = await introspection.access_claims(db, keys, settings, raw)
     if claims is None:
         raise errors.Unauthorized("A valid bearer token is required")
     request.state.caller = {"client_id": claims["client_id"], "subject": claims["sub"],
@@ -243,7 +241,8 @@ async def jwks(request: Request) -> Response:
 CAPABILITIES = [
     "launch-standalone", "launch-ehr", "authorize-post", "client-public",
     "client-confidential-symmetric", "client-confidential-asymmetric", "sso-openid-connect",
-    "context-banner", "context-style", "context-standalone-patient", "context-ehr-patient", "context-ehr-encounter",
+    "context-banner", "context-style", "context-standalone-patient", "context-ehr-patient",
+    "context-ehr-encounter",
     "permission-patient", "permission-user", "permission-offline", "permission-online",
     "permission-v1", "permission-v2",
 ]

@@ -45,7 +45,7 @@ async def _may_manage(ctx: service.Context, patient: str) -> str | None:
 
 async def create_consent(ctx: service.Context, body: Any) -> Response:
     if not ctx.token.scope.allows("Consent", "create"):
-        raise errors.Forbidden("The granted scopes do not permit recording an authorization")
+        raise errors.InsufficientScope("The granted scopes do not permit recording an authorization")
     resource = validation.validate_resource(body, "Consent")
     now = datetime.now(UTC)
     auth = check_authorization(resource, now)
@@ -91,7 +91,7 @@ async def _visible_consent(ctx: service.Context, consent_id: str) -> tuple[dict[
 
 async def read_consent(ctx: service.Context, consent_id: str) -> Response:
     if not ctx.token.scope.allows("Consent", "read"):
-        raise errors.Forbidden("The granted scopes do not permit reading authorizations")
+        raise errors.InsufficientScope("The granted scopes do not permit reading authorizations")
     doc, _ = await _visible_consent(ctx, consent_id)
     return fhirjson.FhirResponse(_open_consent(ctx, doc),
                                  headers={**service.NO_STORE, **service.resource_headers(doc)})
@@ -100,7 +100,7 @@ async def read_consent(ctx: service.Context, consent_id: str) -> Response:
 async def search_consents(ctx: service.Context, items: list[tuple[str, str]]) -> Response:
     """`GET Consent?patient=X`: a patient's authorizations, for the patient or a treating clinician."""
     if not ctx.token.scope.allows("Consent", "search-type"):
-        raise errors.Forbidden("The granted scopes do not permit searching authorizations")
+        raise errors.InsufficientScope("The granted scopes do not permit searching authorizations")
     wanted = [v for k, v in items if k in ("patient", "subject")]
     unknown = [k for k, _ in items if k not in ("patient", "subject", "_format")]
     if unknown or len(wanted) != 1:
@@ -119,7 +119,7 @@ async def search_consents(ctx: service.Context, items: list[tuple[str, str]]) ->
 async def revoke_consent(ctx: service.Context, consent_id: str) -> Response:
     """45 CFR 164.508(b)(5): status becomes inactive; every token minted from it fails at once."""
     if not ctx.token.scope.allows("Consent", "update"):
-        raise errors.Forbidden("The granted scopes do not permit revoking authorizations")
+        raise errors.InsufficientScope("The granted scopes do not permit revoking authorizations")
     doc, role = await _visible_consent(ctx, consent_id)
     if role == "recipient":
         raise errors.Forbidden("Only the patient or a treating practitioner may revoke it")

@@ -67,7 +67,7 @@ def _token_response(raw: str, token: consent_token.ConsentToken) -> Response:
 
 def _require_reader(ctx: service.Context) -> None:
     if not policy.may_read_notes(ctx.token):
-        raise errors.Forbidden("The granted scopes do not permit reading psychotherapy notes")
+        raise errors.InsufficientScope("The granted scopes do not permit reading psychotherapy notes")
 
 
 async def mint_from_consent(ctx: service.Context, consent_id: str, body: Any) -> Response:

@@ -30,7 +30,8 @@ MAX_COUNT = 100
 
 def _require_practitioner(ctx: service.Context, interaction: str) -> str:
     if not ctx.token.scope.allows("DocumentReference", interaction):
-        raise errors.Forbidden(f"The granted scopes do not permit {interaction} of psychotherapy notes")
+        raise errors.InsufficientScope(
+            f"The granted scopes do not permit {interaction} of psychotherapy notes")
     author = ctx.user
     if not author or not author.startswith("Practitioner/"):
         raise errors.Forbidden("Only a practitioner (fhirUser) may write psychotherapy notes")
@@ -135,7 +136,7 @@ async def gate(ctx: service.Context, presented: list[str], action: str) -> conse
     if not policy.may_read_notes(ctx.token):
         await service.record_decision(ctx, permit=False, action=action,
                                       reason="the access token's scopes do not permit reading notes")
-        raise errors.Forbidden("The granted scopes do not permit reading psychotherapy notes")
+        raise errors.InsufficientScope("The granted scopes do not permit reading psychotherapy notes")
     if not presented:
         reason = ("Psychotherapy notes are released only with a consent token (Consent-Token "
                   "header; 45 CFR 164.508(a)(2)); mint one with $consent-token")

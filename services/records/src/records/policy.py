@@ -92,7 +92,7 @@ class AccessPolicy:
         """The filter this caller's data access is confined to, or 403 if no scope covers it."""
         matching = self.token.scope.matching(definition.type, interaction)
         if not matching:
-            raise errors.Forbidden(
+            raise errors.InsufficientScope(
                 f"The granted scopes do not permit {interaction} on {definition.type}"
             )
         alternatives = [f for s in matching

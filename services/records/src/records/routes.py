@@ -117,7 +117,7 @@ async def validate_instance(resource_type: str, resource_id: str, request: Reque
 def _may_validate(store: ResourceStore, definition: ResourceDef) -> None:
     scopes = store.policy.token.scope
     if not any(scopes.allows(definition.type, i) for i in ("create", "update", "read")):
-        raise errors.Forbidden(f"The granted scopes do not permit $validate on {definition.type}")
+        raise errors.InsufficientScope(f"The granted scopes do not permit $validate on {definition.type}")
 
 
 @router.get("/DocumentReference/$docref")

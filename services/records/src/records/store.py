@@ -657,7 +657,7 @@ class ResourceStore:
             if scope and await self._find_one(
                 definition, _and({"_id": resource_id}, scope), session=s
             ) is None:
-                raise errors.Forbidden(  # leaving the block aborts the transaction
+                raise errors.InsufficientScope(  # leaving the block aborts the transaction
                     f"The granted scopes do not permit writing this {definition.type}"
                 )
             await self.db[f"{definition.type}_history"].insert_one(

@@ -114,9 +114,10 @@ async def _kick_off(request: Request, level: str, group_id: str | None = None) -
         if token.scope.allows(kind, "search-type"):
             types.append(kind)
         elif spec.explicit_types and not is_lenient:
-            raise errors.Forbidden(f"The granted scopes do not permit exporting {kind}")
+            raise errors.InsufficientScope(f"The granted scopes do not permit exporting {kind}")
     if not types:
-        raise errors.Forbidden("The granted scopes do not permit exporting any requested resource type")
+        raise errors.InsufficientScope(
+            "The granted scopes do not permit exporting any requested resource type")
 
     patients = spec.patients
     if level == "group":
