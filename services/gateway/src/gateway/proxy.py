@@ -31,7 +31,9 @@ HOP_BY_HOP = frozenset({
     "server",
 })
 _UNSAFE_PATH = re.compile(r"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|\\|//|%00", re.IGNORECASE)
-_TOKEN_FREE = ("metadata", ".well-known/smart-configuration")
+# Public documents: discovery, and records' document-signing JWK Set (records/lifecycle), which
+# whoever receives a signed note needs to verify it.
+_TOKEN_FREE = ("metadata", ".well-known/smart-configuration", ".well-known/jwks.json")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,10 @@ def reject_unsafe_path(raw_path: str) -> None:
 
 
 def needs_token(rest: str) -> bool:
-    return rest.strip("/") not in _TOKEN_FREE
+    """Conformance resources are public like /metadata (the OperationDefinitions it cites);
+    the backends still verify a token on every other route."""
+    path = rest.strip("/")
+    return path not in _TOKEN_FREE and not path.startswith("OperationDefinition/")
 
 
 def check_scopes(token: tokens.AccessToken, interaction: Interaction) -> None:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
 from records import cdex, export, routes, store
+from records.lifecycle import routes as lifecycle
 from records.settings import RecordsSettings
 
 
@@ -36,5 +37,6 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
 
     export.install(app)  # before routes.router: its /{type}/{id} would match $export URLs
     cdex.install(app)  # likewise: Task writes and the review operations
+    lifecycle.install(app)  # $sign, $verify-signature, signing JWKS (same reason)
     app.include_router(routes.router)
     return service_app.finish(app, "records")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic_settings import SettingsConfigDict
 
 from mindchart_core.settings import ServiceSettings
@@ -17,3 +19,17 @@ class RecordsSettings(ServiceSettings):
     public_base_url: str = "http://127.0.0.1:8000/fhir"
     issuer: str = "http://127.0.0.1:8000"
     jwks_url: str = "http://127.0.0.1:8000/oauth/jwks"
+    # records' own document-signing key (PEM, EC P-256) for signed notes (records/lifecycle);
+    # development: generated under the data dir. Retired keys stay published for verification.
+    signing_key_file: Path | None = None
+    previous_signing_key_files: str = ""  # comma-separated PEM files
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if self.signing_key_file is None:
+            problems.append("MINDCHART_RECORDS_SIGNING_KEY_FILE is not set (signatures of notes "
+                            "would not verify after a redeploy)")
+        return problems
+
+    def previous_signing_key_paths(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.previous_signing_key_files.split(",") if p.strip()]

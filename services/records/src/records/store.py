@@ -83,6 +83,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from mindchart_core import errors, matcher
+from records.lifecycle import rules as lifecycle_rules
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
 from records.search import extract, query
@@ -547,16 +548,19 @@ class ResourceStore:
     # -- writes -----------------------------------------------------------------------------
 
     async def create(self, definition: ResourceDef, resource: dict[str, Any], *,
-                     resource_id: str | None = None, session: Session = None) -> StoredResource:
+                     resource_id: str | None = None, session: Session = None,
+                     transition: str | None = None) -> StoredResource:
         stored, _ = await self._write(definition, resource_id or str(uuid.uuid4()), resource,
-                                      expected=None, create=True, session=session)
+                                      expected=None, create=True, session=session, transition=transition)
         return stored
 
     async def update(
         self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],
-        if_match: int | None = None, *, session: Session = None,
+        if_match: int | None = None, *, session: Session = None, transition: str | None = None,
     ) -> tuple[StoredResource, bool]:
-        """Update, or create with the client's id (update-as-create). Returns (stored, created)."""
+        """Update, or create with the client's id (update-as-create). Returns (stored, created).
+        `transition` names a lifecycle step (records/lifecycle) that may change a locked note;
+        plain writes leave it None and meet the lock (lifecycle/rules.py)."""
         scope = self.policy.filter_for(definition, "update")
         collection = self.db[definition.type]
         current = await collection.find_one({"_id": resource_id}, {"vid": 1}, session=session)
@@ -568,10 +572,11 @@ class ResourceStore:
             raise errors.PreconditionFailed("If-Match does not match the current version")
         expected = int(current["vid"]) if current is not None else None
         return await self._write(definition, resource_id, resource, expected=expected,
-                                 create=current is None, session=session)
+                                 create=current is None, session=session, transition=transition)
 
     async def delete(self, definition: ResourceDef, resource_id: str, if_match: int | None = None,
                      *, session: Session = None) -> None:
+        """Delete (a version without content). A note's lifecycle may refuse (lifecycle/rules.py)."""
         await self._visible(definition, resource_id, "delete", session)
         current = await self.db[definition.type].find_one(
             {"_id": resource_id}, {"vid": 1, "deleted": 1, "c": 1, "sp": 1}, session=session
@@ -586,6 +591,7 @@ class ResourceStore:
         version = int(current["vid"]) + 1
 
         async def run(s: AsyncClientSession) -> None:
+            await self._lifecycle_check(definition, resource_id, version - 1, None, None, s)
             result = await self.db[definition.type].update_one(
                 {"_id": resource_id, "vid": version - 1},
                 {"$set": {"vid": version, "ts": moment, "deleted": True, "raw": None}},
@@ -617,9 +623,24 @@ class ResourceStore:
                         ids.update(target.get("c", []) if target else [])
         return sorted(ids)
 
+    async def _lifecycle_check(self, definition: ResourceDef, resource_id: str, expected: int | None,
+                               body: dict[str, Any] | None, transition: str | None,
+                               session: AsyncClientSession) -> None:
+        """The note lock (records/lifecycle/rules.py), checked inside the write's transaction on
+        the very version it replaces (a concurrent sign makes the write conflict instead)."""
+        if transition is not None or definition.type not in lifecycle_rules.GUARDED_TYPES:
+            return
+        current = None
+        if expected is not None:
+            doc = await self.db[definition.type].find_one({"_id": resource_id, "vid": expected},
+                                                          {"raw": 1}, session=session)
+            if doc is not None and doc.get("raw") is not None:
+                current = orjson.loads(bytes(doc["raw"]))
+        lifecycle_rules.check_write(definition.type, current, body, self.policy.token)
+
     async def _write(
         self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],
-        *, expected: int | None, create: bool, session: Session,
+        *, expected: int | None, create: bool, session: Session, transition: str | None = None,
     ) -> tuple[StoredResource, bool]:
         interaction = "create" if create else "update"
         scope = self.policy.filter_for(definition, interaction)
@@ -637,6 +658,7 @@ class ResourceStore:
         collection = self.db[definition.type]
 
         async def run(s: AsyncClientSession) -> None:
+            await self._lifecycle_check(definition, resource_id, expected, body, transition, s)
             # Topic triggers compare versions (records/subscriptions/topics.py): read the one
             # being replaced inside this transaction, for watched types only.
             previous = (await outbox.previous_version(collection, resource_id, s)

@@ -1,0 +1,140 @@
+"""The lock: which plain writes a progress note still accepts, decided from its stored version.
+
+Called by the store on every write of a DocumentReference (PUT, PATCH, conditional update,
+DELETE, transaction and batch entries all reach `ResourceStore._write`/`delete`), so no route,
+bulk path or admin command can edit a signed note in place. The lifecycle's own transitions
+(`$sign`, superseding, entered-in-error) pass `transition=...` to the store and are checked by
+records/lifecycle/service.py instead.
+
+R4 DocumentReference: `docStatus` (composition-status: preliminary | final | amended |
+entered-in-error) is the state of the document; `status` (document-reference-status: current |
+superseded | entered-in-error) the state of the reference.
+
+- no `docStatus`: today's behaviour, any writer with scope may change or delete it (README
+  "Progress notes": a client that does not take part in the lifecycle keeps working);
+- `preliminary` (a draft): only its author (the token's `fhirUser` among `author`) changes or
+  deletes it, and a change keeps it `preliminary` (it becomes final only through `$sign`);
+- `final`, `amended`, `entered-in-error`: locked (superseding or marking entered-in-error are
+  lifecycle transitions, not plain writes); a note that arrives already final (an EHR sending a
+  note it signed) is locked from the start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mindchart_core import errors
+from mindchart_core.tokens import AccessToken
+
+GUARDED_TYPES = frozenset({"DocumentReference", "Provenance"})
+DRAFT = "preliminary"
+JOSE = "application/jose"
+SIGNED_STATES = frozenset({"final", "amended", "entered-in-error"})
+AMEND_HINT = ("add an addendum (a new DocumentReference with relatesTo code 'appends') or a "
+              "correction (relatesTo code 'replaces') instead")
+
+
+class Locked(errors.FhirError):
+    """409: the note is signed; R4 http.html lets a server refuse an update as a conflict."""
+
+    status = 409
+    code = "business-rule"
+
+
+def is_locked(note: dict[str, Any]) -> bool:
+    """Signed (or arrived signed). `status` alone locks nothing: without `docStatus` a note is
+    outside the lifecycle, whatever its status says."""
+    return note.get("docStatus") in SIGNED_STATES
+
+
+def is_draft(note: dict[str, Any]) -> bool:
+    return note.get("docStatus") == DRAFT and not is_locked(note)
+
+
+def authors(note: dict[str, Any]) -> list[str]:
+    """The note's author references, relative (`Practitioner/x`)."""
+    refs = []
+    for author in note.get("author") or []:
+        ref = author.get("reference") if isinstance(author, dict) else None
+        if isinstance(ref, str):
+            parts = ref.rstrip("/").split("/")
+            if "_history" in parts:
+                parts = parts[: parts.index("_history")]
+            refs.append("/".join(parts[-2:]))
+    return refs
+
+
+def is_author(note: dict[str, Any], token: AccessToken) -> bool:
+    user = token.fhir_user_ref
+    return bool(user) and user in authors(note)
+
+
+def check_update(current: dict[str, Any], new: dict[str, Any], token: AccessToken) -> None:
+    """A plain update (PUT, PATCH, conditional update, Bundle entry) of a stored note."""
+    note = f"DocumentReference/{current.get('id')}"
+    if is_locked(current):
+        raise Locked(f"{note} is signed and cannot be changed: {AMEND_HINT}")
+    if not is_draft(current):
+        return
+    if not is_author(current, token):
+        raise errors.Forbidden(f"Only the author of the draft {note} may change it")
+    if new.get("docStatus") != DRAFT:
+        raise errors.Unprocessable(
+            f"{note} is a draft: it stays docStatus 'preliminary' until its author signs it with "
+            f"POST DocumentReference/{current.get('id')}/$sign", expression=["DocumentReference.docStatus"])
+    if not is_author(new, token):
+        raise errors.Unprocessable(f"The draft {note} cannot be handed to another author",
+                                   expression=["DocumentReference.author"])
+
+
+def check_delete(current: dict[str, Any], token: AccessToken) -> None:
+    note = f"DocumentReference/{current.get('id')}"
+    if is_locked(current):
+        raise Locked(f"{note} is signed and cannot be deleted: {AMEND_HINT}")
+    if is_draft(current) and not is_author(current, token):
+        raise errors.Forbidden(f"Only the author of the draft {note} may delete it")
+
+
+def carries_system_signature(provenance: dict[str, Any]) -> bool:
+    return any(isinstance(s, dict) and s.get("sigFormat") == JOSE
+               for s in provenance.get("signature") or [])
+
+
+def check_write(resource_type: str, current: dict[str, Any] | None, new: dict[str, Any] | None,
+                token: AccessToken) -> None:
+    """Every plain write of a guarded type: `current` the version it replaces (None for a
+    create), `new` what is written (None for a delete)."""
+    if resource_type == "Provenance":
+        # The JWS signatures of notes are records' own (lifecycle/signing.py): a client can
+        # neither file one (it would make $verify-signature report a forgery) nor alter one.
+        if current is not None and carries_system_signature(current):
+            raise Locked(f"Provenance/{current.get('id')} records a signature and cannot be changed")
+        if new is not None and carries_system_signature(new):
+            raise errors.Unprocessable(
+                "Provenance signatures with sigFormat application/jose are written by records "
+                "itself when a note is signed (POST DocumentReference/{id}/$sign)",
+                expression=["Provenance.signature"])
+        return
+    if current is None:
+        return
+    if new is None:
+        check_delete(current, token)
+    else:
+        check_update(current, new, token)
+
+
+__all__ = [
+    "AMEND_HINT",
+    "DRAFT",
+    "GUARDED_TYPES",
+    "SIGNED_STATES",
+    "Locked",
+    "authors",
+    "carries_system_signature",
+    "check_delete",
+    "check_update",
+    "check_write",
+    "is_author",
+    "is_draft",
+    "is_locked",
+]
