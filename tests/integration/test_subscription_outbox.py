@@ -46,10 +46,14 @@ async def test_lifecycle_transitions_are_recorded_with_the_write(db: Any) -> Non
     records = writer(db)
     note = await records.create(NOTES, progress_note("p1", docStatus="preliminary"))
     body = {**progress_note("p1", docStatus="final"), "id": note.id}
-    await records.update(NOTES, note.id, body)
-    await records.update(NOTES, note.id, {**body, "description": "typo fixed"})  # no transition
-    await records.update(NOTES, note.id, {**body, "docStatus": "amended"})
-    await records.update(NOTES, note.id, {**body, "docStatus": "amended", "status": "entered-in-error"})
+    # Written as records/lifecycle's own steps are (`transition=`): plain writes of a draft by
+    # anyone but its author, or of a signed note, are refused by the lock (lifecycle/rules.py).
+    step = "lifecycle"
+    await records.update(NOTES, note.id, body, transition=step)
+    await records.update(NOTES, note.id, {**body, "description": "typo fixed"}, transition=step)  # no topic
+    await records.update(NOTES, note.id, {**body, "docStatus": "amended"}, transition=step)
+    await records.update(NOTES, note.id, {**body, "docStatus": "amended", "status": "entered-in-error"},
+                         transition=step)
     await records.create(RESOURCES["Observation"], phq9_total("p1"))
     await records.create(RESOURCES["Observation"], phq9_total("p1", status="preliminary"))
     got = [(e["type"], e["vid"], e["topics"]) for e in await events(db)]
