@@ -45,7 +45,6 @@ class Cdex:
     member_id: str
     notes: dict[str, str]
     payer_id: str
-    payer_endpoint: str
 
 
 def note(patient: str, label: str, *, start: str, signed: bool = True,
@@ -91,10 +90,8 @@ def cdex(live: RunningStack, writer_http: httpx.Client,
         assert response.status_code == 201, response.text
         notes[label] = response.json()["id"]
     keys = tmp_path_factory.mktemp("cdex-keys")
-    endpoint = f"http://127.0.0.1:9/payer-{suffix}/$submit-attachment"
     payer = BackendClient(f"payer-{suffix}", live.gateway_url)
-    register_backend(live.cli_env, payer, PAYER_SCOPE, tmp=keys, roles=("payer",),
-                     extra=("--payer-endpoint", endpoint))
+    register_backend(live.cli_env, payer, PAYER_SCOPE, tmp=keys, roles=("payer",))
     other = BackendClient(f"payer2-{suffix}", live.gateway_url)
     register_backend(live.cli_env, other, PAYER_SCOPE, tmp=keys, roles=("payer",))
     app = f"review-app-{suffix}"
@@ -105,8 +102,7 @@ def cdex(live: RunningStack, writer_http: httpx.Client,
     with records_client(live, auth=BackendAuth(payer, PAYER_SCOPE)) as payer_http, \
             records_client(live, auth=BackendAuth(other, PAYER_SCOPE)) as other_http, \
             records_client(live, token=reviewer_token) as reviewer_http:
-        yield Cdex(payer_http, other_http, reviewer_http, patient, member_id, notes, payer.client_id,
-                   endpoint)
+        yield Cdex(payer_http, other_http, reviewer_http, patient, member_id, notes, payer.client_id)
 
 
 def data_request(member_id: str, *, code: str = "11506-3", due: str = "2099-01-01",
@@ -319,3 +315,184 @@ def test_the_capability_statement_declares_cdex(live: RunningStack) -> None:
     assert "Task" in resources
     assert {"name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match"} in \
         resources["Patient"]["operation"]
+
+
+def test_an_unreviewed_request_past_its_due_date_is_marked_and_releases_nothing(
+        live: RunningStack, cdex: Cdex) -> None:
+    task_id = file(cdex, data_request(cdex.member_id, due="2020-01-01"))
+    deadline = time.monotonic() + 30
+    polled = cdex.payer.get(f"/Task/{task_id}").json()
+    while polled["businessStatus"]["coding"][0]["code"] != "overdue" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        polled = cdex.payer.get(f"/Task/{task_id}").json()
+    assert polled["businessStatus"]["coding"][0]["code"] == "overdue"
+    assert polled["status"] == "requested"
+    assert "output" not in polled and not polled.get("contained", [])[1:]
+    assert not any(task_id in str(e) for e in accounting(live, cdex.patient))
+
+
+# -- attachments: records calls the payer's $submit-attachment itself -----------------------------
+
+class PayerServer:
+    """A payer's token endpoint and $submit-attachment, as the test's own HTTP server. It checks
+    records' client assertion against records' published JWK Set and the bearer token it issued."""
+
+    def __init__(self, jwks_url: str, client_id: str) -> None:
+        import http.server
+        import threading
+        import urllib.parse
+
+        from joserfc import jwt
+        from joserfc.jwk import KeySet
+
+        self.submissions: dict[str, list[dict[str, Any]]] = {}
+        self.assertions: list[dict[str, Any]] = []
+        self.issued: set[str] = set()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                payload = httpx.Response(200, json=body).content
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path == "/token":
+                    form = dict(urllib.parse.parse_qsl(raw.decode()))
+                    keys = KeySet.import_key_set(httpx.get(jwks_url, timeout=10).json())
+                    try:
+                        claims = jwt.decode(form["client_assertion"], keys, algorithms=["ES384"]).claims
+                    except Exception:
+                        self._answer(401, {"error": "invalid_client"})
+                        return
+                    if claims.get("iss") != client_id or claims.get("aud") != server.token_url:
+                        self._answer(401, {"error": "invalid_client"})
+                        return
+                    server.assertions.append(claims)
+                    token = uuid.uuid4().hex
+                    server.issued.add(token)
+                    self._answer(200, {"access_token": token, "token_type": "bearer", "expires_in": 300})
+                    return
+                bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                if bearer not in server.issued:
+                    self._answer(401, {"error": "invalid_token"})
+                    return
+                server.submissions.setdefault(self.path, []).append(httpx.Response(200, content=raw).json())
+                self._answer(200, {"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "information", "code": "informational", "diagnostics": "received"}]})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.token_url = f"{self.base}/token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+RECORDS_AT_PAYER = "mindchart-records-at-payer"
+
+
+@pytest.fixture(scope="module")
+def attachments(live: RunningStack, cdex: Cdex,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, PayerServer]]:
+    server = PayerServer(f"{live.fhir}/.well-known/cdex-client-jwks.json", RECORDS_AT_PAYER)
+    payer = BackendClient(f"payer-att-{uuid.uuid4().hex[:6]}", live.gateway_url)
+    register_backend(live.cli_env, payer, PAYER_SCOPE, tmp=tmp_path_factory.mktemp("att"),
+                     roles=("payer",), extra=(
+                         "--payer-endpoint", f"{server.base}/payer/$submit-attachment",
+                         "--payer-token-url", server.token_url,
+                         "--payer-client-id", RECORDS_AT_PAYER))
+    with records_client(live, auth=BackendAuth(payer, PAYER_SCOPE)) as http:
+        yield http, server
+    server.close()
+
+
+def attachment_request(member_id: str, payer_url: str) -> dict[str, Any]:
+    """A cdex-task-attachment-request (CDex 2.1 claim attachment example's shape)."""
+    task = data_request(member_id)
+    task["meta"]["profile"] = [
+        "http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-attachment-request"]
+    task["code"] = {"coding": [{"system": CDEX_TEMP, "code": "attachment-request-code"}]}
+    task["identifier"] = [{"type": {"coding": [{"system": CDEX_TEMP, "code": "tracking-id"}]},
+                           "system": "http://payer.example/tracking", "value": "TRK-42"}]
+    task["contained"].append({"resourceType": "PractitionerRole", "id": "provider",
+                              "practitioner": {"identifier": {
+                                  "system": "http://hl7.org/fhir/sid/us-npi", "value": "9941339108"}}})
+    task["owner"] = {"reference": "#provider"}
+    task["input"][0]["extension"] = [{
+        "url": "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/extension-serviceLineNumber",
+        "valuePositiveInt": 1}]
+    task["input"] += [
+        {"type": {"coding": [{"system": CDEX_TEMP, "code": "payer-url"}]}, "valueUrl": payer_url},
+        {"type": {"coding": [{"system": CDEX_TEMP, "code": "service-date"}]}, "valueDate": "2026-03-02"},
+    ]
+    return task
+
+
+def test_an_approved_attachment_request_is_submitted_to_the_registered_payer_endpoint(
+        live: RunningStack, cdex: Cdex, attachments: tuple[httpx.Client, PayerServer]) -> None:
+    payer, server = attachments
+    endpoint = f"{server.base}/payer/$submit-attachment"
+    filed = payer.post("/Task", json=attachment_request(cdex.member_id, endpoint))
+    assert filed.status_code == 201, filed.text
+    task_id = filed.json()["id"]
+    assert server.submissions == {}  # nothing leaves before the review
+    approved = cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
+        release(f"DocumentReference/{cdex.notes['plain']}")))
+    assert approved.status_code == 200, approved.text
+
+    deadline = time.monotonic() + 30
+    polled = payer.get(f"/Task/{task_id}").json()
+    while polled["status"] != "completed" and time.monotonic() < deadline:
+        time.sleep(0.3)
+        polled = payer.get(f"/Task/{task_id}").json()
+    assert polled["status"] == "completed", polled
+    assert polled["businessStatus"]["coding"][0]["code"] == "delivered"
+    [submitted] = server.submissions["/payer/$submit-attachment"]
+    assert [a["sub"] for a in server.assertions] == [RECORDS_AT_PAYER]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for p in submitted["parameter"]:
+        by_name.setdefault(p["name"], []).append(p)
+    assert by_name["TrackingId"][0]["valueIdentifier"] == {
+        "system": "http://payer.example/tracking", "value": "TRK-42"}
+    assert by_name["AttachTo"][0]["valueCode"] == "claim"
+    assert by_name["MemberId"][0]["valueIdentifier"]["value"] == cdex.member_id
+    assert by_name["ProviderId"][0]["valueIdentifier"]["value"] == "9941339108"
+    assert by_name["ServiceDate"][0]["valueDateTime"] == "2026-03-02"
+    assert by_name["Final"][0]["valueBoolean"] is True
+    [attachment] = by_name["Attachment"]
+    parts = {p["name"]: p for p in attachment["part"]}
+    assert parts["LineItem"]["valueString"] == "1"
+    assert parts["Code"]["valueCodeableConcept"]["coding"][0]["code"] == "11506-3"
+    answer = next(r for r in polled["contained"] if r["resourceType"] == "Bundle")
+    assert parts["Content"]["resource"] == answer["entry"][0]["resource"]
+    assert parts["Content"]["resource"]["id"] == cdex.notes["plain"]
+    assert any(task_id in str(e) for e in accounting(live, cdex.patient))
+    from tests.fhir_schema import assert_valid
+    assert_valid(submitted)
+
+
+def test_a_task_naming_an_unregistered_payer_url_releases_nothing_and_calls_nothing(
+        live: RunningStack, cdex: Cdex, attachments: tuple[httpx.Client, PayerServer]) -> None:
+    payer, server = attachments
+    before = live.db("records").Task.count_documents({})
+    for url in (f"{server.base}/elsewhere/$submit-attachment", "http://169.254.169.254/latest/meta-data"):
+        refused = payer.post("/Task", json=attachment_request(cdex.member_id, url))
+        assert refused.status_code == 422, refused.text
+        assert "registered" in refused.json()["issue"][0]["diagnostics"]
+    # A payer without registered endpoints cannot file attachment requests at all.
+    assert cdex.other_payer.post("/Task", json=attachment_request(
+        cdex.member_id, f"{server.base}/payer/$submit-attachment")).status_code == 422
+    assert live.db("records").Task.count_documents({}) == before
+    time.sleep(1)
+    assert "/elsewhere/$submit-attachment" not in server.submissions

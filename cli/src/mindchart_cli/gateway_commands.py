@@ -40,13 +40,18 @@ def client_create(
         help="requests per rate-limit window for this client (default: the gateway's)")] = None,
     payer_endpoint: Annotated[list[str], typer.Option(
         help="(role payer) a $submit-attachment URL records may deliver CDex attachments to")] = [],  # noqa: B006
+    payer_token_url: Annotated[str | None, typer.Option(
+        help="(with --payer-endpoint) the payer's token endpoint records authenticates at")] = None,
+    payer_client_id: Annotated[str | None, typer.Option(
+        help="(with --payer-endpoint) the client id the payer registered records under")] = None,
 ) -> None:
     """Register (or replace) an OAuth client."""
     keyset = json.loads(jwks.read_text()) if jwks else None
     emit(on_gateway_db(lambda db: admin.create_client(
         db, client_id=id, auth=auth, scope=scope, audiences=audience, jwks=keyset,
         jwks_url=jwks_url, secret=secret, redirect_uris=redirect_uri, roles=role, name=name,
-        rate_limit=rate_limit, payer_endpoints=payer_endpoint)))
+        rate_limit=rate_limit, payer_endpoints=payer_endpoint, payer_token_url=payer_token_url,
+        payer_client_id=payer_client_id)))
 
 
 @user_app.command("create")

@@ -43,6 +43,8 @@ class AccessToken:
     session_id: str | None = None  # `sid`: the grant a user token belongs to (revocable as one)
     # A payer client's registered CDex `$submit-attachment` endpoints (gateway registration).
     payer_endpoints: tuple[str, ...] = ()
+    payer_token_url: str | None = None  # where records authenticates to call those endpoints
+    payer_client_id: str | None = None  # the client id records has at that payer
 
     @property
     def fhir_user_ref(self) -> str | None:
@@ -148,6 +150,8 @@ def claims_to_token(claims: dict[str, Any]) -> AccessToken:
         session_id=claims.get("sid"),
         payer_endpoints=tuple(str(u) for u in endpoints) if isinstance(
             endpoints := claims.get("payer_endpoints"), list) else (),
+        payer_token_url=claims.get("payer_token_url"),
+        payer_client_id=claims.get("payer_client_id"),
     )
 
 

@@ -36,7 +36,8 @@ async def create_client(
     jwks: dict[str, Any] | None = None, jwks_url: str | None = None, secret: str | None = None,
     redirect_uris: list[str] | None = None, roles: list[str] | None = None,
     name: str | None = None, rate_limit: int | None = None,
-    payer_endpoints: list[str] | None = None,
+    payer_endpoints: list[str] | None = None, payer_token_url: str | None = None,
+    payer_client_id: str | None = None,
 ) -> dict[str, Any]:
     if not _ID.match(client_id):
         raise RegistrationError("client id: 1-64 letters, digits, '.', '_' or '-'")
@@ -50,6 +51,13 @@ async def create_client(
     if rate_limit is not None and rate_limit < 1:
         raise RegistrationError("rate limit must be at least 1 request per window")
     endpoints = _payer_endpoints(payer_endpoints or [], roles or [])
+    if (payer_token_url or payer_client_id) and not endpoints:
+        raise RegistrationError("--payer-token-url and --payer-client-id go with --payer-endpoint")
+    if endpoints and not (payer_token_url and payer_client_id):
+        raise RegistrationError("--payer-endpoint needs --payer-token-url and --payer-client-id: how "
+                                "records authenticates to the payer (SMART Backend Services)")
+    if payer_token_url:
+        _payer_endpoints([payer_token_url], roles or [])
     client: dict[str, Any] = {
         "_id": client_id, "auth": auth, "scope": _check_scope(scope), "audiences": sorted(set(audiences)),
         "redirect_uris": redirect_uris or [], "roles": roles or [], "created": datetime.now(UTC),
@@ -57,6 +65,8 @@ async def create_client(
     }
     if endpoints:
         client["payer_endpoints"] = endpoints
+        client["payer_token_url"] = payer_token_url
+        client["payer_client_id"] = payer_client_id
     if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
         raise RegistrationError("--jwks-url must be an http(s) URL")
     if auth == "private_key_jwt" and jwks is None:
@@ -89,7 +99,9 @@ async def create_client(
 def _payer_endpoints(urls: list[str], roles: list[str]) -> list[str]:
     """The `$submit-attachment` endpoints records may call for this payer (Da Vinci CDex 2.1
     Task `payer-url` input): records releases attachments only to a URL registered here, never to
-    one a Task merely names (server-side request forgery). Absolute http(s), no query or fragment."""
+    one a Task merely names (server-side request forgery). Absolute http(s), no query or fragment.
+    With them: the payer's token endpoint and the client id the payer gave records, which records
+    authenticates as with its own key (SMART Backend Services, private_key_jwt)."""
     if urls and PAYER_ROLE not in roles:
         raise RegistrationError(f"--payer-endpoint needs --role {PAYER_ROLE}")
     for url in urls:

@@ -205,6 +205,8 @@ async def client_credentials(
         claims["roles"] = list(client["roles"])
     if client.get("payer_endpoints"):  # where records may deliver this payer's CDex attachments
         claims["payer_endpoints"] = list(client["payer_endpoints"])
+        claims["payer_token_url"] = client.get("payer_token_url")
+        claims["payer_client_id"] = client.get("payer_client_id")
     token = await keys.sign(claims)
     log.info("token_issued", client_id=client["_id"], grant="client_credentials",
              audience=audience_name)

@@ -31,9 +31,11 @@ HOP_BY_HOP = frozenset({
     "server",
 })
 _UNSAFE_PATH = re.compile(r"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|\\|//|%00", re.IGNORECASE)
-# Public documents: discovery, and records' document-signing JWK Set (records/lifecycle), which
-# whoever receives a signed note needs to verify it.
-_TOKEN_FREE = ("metadata", ".well-known/smart-configuration", ".well-known/jwks.json")
+# Public documents: discovery, records' document-signing JWK Set (records/lifecycle), which
+# whoever receives a signed note needs to verify it, and records' CDex client keys (records/cdex),
+# which payers register to authenticate records' $submit-attachment calls.
+_TOKEN_FREE = ("metadata", ".well-known/smart-configuration", ".well-known/jwks.json",
+               ".well-known/cdex-client-jwks.json")
 
 
 @dataclass(frozen=True)

@@ -11,21 +11,32 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from records.cdex import routes, store
+from records.cdex import delivery, keys, routes, store
+from records.cdex.settings import CdexSettings
 
 CDEX = "http://hl7.org/fhir/us/davinci-cdex"
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: CdexSettings | None = None) -> None:
+    app.state.cdex_settings = settings = settings or CdexSettings()
+    records = app.state.settings
+    # Loaded at startup so a production deployment without its key refuses to start.
+    app.state.cdex_key = keys.load(settings.client_key_file, records.data_dir, records.is_production)
     app.include_router(routes.router)
 
 
 async def start(app: FastAPI) -> None:
     await store.ensure_indexes(app.state.db)
+    workers = delivery.Workers(app, app.state.cdex_settings, app.state.cdex_key,
+                               routes.internal_store(app))
+    workers.start()
+    app.state.cdex_workers = workers
 
 
 async def stop(app: FastAPI) -> None:
-    return None
+    workers: delivery.Workers | None = getattr(app.state, "cdex_workers", None)
+    if workers is not None:
+        await workers.stop()
 
 
 def declare(statement: dict[str, Any]) -> dict[str, Any]:

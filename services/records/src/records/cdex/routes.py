@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, scopes, tokens, validation
 from records import service
-from records.cdex import match, requests, review, store
+from records.cdex import keys, match, requests, review, store
 from records.policy import CDEX_CLIENT, PAYER_ROLE, AccessPolicy
 from records.resources import RESOURCES
 from records.store import ResourceStore, instant, now
@@ -87,12 +87,25 @@ async def file_request(request: Request) -> Response:
     body = await fhirjson.read_json_body(request, settings.max_body_bytes)
     task = validation.validate_resource(body, "Task")
     parsed = requests.parse(task)
-    if parsed.kind == "attachment" and parsed.payer_url not in token.payer_endpoints:
+    if parsed.kind == "attachment" and (parsed.payer_url not in token.payer_endpoints
+                                        or not token.payer_token_url or not token.payer_client_id):
         raise errors.Unprocessable(
             "payer-url is not an endpoint registered for this payer: nothing was stored and no "
             "request will be sent to it", expression=["Task.input"])
     filed = requests.as_filed(task, token.client_id, instant(now()))
-    stored = await internal_store(request.app).create(TASK, filed)
+    internal = internal_store(request.app)
+    if parsed.kind == "data":
+        stored = await internal.create(TASK, filed)
+    else:
+        target = {"url": parsed.payer_url, "token_url": token.payer_token_url,
+                  "client_id": token.payer_client_id, "payer": token.client_id}
+
+        async def once(session: AsyncClientSession) -> Any:
+            created = await internal.create(TASK, filed, session=session)
+            await store.save_target(request.app.state.db, created.id, target, session)
+            return created
+
+        stored = await internal.atomically(once)
     return service.resource_response(stored, _base_url(request), status=201, location=True,
                                      prefer=request.headers.get("prefer"))
 
@@ -103,6 +116,13 @@ async def file_request(request: Request) -> Response:
 async def task_changes_through_review(task_id: str, request: Request) -> Response:
     await _caller(request)
     raise errors.MethodNotAllowed("A CDex Task changes only through its review ($approve, $refuse)")
+
+
+@router.get("/.well-known/cdex-client-jwks.json")
+async def client_jwks(request: Request) -> Response:
+    """Records' public client keys: a payer registers this JWK Set (or its URL) for records."""
+    return fhirjson.FhirResponse(keys.public_jwks(request.app.state.cdex_key),
+                                 media_type="application/json")
 
 
 @router.post("/Patient/$match")
@@ -169,8 +189,7 @@ async def approve(task_id: str, request: Request) -> Response:
             "reviewer_client": token.client_id, "released": [c.reference for c in released],
             "restricted_included": include_restricted}, session)
         if parsed.kind == "attachment":
-            await store.enqueue_delivery(db, {"task": task_id, "url": parsed.payer_url,
-                                              "payer": payer}, session)
+            await store.enqueue_delivery(db, {"task": task_id, "payer": payer}, session)
         return stored
 
     try:

@@ -59,6 +59,19 @@ async def record_release(db: Db, *, task_id: str, per_patient: dict[str, dict[st
         await db.disclosures.insert_many(docs, session=session)
 
 
+async def save_target(db: Db, task_id: str, target: dict[str, Any],
+                      session: AsyncClientSession) -> None:
+    """Where an attachment request's answer may go: the payer's registered endpoint and how
+    records authenticates there, from the payer's token when it filed the request (the gateway's
+    registration), never from the Task body alone."""
+    await db.cdex_targets.insert_one({"_id": task_id, **target}, session=session)
+
+
+async def target_of(db: Db, task_id: str) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await db.cdex_targets.find_one({"_id": task_id})
+    return doc
+
+
 async def enqueue_delivery(db: Db, delivery: dict[str, Any], session: AsyncClientSession) -> None:
     await db.cdex_outbox.insert_one({"_id": uuid.uuid4().hex, "state": "queued", "attempts": 0,
                                      "not_before": now(), "lease_until": None, **delivery},
