@@ -12,7 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from joserfc.jwk import KeySet
 
+from mindchart_core import signatures
 from tests.actors import (
     BackendAuth,
     BackendClient,
@@ -269,6 +271,17 @@ def test_a_reviewed_request_releases_only_the_approved_signed_notes(live: Runnin
     answer = next(r for r in polled["contained"] if f"#{r['id']}" == ref)
     assert answer["resourceType"] == "Bundle" and answer["type"] == "searchset"
     assert [e["resource"]["id"] for e in answer["entry"]] == [notes["plain"]]
+    # The payer verifies records' signature against the published keys (CDex 2.1 signatures).
+    signature = answer["signature"]
+    assert signature["sigFormat"] == "application/jose"
+    assert signature["type"][0]["code"] == "1.2.840.10065.1.12.1.5"
+    published = KeySet.import_key_set(httpx.get(f"{live.fhir}/.well-known/jwks.json", timeout=30).json())
+    jws = base64.b64decode(signature["data"]).decode()
+    unsigned = {k: v for k, v in answer.items() if k != "signature"}
+    signatures.verify_detached(jws, signatures.canonical(unsigned), published)
+    tampered = {**unsigned, "total": 2}
+    with pytest.raises(signatures.SignatureInvalid):
+        signatures.verify_detached(jws, signatures.canonical(tampered), published)
 
     released = [e for e in accounting(live, cdex.patient) if task_id in e.get("entity", [{}])[-1].get(
         "description", "") or task_id in str(e)]

@@ -22,13 +22,14 @@ exists for answers that "need to be reviewed or filtered" before they leave. Rul
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 
-from mindchart_core import errors
+from mindchart_core import errors, signatures
 from records.cdex import requests, store
 from records.resources import RESOURCES
 from records.search import query
@@ -195,6 +196,26 @@ def answer_bundle(released: list[Candidate], base_url: str) -> dict[str, Any]:
     }
 
 
+VERIFICATION_SIGNATURE = {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5",
+                          "display": "Verification Signature"}
+
+
+def signed(bundle: dict[str, Any], key: Any, jwks_url: str, when: str, base_url: str) -> dict[str, Any]:
+    """The answer with `Bundle.signature`: records' system signature (CDex 2.1 signatures.html:
+    JWS, detached payload, over the canonical JSON of the Bundle without its `signature`;
+    sigFormat application/jose; type Verification Signature; FHIR R4 datatypes.html#JSON). The
+    JWS is records' document-signing key's (records/lifecycle), `jku` its published JWK Set; a
+    verifier removes `Bundle.signature`, canonicalizes (RFC 8785) and checks the detached JWS."""
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    jws = signatures.sign_detached(signatures.canonical(unsigned), key, header={"jku": jwks_url})
+    return {**unsigned, "signature": {
+        "type": [VERIFICATION_SIGNATURE], "when": when,
+        "who": {"identifier": {"system": "urn:ietf:rfc:3986", "value": base_url},
+                "display": "Mindchart records (system signature)"},
+        "targetFormat": signatures.TARGET_FORMAT, "sigFormat": signatures.SIG_FORMAT,
+        "data": base64.b64encode(jws.encode()).decode()}}
+
+
 def per_patient(released: list[Candidate]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for c in released:
@@ -222,5 +243,18 @@ def refused(task: dict[str, Any], reason: str, moment: str) -> dict[str, Any]:
             "lastModified": moment}
 
 
-__all__ = ["Candidate", "answer_bundle", "approval_choice", "candidates", "candidates_parameters",
-           "completed", "member_of", "per_patient", "refusal_reason", "refused", "select", "store"]
+__all__ = [
+    "Candidate",
+    "answer_bundle",
+    "approval_choice",
+    "candidates",
+    "candidates_parameters",
+    "completed",
+    "member_of",
+    "per_patient",
+    "refusal_reason",
+    "refused",
+    "select",
+    "signed",
+    "store",
+]

@@ -27,6 +27,7 @@ from starlette.responses import Response
 from mindchart_core import errors, fhirjson, scopes, tokens, validation
 from records import service
 from records.cdex import keys, match, requests, review, store
+from records.lifecycle.operations import JWKS_PATH
 from records.policy import CDEX_CLIENT, PAYER_ROLE, AccessPolicy
 from records.resources import RESOURCES
 from records.store import ResourceStore, instant, now
@@ -167,8 +168,10 @@ async def approve(task_id: str, request: Request) -> Response:
     parsed = requests.parse(task)
     released = review.select(await review.candidates(reviewer, task, base_url), chosen,
                              include_restricted)
-    answer = review.answer_bundle(released, base_url)
     moment = instant(now())
+    answer = review.signed(review.answer_bundle(released, base_url),
+                           request.app.state.signing_keys.current,
+                           f"{base_url}{JWKS_PATH}", moment, base_url)
     if parsed.kind == "attachment":
         new = review.completed(task, answer, moment, status="in-progress", business=requests.stage(
             "delivering", "Approved; being sent to the payer with $submit-attachment"))
