@@ -247,3 +247,77 @@ def test_an_unsigned_note_does_not_verify(author: httpx.Client, pid: str) -> Non
     result = _verify(author, note["id"])
     assert result["result"] is False and "no signature" in result["message"]
     outcome(author.get(f"/DocumentReference/{uuid.uuid4()}/$verify-signature"), 404)
+
+
+def amending(pid: str, original: dict[str, Any], code: str, text: str) -> dict[str, Any]:
+    return draft(pid, text=text, relatesTo=[{"code": code, "target": {
+        "reference": f"DocumentReference/{original['id']}"}}])
+
+
+def test_an_addendum_is_a_signed_note_that_appends(author: httpx.Client, fhir: httpx.Client,
+                                                   pid: str) -> None:
+    original = signed_note(author, pid)
+    addendum = create(author, amending(pid, original, "appends", "Addendum: client called back."))
+    assert author.post(f"/DocumentReference/{addendum['id']}/$sign").json()["docStatus"] == "final"
+    # The original is untouched and still current; both come back with one search.
+    assert author.get(f"/DocumentReference/{original['id']}").json() == original
+    found = fhir.get("/DocumentReference", params={
+        "_id": original["id"], "_revinclude": "DocumentReference:relatesto"}).json()
+    assert {(e["resource"]["id"], e["search"]["mode"]) for e in found["entry"]} == {
+        (original["id"], "match"), (addendum["id"], "include")}
+    related = fhir.get("/DocumentReference", params={"relatesto": f"DocumentReference/{original['id']}"})
+    assert [e["resource"]["id"] for e in related.json()["entry"]] == [addendum["id"]]
+    by_signer = fhir.get("/DocumentReference", params={"authenticator": AUTHOR, "docstatus": "final",
+                                                       "_id": addendum["id"]}).json()
+    assert by_signer["total"] == 1
+    # An addendum amends a signed note: not a draft, not an unknown one.
+    unsigned = create(author, draft(pid))
+    outcome(author.post("/DocumentReference", json=amending(pid, unsigned, "appends", "x")), 422)
+    outcome(author.post("/DocumentReference", json=amending(pid, {"id": str(uuid.uuid4())}, "appends", "x")), 422)
+
+
+def test_a_correction_supersedes_the_original_when_signed(author: httpx.Client, fhir: httpx.Client,
+                                                          pid: str) -> None:
+    original = signed_note(author, pid)
+    correction = create(author, amending(pid, original, "replaces", "S: low mood. P: CBT fortnightly."))
+    assert author.get(f"/DocumentReference/{original['id']}").json()["status"] == "current"
+    signed = author.post(f"/DocumentReference/{correction['id']}/$sign")
+    assert signed.status_code == 200, signed.text
+    assert signed.json()["docStatus"] == "amended"
+    after = author.get(f"/DocumentReference/{original['id']}").json()
+    assert after["status"] == "superseded" and after["docStatus"] == "final"
+    assert after["content"] == original["content"] and after["authenticator"] == original["authenticator"]
+    history = author.get(f"/DocumentReference/{original['id']}/_history").json()
+    assert [e["resource"]["status"] for e in history["entry"]][:2] == ["superseded", "current"]
+    assert _verify(fhir, original["id"])["result"] is True  # the signed version is intact
+    outcome(author.put(f"/DocumentReference/{original['id']}", json={**after, "status": "current"}), 409)
+    # A second correction of a superseded note is refused.
+    outcome(author.post("/DocumentReference", json=amending(pid, original, "replaces", "again")), 422)
+
+
+def test_entered_in_error_by_the_author_or_an_admin_with_a_reason(
+        live: RunningStack, author: httpx.Client, other: httpx.Client, fhir: httpx.Client, pid: str) -> None:
+    note = signed_note(author, pid)
+    url = f"/DocumentReference/{note['id']}/$entered-in-error"
+    reason = {"resourceType": "Parameters", "parameter": [
+        {"name": "reason", "valueString": "Written in the wrong patient's chart"}]}
+    outcome(other.post(url, json=reason), 403)
+    outcome(author.post(url, json={"resourceType": "Parameters"}), 400)
+    marked = author.post(url, json=reason)
+    assert marked.status_code == 200, marked.text
+    assert marked.json()["docStatus"] == "entered-in-error" and marked.json()["status"] == "entered-in-error"
+    outcome(author.post(url, json=reason), 409)
+    assert author.get(f"/DocumentReference/{note['id']}").status_code == 200  # readable by id
+    plain = fhir.get("/DocumentReference", params={"patient": pid, "_count": "200"}).json()
+    assert note["id"] not in [e["resource"]["id"] for e in plain.get("entry", [])]
+    asked = fhir.get("/DocumentReference", params={"patient": pid, "status": "entered-in-error"}).json()
+    assert note["id"] in [e["resource"]["id"] for e in asked["entry"]]
+    why = fhir.get("/Provenance", params={"target": f"DocumentReference/{note['id']}"}).json()
+    assert "Written in the wrong patient's chart" in [
+        r["text"] for e in why["entry"] for r in e["resource"].get("reason", [])]
+    # An administrator may too.
+    admin = mint_token(live, sub="records-admin", scope=USER_SCOPE, roles=["admin"])
+    with records_client(live, token=admin) as client:
+        other_note = signed_note(author, pid)
+        assert client.post(f"/DocumentReference/{other_note['id']}/$entered-in-error",
+                           json=reason).status_code == 200

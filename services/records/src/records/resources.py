@@ -108,6 +108,14 @@ RESOURCES: dict[str, ResourceDef] = {
                 _p("author", "reference", "author", target="Practitioner", base="DocumentReference-author"),
                 _p("encounter", "reference", "context.encounter", target="Encounter",
                    base="clinical-encounter"),
+                # The note lifecycle (records/lifecycle): addenda and corrections point at the
+                # note they amend; `docstatus` is not an R4 base parameter (R5 adds doc-status).
+                _p("relatesto", "reference", "relatesTo.target", target="DocumentReference",
+                   base="DocumentReference-relatesto"),
+                _p("relation", "token", "relatesTo.code", base="DocumentReference-relation"),
+                _p("authenticator", "reference", "authenticator", target="Practitioner",
+                   base="DocumentReference-authenticator"),
+                _p("docstatus", "token", "docStatus", base="DocumentReference-docstatus"),
             ),
             patient_compartment=("subject",),
             profiles=(f"{US_CORE}/us-core-documentreference",),

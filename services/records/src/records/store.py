@@ -444,7 +444,8 @@ class ResourceStore:
 
     def _search_filter(self, definition: ResourceDef, request: query.SearchRequest) -> dict[str, Any]:
         scope = self.policy.filter_for(definition, "search-type")
-        return _and(scope, request.filter, {"deleted": {"$ne": True}})
+        return _and(scope, request.filter, {"deleted": {"$ne": True}},
+                    lifecycle_rules.hidden_from_search(definition.type, request.applied))
 
     async def search(self, definition: ResourceDef, request: query.SearchRequest,
                      session: Session = None) -> SearchPage:
@@ -637,6 +638,15 @@ class ResourceStore:
             if doc is not None and doc.get("raw") is not None:
                 current = orjson.loads(bytes(doc["raw"]))
         lifecycle_rules.check_write(definition.type, current, body, self.policy.token)
+        if definition.type == "DocumentReference" and body is not None:
+            targets: dict[str, dict[str, Any] | None] = {}
+            for target_id in lifecycle_rules.amended_ids(body):
+                scope = self.policy.filter_for(definition, "update" if current else "create")
+                doc = await self._find_one(definition, _and({"_id": target_id}, scope), raw=True,
+                                           session=session)
+                raw = doc.get("raw") if doc else None
+                targets[target_id] = orjson.loads(bytes(raw)) if raw is not None else None
+            lifecycle_rules.check_relations(body, targets)
 
     async def _write(
         self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],

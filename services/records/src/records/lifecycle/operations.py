@@ -40,6 +40,16 @@ def operation_definitions(base_url: str) -> dict[str, dict[str, Any]]:
             [{"name": "return", "use": "out", "min": 1, "max": "1", "type": "DocumentReference",
               "documentation": "The signed note"}]),
         _operation(
+            "entered-in-error", "Mark a signed progress note entered in error",
+            "The author of a signed note, or an administrator, marks it entered-in-error "
+            "(docStatus and status) with a written reason, kept in a Provenance. The note stays "
+            "readable by id and in its history; searches leave it out unless they ask for a status.",
+            base_url,
+            [{"name": "reason", "use": "in", "min": 1, "max": "1", "type": "string",
+              "documentation": "Why the note was entered in error"},
+             {"name": "return", "use": "out", "min": 1, "max": "1", "type": "DocumentReference",
+              "documentation": "The note as marked"}]),
+        _operation(
             "verify-signature", "Verify the signatures of a progress note",
             "Checks every signature records holds for the note against the stored bytes of the "
             "version it covers.",

@@ -68,6 +68,22 @@ async def sign(note_id: str, request: Request, store: fhir_routes.StoreDep,
                                           prefer=request.headers.get("prefer"))
 
 
+@router.post("/DocumentReference/{note_id}/$entered-in-error")
+async def entered_in_error(note_id: str, request: Request, store: fhir_routes.StoreDep,
+                           settings: fhir_routes.SettingsDep) -> Response:
+    """Parameters with `reason` (valueString): the author or an administrator retracts a note."""
+    body = await fhirjson.read_json_body(request, settings.max_body_bytes)
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise errors.Invalid("$entered-in-error takes a Parameters resource with a 'reason'")
+    reason = next((p.get("valueString") for p in body.get("parameter") or []
+                   if isinstance(p, dict) and p.get("name") == "reason"), None)
+    if not isinstance(reason, str):
+        raise errors.Invalid("$entered-in-error needs a 'reason' (valueString)")
+    marked = await service.entered_in_error(store, note_id, reason)
+    return fhir_service.resource_response(marked, settings.public_base_url,
+                                          prefer=request.headers.get("prefer"))
+
+
 @router.get("/DocumentReference/{note_id}/$verify-signature")
 @router.post("/DocumentReference/{note_id}/$verify-signature")
 async def verify_signature(note_id: str, request: Request, store: fhir_routes.StoreDep) -> Response:

@@ -29,6 +29,7 @@ from mindchart_core.tokens import AccessToken
 GUARDED_TYPES = frozenset({"DocumentReference", "Provenance"})
 DRAFT = "preliminary"
 JOSE = "application/jose"
+ADMIN_ROLE = "admin"  # the gateway's administrator role (mindchart user create --role admin)
 SIGNED_STATES = frozenset({"final", "amended", "entered-in-error"})
 AMEND_HINT = ("add an addendum (a new DocumentReference with relatesTo code 'appends') or a "
               "correction (relatesTo code 'replaces') instead")
@@ -90,9 +91,75 @@ def check_update(current: dict[str, Any], new: dict[str, Any], token: AccessToke
 def check_delete(current: dict[str, Any], token: AccessToken) -> None:
     note = f"DocumentReference/{current.get('id')}"
     if is_locked(current):
-        raise Locked(f"{note} is signed and cannot be deleted: {AMEND_HINT}")
+        raise Locked(f"{note} is signed and cannot be deleted: {AMEND_HINT}, or mark it with "
+                     f"POST {note}/$entered-in-error")
     if is_draft(current) and not is_author(current, token):
         raise errors.Forbidden(f"Only the author of the draft {note} may delete it")
+
+
+AMENDING_CODES = frozenset({"appends", "replaces"})  # R4 document-relationship-type
+
+
+def relations(note: dict[str, Any]) -> list[tuple[str, str]]:
+    """(code, note id) of each note this one appends to or replaces (relatesTo, R4
+    document-relationship-type); a versioned target reference names its note."""
+    found = []
+    for relation in note.get("relatesTo") or []:
+        if not isinstance(relation, dict) or relation.get("code") not in AMENDING_CODES:
+            continue
+        parts = str((relation.get("target") or {}).get("reference", "")).rstrip("/").split("/")
+        if "_history" in parts:
+            parts = parts[: parts.index("_history")]
+        found.append((str(relation["code"]), parts[-1]))
+    return found
+
+
+def amended_ids(note: dict[str, Any]) -> list[str]:
+    return [target for _, target in relations(note)]
+
+
+def replaced_ids(note: dict[str, Any]) -> list[str]:
+    return [target for code, target in relations(note) if code == "replaces"]
+
+
+def _subject(note: dict[str, Any]) -> Any:
+    return (note.get("subject") or {}).get("reference")
+
+
+def check_relations(new: dict[str, Any], targets: dict[str, dict[str, Any] | None]) -> None:
+    """An addendum (`appends`) or a correction (`replaces`) points at a signed, current note of
+    the same patient; `targets` holds each pointed-at note as the writer may see it (or None)."""
+    for target_id in amended_ids(new):
+        target = targets.get(target_id)
+        fine = (target is not None and is_locked(target)
+                and target.get("docStatus") != "entered-in-error"
+                and target.get("status", "current") == "current"
+                and _subject(target) == _subject(new))
+        if not fine:
+            raise errors.Unprocessable(
+                f"relatesTo DocumentReference/{target_id[:64]} must be a signed, current note of the "
+                "same patient (an addendum or a correction amends a signed note)",
+                expression=["DocumentReference.relatesTo"])
+
+
+def check_entered_in_error(current: dict[str, Any], token: AccessToken) -> None:
+    """45 CFR and R4 alike keep the record: entered-in-error marks a signed note, never deletes
+    it. Its author or an administrator (`admin` role) may."""
+    note = f"DocumentReference/{current.get('id')}"
+    if not (is_author(current, token) or ADMIN_ROLE in token.roles):
+        raise errors.Forbidden(f"Only the author of {note} or an administrator may mark it entered-in-error")
+    if current.get("docStatus") == "entered-in-error":
+        raise Locked(f"{note} is already marked entered-in-error")
+    if not is_locked(current):
+        raise errors.Unprocessable(f"{note} is not signed: change or delete the draft instead")
+
+
+def hidden_from_search(resource_type: str, applied: list[tuple[str, str]]) -> dict[str, Any]:
+    """A plain search leaves out notes marked entered-in-error (still readable by id); one that
+    asks for a `status` gets what it asks for."""
+    if resource_type != "DocumentReference" or any(n.split(":")[0] == "status" for n, _ in applied):
+        return {}
+    return {"sp.status": {"$ne": "entered-in-error"}}
 
 
 def carries_system_signature(provenance: dict[str, Any]) -> bool:

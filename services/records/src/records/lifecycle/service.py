@@ -26,7 +26,7 @@ from records.lifecycle import rules, signing
 from records.lifecycle.keys import SigningKeys
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
-from records.store import ResourceStore, StoredResource, now
+from records.store import ResourceStore, StoredResource, instant, now
 
 NOTE = RESOURCES["DocumentReference"]
 PROVENANCE = RESOURCES["Provenance"]
@@ -60,12 +60,61 @@ async def sign(store: ResourceStore, keys: SigningKeys, note_id: str,
         raise errors.Forbidden(f"Only an author of DocumentReference/{note_id} may sign it")
     own = records_store(store)
 
+    replaced = rules.replaced_ids(note)
+
     async def once(session: Any) -> tuple[StoredResource, StoredResource]:
-        signed_body = {**note, "docStatus": "final", "authenticator": {"reference": signer}}
+        # A correction (relatesTo replaces) is signed as `amended`; the note it corrects becomes
+        # `status: superseded` in the same transaction, its content untouched (R4
+        # document-reference-status: "This reference has been superseded by another reference").
+        doc_status = "amended" if replaced else "final"
+        signed_body = {**note, "docStatus": doc_status, "authenticator": {"reference": signer}}
+        for original_id in replaced:
+            original = await own.read(NOTE, original_id, session=session)
+            body = orjson.loads(original.raw or b"{}")
+            if body.get("status", "current") != "current" or not rules.is_locked(body):
+                raise rules.Locked(f"DocumentReference/{original_id} is no longer current: it was "
+                                   "superseded or entered in error meanwhile")
+            await own.update(NOTE, original_id, {**body, "status": "superseded"}, original.version,
+                             session=session, transition="supersede")
         signed, _ = await store.update(NOTE, note_id, signed_body, current.version, session=session,
                                        transition="sign")
         record = signing.provenance(signed, signer, "author", keys, now(), jwks_url)
         return signed, await own.create(PROVENANCE, record, session=session, transition="sign")
+
+    return await store.atomically(once)
+
+
+NULLIFY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                       "code": "NULLIFY", "display": "nullify"}]}
+
+
+async def entered_in_error(store: ResourceStore, note_id: str, reason: str) -> StoredResource:
+    """Mark a signed note entered-in-error (docStatus and status), keeping its content, with a
+    Provenance (activity v3-DataOperation#NULLIFY, `reason` the written reason) in the same
+    transaction. It stays readable by id and in history; plain searches leave it out."""
+    token = store.policy.token
+    if len(reason.strip()) < 5:
+        raise errors.Invalid("$entered-in-error needs a written 'reason'")
+    current = await store.read(NOTE, note_id, interaction="update")
+    note = orjson.loads(current.raw or b"{}")
+    rules.check_entered_in_error(note, token)
+    own = records_store(store)
+    who = ({"reference": token.fhir_user_ref} if token.fhir_user_ref
+           else {"display": f"{token.client_id} {token.subject}"[:200]})
+
+    async def once(session: Any) -> StoredResource:
+        marked, _ = await store.update(
+            NOTE, note_id, {**note, "docStatus": "entered-in-error", "status": "entered-in-error"},
+            current.version, session=session, transition="entered-in-error")
+        moment = instant(now())
+        await own.create(PROVENANCE, {
+            "resourceType": "Provenance",
+            "target": [{"reference": f"DocumentReference/{note_id}/_history/{marked.version}"}],
+            "recorded": moment, "activity": NULLIFY, "reason": [{"text": reason.strip()[:2000]}],
+            "agent": [{"type": {"coding": [{"system": signing.PARTICIPANT_TYPE, "code": "author"}]},
+                       "who": who}],
+        }, session=session, transition="entered-in-error")
+        return marked
 
     return await store.atomically(once)
 
@@ -108,4 +157,4 @@ async def verify_signature(store: ResourceStore, keys: SigningKeys, note_id: str
         _part("result", valueBoolean=not problems), _part("message", valueString=message), *parts]}
 
 
-__all__ = ["records_store", "sign", "verify_signature"]
+__all__ = ["entered_in_error", "records_store", "sign", "verify_signature"]
