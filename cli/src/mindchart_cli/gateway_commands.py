@@ -44,6 +44,8 @@ def client_create(
         help="(with --payer-endpoint) the payer's token endpoint records authenticates at")] = None,
     payer_client_id: Annotated[str | None, typer.Option(
         help="(with --payer-endpoint) the client id the payer registered records under")] = None,
+    subscription_endpoint: Annotated[list[str], typer.Option(
+        help="a URL records may deliver this client's Subscription notifications to")] = [],  # noqa: B006
 ) -> None:
     """Register (or replace) an OAuth client."""
     keyset = json.loads(jwks.read_text()) if jwks else None
@@ -51,7 +53,7 @@ def client_create(
         db, client_id=id, auth=auth, scope=scope, audiences=audience, jwks=keyset,
         jwks_url=jwks_url, secret=secret, redirect_uris=redirect_uri, roles=role, name=name,
         rate_limit=rate_limit, payer_endpoints=payer_endpoint, payer_token_url=payer_token_url,
-        payer_client_id=payer_client_id)))
+        payer_client_id=payer_client_id, subscription_endpoints=subscription_endpoint)))
 
 
 @user_app.command("create")

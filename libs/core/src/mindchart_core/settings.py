@@ -74,3 +74,28 @@ class ServiceSettings(BaseSettings):
         problems = self.production_problems()
         if problems:
             raise UnsafeConfiguration("refusing to start in production: " + "; ".join(problems))
+
+
+def development_secret(data_dir: Path, name: str, nbytes: int = 32) -> str:
+    """A random secret shared by the services of one development machine (base64url), kept at
+    `<data_dir>/keys/<name>` (mode 0600) and created by whichever service asks first. The file is
+    written whole under a temporary name and linked into place, so a service starting at the same
+    moment reads either nothing (and links its own) or the complete secret, never half of one.
+    Production configures secrets explicitly (`*_FILE` settings) and never calls this."""
+    import base64
+    import secrets as random_source
+
+    folder = data_dir / "keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if not target.exists():
+        draft = folder / f".{name}.{os.getpid()}.{random_source.token_hex(4)}"
+        draft.write_text(base64.urlsafe_b64encode(random_source.token_bytes(nbytes)).decode())
+        draft.chmod(0o600)
+        try:
+            os.link(draft, target)
+        except FileExistsError:
+            pass  # another service created it first: use theirs
+        finally:
+            draft.unlink()
+    return target.read_text().strip()

@@ -38,6 +38,7 @@ async def create_client(
     name: str | None = None, rate_limit: int | None = None,
     payer_endpoints: list[str] | None = None, payer_token_url: str | None = None,
     payer_client_id: str | None = None,
+    subscription_endpoints: list[str] | None = None,
 ) -> dict[str, Any]:
     if not _ID.match(client_id):
         raise RegistrationError("client id: 1-64 letters, digits, '.', '_' or '-'")
@@ -48,6 +49,11 @@ async def create_client(
         if not parts.scheme or parts.fragment or (parts.scheme in ("http", "https") and not parts.netloc):
             raise RegistrationError(
                 f"redirect URI {uri!r} must be absolute and have no fragment (RFC 6749 §3.1.2)")
+    for endpoint in subscription_endpoints or []:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
+            raise RegistrationError(
+                f"subscription endpoint {endpoint!r} must be an absolute http(s) URL without fragment")
     if rate_limit is not None and rate_limit < 1:
         raise RegistrationError("rate limit must be at least 1 request per window")
     endpoints = _payer_endpoints(payer_endpoints or [], roles or [])
@@ -62,6 +68,7 @@ async def create_client(
         "_id": client_id, "auth": auth, "scope": _check_scope(scope), "audiences": sorted(set(audiences)),
         "redirect_uris": redirect_uris or [], "roles": roles or [], "created": datetime.now(UTC),
         "name": name or client_id, "rate_limit": rate_limit,
+        "subscription_endpoints": sorted(set(subscription_endpoints or [])),
     }
     if endpoints:
         client["payer_endpoints"] = endpoints

@@ -20,12 +20,14 @@ from gateway import (
     pages,
     proxy,
     ratelimit,
+    subscribers,
 )
 from gateway.settings import GatewaySettings
 from mindchart_core import errors, metrics, tokens
 
 router = APIRouter()
 router.include_router(audit_routes.router)
+router.include_router(subscribers.router)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 CORS = {"Access-Control-Allow-Origin": "*"}
 

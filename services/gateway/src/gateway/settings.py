@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
-from mindchart_core.settings import ServiceSettings
+from mindchart_core.settings import ServiceSettings, development_secret
 
 
 class GatewaySettings(ServiceSettings):
@@ -41,6 +41,10 @@ class GatewaySettings(ServiceSettings):
     # How often each replica asks the datastore for revocations newer than the last it saw: a
     # revoked access token is refused by every other replica within this interval.
     revocation_refresh_seconds: float = 1.0
+    # Shared with records (its MINDCHART_RECORDS_SUBSCRIPTION_GATEWAY_SECRET): authenticates
+    # records' calls to /internal/subscriber, where it learns a subscriber's current grant.
+    # Development: generated under <data dir>/keys/ when unset; production: unset = no Subscriptions.
+    internal_secret: str = ""
 
     @property
     def issuer(self) -> str:
@@ -64,6 +68,13 @@ class GatewaySettings(ServiceSettings):
             problems.append("MINDCHART_GATEWAY_SIGNING_KEY_FILE is not set (a key generated at start-up "
                             "is a development convenience)")
         return problems
+
+    def internal_secret_value(self) -> str:
+        """The configured secret; in development a generated one; in production without one,
+        empty: /internal/subscriber then refuses everyone (and records' Subscriptions stay off)."""
+        if self.internal_secret or self.is_production:
+            return self.internal_secret
+        return development_secret(self.data_dir, "internal-records-gateway")
 
     def audit_chain_key(self) -> bytes | None:
         return self.audit_chain_key_file.read_bytes().strip() if self.audit_chain_key_file else None

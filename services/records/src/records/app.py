@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
-from records import cdex, export, routes, store
+from records import cdex, export, routes, store, subscriptions
 from records.lifecycle import routes as lifecycle
 from records.settings import RecordsSettings
 
@@ -24,7 +24,9 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         await store.ensure_indexes(app.state.db)
         await export.start(app)
         await cdex.start(app)
+        await subscriptions.start(app)
         yield
+        await subscriptions.stop(app)
         await cdex.stop(app)
         await export.stop(app)
         await client.close()
@@ -38,5 +40,6 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     export.install(app)  # before routes.router: its /{type}/{id} would match $export URLs
     cdex.install(app)  # likewise: Task writes and the review operations
     lifecycle.install(app)  # $sign, $verify-signature, signing JWKS (same reason)
+    subscriptions.install(app)  # before routes.router too: Subscription and Basic are its own
     app.include_router(routes.router)
     return service_app.finish(app, "records")

@@ -12,7 +12,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
-from records import bundles, cdex, patch, service
+from records import bundles, cdex, patch, service, subscriptions
 from records.export import declare as declare_bulk_export
 from records.lifecycle.operations import declare as declare_lifecycle
 from records.policy import AccessPolicy
@@ -64,6 +64,7 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
     declare_bulk_export(statement)  # Bulk Data operations (records/export)
     cdex.declare(statement)  # Da Vinci CDex parts (records/cdex)
     declare_lifecycle(statement, settings.public_base_url)  # $sign, $verify-signature
+    subscriptions.declare(statement)  # topic-based Subscription (records/subscriptions)
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})
 
 
