@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from mindchart_cli import stack
-from tests.actors import BackendAuth, BackendClient, run_cli
+from tests.actors import BackendAuth, BackendClient, mint_token, run_cli
 from tests.conftest import RunningStack, free_port
 from tests.records_resources import patient, progress_note
 
@@ -218,14 +218,25 @@ def test_id_only_and_full_resource_get_their_patients_signed_note_and_nothing_el
                             receiver, "/id-only")
         subscribe(http, subscription(receiver.url + "/full", "note-signed", "full-resource", filters=only),
                   receiver, "/full")
-        assert http.post("/DocumentReference", json=progress_note(other, docStatus="final")).status_code == 201
-        unsigned = http.post("/DocumentReference", json=progress_note(mine, docStatus="preliminary")).json()
-        signed = http.put(f"/DocumentReference/{unsigned['id']}",
-                          json={**unsigned, "docStatus": "final"}).json()
+        # A therapist drafts and signs ($sign, records/lifecycle) a note for each patient.
+        author = "Practitioner/subs-author"
+        token = mint_token(subs_stack, sub="subs-author", fhirUser=f"{subs_stack.fhir}/{author}",
+                           scope="user/DocumentReference.cruds user/Provenance.cruds")
+        with httpx.Client(base_url=subs_stack.fhir, timeout=30, headers={
+                "Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}) as therapist:
+            signed = {}
+            for pid in (other, mine):
+                draft = therapist.post("/DocumentReference", json=progress_note(
+                    pid, docStatus="preliminary", author=[{"reference": author}]))
+                assert draft.status_code == 201, draft.text
+                done = therapist.post(f"/DocumentReference/{draft.json()['id']}/$sign")
+                assert done.status_code == 200, done.text
+                signed[pid] = done.json()
+        signed = signed[mine]
         got = wait_for(lambda: receiver.at("/id-only", "event-notification"), "the id-only event")
         full = wait_for(lambda: receiver.at("/full", "event-notification"), "the full-resource event")
         assert [event_numbers(b) for b in got] == [["1"]]
-        assert focus(got[0]) == [f"{subs_stack.fhir}/DocumentReference/{signed['id']}/_history/2"]
+        assert focus(got[0]) == [f"{subs_stack.fhir}/DocumentReference/{signed['id']}/_history/{signed['meta']['versionId']}"]
         assert got[0]["type"] == "history" and "resource" not in got[0]["entry"][1]
         assert parameter(got[0], "subscription")["valueReference"]["reference"].endswith(f"Subscription/{id_only}")
         read = http.get(f"/DocumentReference/{signed['id']}").json()
