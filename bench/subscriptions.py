@@ -45,13 +45,18 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))))
                 moment = time.monotonic()
                 params = body["entry"][0]["resource"]["parameter"]
                 kind = next(p["valueCode"] for p in params if p["name"] == "type")
-                focus = [part["valueReference"]["reference"] for p in params if p["name"] == "notification-event"
-                         for part in p["part"] if part["name"] == "focus"]
+                focus = [
+                    part["valueReference"]["reference"]
+                    for p in params
+                    if p["name"] == "notification-event"
+                    for part in p["part"]
+                    if part["name"] == "focus"
+                ]
                 with receiver.lock:
                     receiver.arrivals.append((moment, kind, focus[0] if focus else ""))
                 self.send_response(200)
@@ -87,52 +92,84 @@ async def write_notes(http: httpx.AsyncClient, patient_id: str, count: int) -> t
     return count / (time.monotonic() - started), acked
 
 
+async def until(done: Any, seconds: float) -> None:
+    for _ in range(int(seconds / 0.2)):
+        if done():
+            return
+        await asyncio.sleep(0.2)
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def measure(writes: int) -> dict[str, Any]:
     receiver = Receiver()
     ports = {name: _free_port() for name in stack.SERVICES}
     with tempfile.TemporaryDirectory() as tmp:
-        config = stack.StackConfig(data_dir=Path(tmp), http_ports=ports,
-                                   db_ports={name: _free_port() for name in stack.SERVICES},
-                                   ephemeral=True, log_to_files=True,
-                                   extra_env={"MINDCHART_GATEWAY_RATE_LIMIT_REQUESTS": str(10**9),
-                                              "MINDCHART_LOG_LEVEL": "WARNING"})
+        config = stack.StackConfig(
+            data_dir=Path(tmp),
+            http_ports=ports,
+            db_ports={name: _free_port() for name in stack.SERVICES},
+            ephemeral=True,
+            log_to_files=True,
+            extra_env={"MINDCHART_GATEWAY_RATE_LIMIT_REQUESTS": str(10**9), "MINDCHART_LOG_LEVEL": "WARNING"},
+        )
         runner = stack.Stack(config)
         runner.start()
         try:
             client = BackendClient("bench-subscriber", config.gateway_url)
             jwks = Path(tmp) / "bench.jwks.json"
             jwks.write_text(json.dumps(client.public_jwks()))
-            result = run_cli({"MINDCHART_DATA_DIR": tmp, **{
-                f"MINDCHART_{n.upper()}_MONGO_URL": config.mongo_url(n) for n in stack.SERVICES}},
-                "client", "create", "--id", client.client_id, "--auth", "private_key_jwt", "--jwks", str(jwks),
-                "--scope", "system/*.cruds", "--subscription-endpoint", receiver.url)
+            result = run_cli(
+                {
+                    "MINDCHART_DATA_DIR": tmp,
+                    **{f"MINDCHART_{n.upper()}_MONGO_URL": config.mongo_url(n) for n in stack.SERVICES},
+                },
+                "client",
+                "create",
+                "--id",
+                client.client_id,
+                "--auth",
+                "private_key_jwt",
+                "--jwks",
+                str(jwks),
+                "--scope",
+                "system/*.cruds",
+                "--subscription-endpoint",
+                receiver.url,
+            )
             assert result.returncode == 0, result.stderr
             token = client.token("system/*.cruds")
-            async with httpx.AsyncClient(base_url=f"{config.gateway_url}/fhir", timeout=60, headers={
-                    "Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}) as http:
+            async with httpx.AsyncClient(
+                base_url=f"{config.gateway_url}/fhir",
+                timeout=60,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
+            ) as http:
                 pid = (await http.post("/Patient", json=patient())).json()["id"]
                 without, _ = await write_notes(http, pid, writes)
-                body = {"resourceType": "Subscription", "status": "requested", "reason": "bench",
-                        "criteria": TOPIC, "channel": {
-                            "type": "rest-hook", "endpoint": receiver.url, "payload": "application/fhir+json",
-                            "_payload": {"extension": [{"url": f"{IG}/backport-payload-content",
-                                                        "valueCode": "id-only"}]}}}
+                body = {
+                    "resourceType": "Subscription",
+                    "status": "requested",
+                    "reason": "bench",
+                    "criteria": TOPIC,
+                    "channel": {
+                        "type": "rest-hook",
+                        "endpoint": receiver.url,
+                        "payload": "application/fhir+json",
+                        "_payload": {
+                            "extension": [{"url": f"{IG}/backport-payload-content", "valueCode": "id-only"}]
+                        },
+                    },
+                }
                 for _ in range(SUBSCRIPTIONS):
                     (await http.post("/Subscription", json=body)).raise_for_status()
-                deadline = time.monotonic() + 120
-                while receiver.count("handshake") < SUBSCRIPTIONS and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
+                await until(lambda: receiver.count("handshake") >= SUBSCRIPTIONS, 120)
                 await asyncio.sleep(1.0)  # let every subscription turn active
                 with_subs, acked = await write_notes(http, pid, writes)
                 expected = SUBSCRIPTIONS * writes
-                deadline = time.monotonic() + 600
-                while receiver.count("event-notification") < expected and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
+                await until(lambda: receiver.count("event-notification") >= expected, 600)
         finally:
             runner.stop()
             receiver.server.shutdown()
@@ -142,8 +179,12 @@ async def measure(writes: int) -> dict[str, Any]:
     first_ack = min(acked.values())
     last = max(t for t, _ in events)
     return {
-        "subscriptions": SUBSCRIPTIONS, "writes": writes, "delivered": len(events), "expected": expected,
-        "writes_per_s_without": round(without, 1), "writes_per_s_with": round(with_subs, 1),
+        "subscriptions": SUBSCRIPTIONS,
+        "writes": writes,
+        "delivered": len(events),
+        "expected": expected,
+        "writes_per_s_without": round(without, 1),
+        "writes_per_s_with": round(with_subs, 1),
         "write_ratio_with_vs_without": round(with_subs / without, 2),
         "latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
         "latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),

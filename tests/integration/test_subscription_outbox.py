@@ -56,6 +56,14 @@ async def test_lifecycle_transitions_are_recorded_with_the_write(db: Any) -> Non
                          transition=step)
     await records.create(RESOURCES["Observation"], phq9_total("p1"))
     await records.create(RESOURCES["Observation"], phq9_total("p1", status="preliminary"))
+    # records/lifecycle's correction: signing it supersedes the original
+    original = await records.create(NOTES, progress_note("p1", docStatus="final"))  # arrives signed
+    relates = [{"code": "replaces", "target": {"reference": f"DocumentReference/{original.id}"}}]
+    fix = await records.create(NOTES, progress_note("p1", docStatus="preliminary", relatesTo=relates))
+    await records.update(NOTES, fix.id, {**progress_note("p1", docStatus="final", relatesTo=relates), "id": fix.id},
+                         transition=step)
+    await records.update(NOTES, original.id, {**progress_note("p1", docStatus="final", status="superseded"),
+                                              "id": original.id}, transition=step)
     got = [(e["type"], e["vid"], e["topics"]) for e in await events(db)]
     assert got == [
         ("DocumentReference", 1, [TOPIC["note-created"]]),
@@ -63,6 +71,10 @@ async def test_lifecycle_transitions_are_recorded_with_the_write(db: Any) -> Non
         ("DocumentReference", 4, [TOPIC["note-amended"]]),
         ("DocumentReference", 5, [TOPIC["note-entered-in-error"]]),
         ("Observation", 1, [TOPIC["screening-recorded"]]),
+        ("DocumentReference", 1, [TOPIC["note-created"], TOPIC["note-signed"]]),
+        ("DocumentReference", 1, [TOPIC["note-created"]]),
+        ("DocumentReference", 2, [TOPIC["note-signed"], TOPIC["note-amended"]]),
+        ("DocumentReference", 2, [TOPIC["note-amended"]]),
     ]
     first = (await events(db))[0]
     assert first["c"] == ["p1"] and first["sp"]["patient"] == ["Patient/p1"]

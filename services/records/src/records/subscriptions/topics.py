@@ -12,7 +12,10 @@ and the R5 cross-version `extension-SubscriptionTopic.*` extensions (BackportTop
 Triggers are transitions, evaluated on the previous and the new version of a resource in the
 write's own transaction (records/subscriptions/outbox.py):
 - note-created: a DocumentReference is created.
-- note-signed / note-amended: `docStatus` (R4 composition-status) becomes `final` / `amended`.
+- note-signed: `docStatus` (R4 composition-status) becomes `final` ($sign, records/lifecycle).
+- note-amended: `docStatus` becomes `amended`; or the note is superseded (`status` becomes
+  `superseded`: records/lifecycle supersedes a note when a correction replacing it is signed);
+  or an addendum or correction (`relatesTo` code `appends` / `replaces`) is signed.
 - note-entered-in-error: `status` (document-reference-status) or `docStatus` becomes
   `entered-in-error`.
 - screening-recorded: an Observation of category `survey` (US Core Screening Assessment)
@@ -66,6 +69,18 @@ def _entered_in_error(previous: Resource | None, current: Resource) -> bool:
         "docStatus", "entered-in-error")(previous, current)
 
 
+AMENDING = frozenset({"appends", "replaces"})
+
+
+def _amended(previous: Resource | None, current: Resource) -> bool:
+    if _became("docStatus", "amended")(previous, current):
+        return True
+    if _became("status", "superseded")(previous, current):
+        return True
+    amends = any(isinstance(r, dict) and r.get("code") in AMENDING for r in current.get("relatesTo", []))
+    return amends and _became("docStatus", "final")(previous, current)
+
+
 def _is_survey(resource: Resource) -> bool:
     return any(c.get("system") == SURVEY[0] and c.get("code") == SURVEY[1]
                for cat in resource.get("category", []) if isinstance(cat, dict)
@@ -88,8 +103,9 @@ TOPICS: dict[str, Topic] = {t.id: t for t in (
           "A progress note's docStatus became final (signed).", ("create", "update"), NOTE_FILTERS,
           _became("docStatus", "final")),
     Topic("note-amended", "Progress note amended", "DocumentReference",
-          "A progress note's docStatus became amended.", ("create", "update"), NOTE_FILTERS,
-          _became("docStatus", "amended")),
+          "A progress note was amended: its docStatus became amended, it was superseded by a "
+          "signed correction, or an addendum or correction to it was signed.", ("create", "update"),
+          NOTE_FILTERS, _amended),
     Topic("note-entered-in-error", "Progress note entered in error", "DocumentReference",
           "A progress note's status or docStatus became entered-in-error.", ("update",),
           NOTE_FILTERS, _entered_in_error),
