@@ -64,3 +64,35 @@ def test_metrics_show_the_series_operators_need(live: RunningStack) -> None:
     # Export jobs run on their own stack in test_export.py; here the series must be declared.
     records = httpx.get(f"{live.direct_url('records')}/metrics").text
     assert "# TYPE mindchart_export_jobs_total counter" in records
+
+
+def test_gateway_names_the_route_of_every_proxied_request(live: RunningStack, writer_http: httpx.Client) -> None:
+    """Dashboards tell a search from a read: the gateway's access log and metrics carry route
+    templates (`/fhir/{type}`, `/fhir/{type}/{id}`, operations), never `unmatched`, and never an id."""
+    patient = writer_http.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
+    marker = f"route-names-{patient[:8]}"
+    asked = {
+        f"/Patient/{patient}": "/fhir/{type}/{id}",
+        "/Observation?code=44261-6": "/fhir/{type}",
+        f"/Patient/{patient}/_history/1": "/fhir/{type}/{id}/_history/{vid}",
+        f"/Patient/{patient}/$everything": "/fhir/{type}/{id}/$everything",
+        "/Patient/$no-such-operation": "/fhir/{type}/{operation}",
+    }
+    for index, path in enumerate(asked):
+        writer_http.get(path, headers={"X-Request-ID": f"{marker}-{index}"})
+    unauthenticated = httpx.get(f"{live.psychnotes}/DocumentReference", headers={"X-Request-ID": f"{marker}-x"})
+    assert unauthenticated.status_code == 401
+    expected = {f"{marker}-{i}": route for i, route in enumerate(asked.values())}
+    expected[f"{marker}-x"] = "/psychnotes/fhir/{type}"
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in service_log(live, "gateway").splitlines() if line.startswith("{")]
+        logged = {line["request_id"]: line.get("route") for line in lines
+                  if line.get("msg") == "request" and str(line.get("request_id", "")).startswith(marker)}
+        if len(logged) == len(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert logged == expected
+    metrics = httpx.get(f"{live.direct_url('gateway')}/metrics").text
+    assert 'route="/fhir/{type}/{id}"' in metrics and 'route="/fhir/{type}"' in metrics
+    assert patient not in metrics

@@ -26,7 +26,16 @@ def request_id_of(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", ""))
 
 
+ROUTE_STATE_KEY = "route"
+
+
 def _route_template(scope: Scope) -> str:
+    """The route a request took, as a template (bounded label values for metrics): what a pure
+    ASGI endpoint named in `scope["state"]["route"]` (the gateway's proxy names FHIR interactions
+    there), else the matched FastAPI route's path."""
+    named = scope.get("state", {}).get(ROUTE_STATE_KEY)
+    if named:
+        return str(named)
     route = scope.get("route")
     path = getattr(route, "path", None)
     return str(path) if path else "unmatched"

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from gateway import ratelimit, store
-from mindchart_core import errors, fhirjson, tokens
+from mindchart_core import asgi, errors, fhirjson, tokens
 
 FORWARDED_REQUEST_HEADERS = frozenset({
     "authorization", "consent-token", "accept", "content-type", "content-length", "prefer",
@@ -69,6 +69,39 @@ def classify(method: str, rest: str) -> Interaction:
     if parts[2] == "_history":
         return Interaction(kind, "vread" if len(parts) > 3 else "history-instance")
     return Interaction(kind, "unknown")
+
+
+# Operations named literally in route labels; any other `$name` is `{operation}`, so a client
+# cannot grow the metrics' label set by inventing operation names.
+KNOWN_OPERATIONS = frozenset({
+    "$export", "$everything", "$validate", "$docref", "$consent-token", "$revoke",
+    "$revoke-consent-token", "$disclosures", "$match", "$meta", "$export-status", "$export-file",
+    "$approve", "$candidates", "$refuse",
+})
+
+
+def route_name(base: str, rest: str) -> str:
+    """A proxied request's route as a template, for logs and metrics: `/fhir/{type}`,
+    `/fhir/{type}/{id}`, `/fhir/{type}/{id}/_history/{vid}`, `/fhir/{type}/{id}/$everything`...
+    Resource types and ids never appear (unbounded, and an id can be a patient's)."""
+    parts = [p for p in rest.split("/") if p]
+    named: list[str] = []
+    for index, part in enumerate(parts[:4]):
+        if part.startswith("$"):
+            named.append(part if part in KNOWN_OPERATIONS else "{operation}")
+        elif part in ("_history", "_search", "metadata", ".well-known", "smart-configuration"):
+            named.append(part)
+        elif index == 0:
+            named.append("{type}")
+        elif index == 1:
+            named.append("{id}")
+        elif index == 3 and parts[2] == "_history":
+            named.append("{vid}")
+        else:
+            named.append("{part}")
+    if len(parts) > 4:
+        named.append("...")
+    return "/".join([base, *named])
 
 
 def patient_of(rest: str, query: str) -> str | None:
@@ -180,6 +213,7 @@ class ProxyEndpoint:
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
+        self.base = "/fhir" if backend == "records" else f"/{backend}/fhir"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
@@ -188,6 +222,7 @@ class ProxyEndpoint:
             raise HTTPException(405, headers={"Allow": ", ".join(METHODS)})
         rest: str = scope.get("path_params", {}).get("rest", "")
         context = scope.setdefault("state", {})
+        context[asgi.ROUTE_STATE_KEY] = route_name(self.base, rest)
         reject_unsafe_path(scope.get("raw_path", b"").decode("latin-1"))
         if needs_token(rest):
             token = await state.verified_tokens[self.backend].verify(_bearer(scope["headers"]))
