@@ -30,8 +30,9 @@ def datastore(name: str) -> Iterator[str]:
     if name in config.mongo_urls or stack.mongo_answers(url):
         yield url
         return
-    only = stack.StackConfig(data_dir=config.data_dir, mongo_urls={
-        other: "configured" for other in stack.SERVICES if other != name})
+    # The temporary server listens where the command will look for it (MINDCHART_<NAME>_DB_PORT).
+    only = stack.StackConfig(data_dir=config.data_dir, host=config.host, db_ports=config.db_ports,
+                             mongo_urls={other: "configured" for other in stack.SERVICES if other != name})
     runner = stack.Stack(only)
     runner.start_datastores()
     try:

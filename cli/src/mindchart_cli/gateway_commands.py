@@ -11,6 +11,7 @@ import typer
 
 from gateway import admin, chain, launches
 from gateway.settings import GatewaySettings
+from mindchart_cli import stack
 from mindchart_cli.datastores import CommandError, emit, on_db
 
 client_app = typer.Typer(help="OAuth clients (apps, EHRs, insurers)", no_args_is_help=True)
@@ -85,7 +86,7 @@ def launch_create(
         help="the app's launch URL, to print the full link")] = None,
 ) -> None:
     """Mint an opaque `launch` value carrying patient/encounter context, as an EHR does."""
-    settings = GatewaySettings()
+    settings = GatewaySettings(public_url=stack.StackConfig.from_env().public_gateway_url)
 
     async def work(db: Any) -> Any:
         try:

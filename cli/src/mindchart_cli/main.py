@@ -91,14 +91,14 @@ def run() -> None:
 
 
 def demo_app_authorize_url(config: stack.StackConfig, challenge: str) -> str:
-    return f"{config.gateway_url}/oauth/authorize?" + urlencode({
+    return f"{config.public_gateway_url}/oauth/authorize?" + urlencode({
         "response_type": "code", "client_id": DEMO_APP, "redirect_uri": DEMO_APP_REDIRECT,
-        "scope": DEMO_APP_SCOPE, "state": "demo", "aud": f"{config.gateway_url}/fhir",
+        "scope": DEMO_APP_SCOPE, "state": "demo", "aud": f"{config.public_gateway_url}/fhir",
         "code_challenge": challenge, "code_challenge_method": "S256"})
 
 
 def print_welcome(config: stack.StackConfig, creds: dict[str, Any], created: int) -> None:
-    gw = config.gateway_url
+    gw = config.public_gateway_url
     secret_client, secret = creds["secret_client_id"], creds["secret_client_secret"]
     verifier = secrets.token_urlsafe(48)  # RFC 7636: a fresh PKCE pair for this run
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()

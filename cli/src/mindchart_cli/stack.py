@@ -83,6 +83,7 @@ class StackConfig:
     ephemeral: bool = False  # tests: embedded data in memory, gone on stop
     log_to_files: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    public_url: str | None = None  # MINDCHART_GATEWAY_PUBLIC_URL; else derived from host and port
 
     @classmethod
     def from_env(cls) -> StackConfig:
@@ -90,7 +91,8 @@ class StackConfig:
             name: url for name in SERVICES
             if (url := os.environ.get(f"MINDCHART_{name.upper()}_MONGO_URL"))
         }
-        config = cls(data_dir=data_dir_from_env(), mongo_urls=urls)
+        config = cls(data_dir=data_dir_from_env(), mongo_urls=urls,
+                     public_url=os.environ.get("MINDCHART_GATEWAY_PUBLIC_URL") or None)
         for name in SERVICES:
             port = os.environ.get(f"MINDCHART_{name.upper()}_PORT")
             if port:
@@ -102,7 +104,15 @@ class StackConfig:
 
     @property
     def gateway_url(self) -> str:
+        """Where this machine reaches the gateway (seeding, health checks, JWKS)."""
         return f"http://{self.host}:{self.http_ports['gateway']}"
+
+    @property
+    def public_gateway_url(self) -> str:
+        """The one rule for the gateway's public URL (issuer, FHIR bases, `iss` of launches),
+        shared by `make run` and every CLI command: MINDCHART_GATEWAY_PUBLIC_URL when set, else
+        the gateway's own address with MINDCHART_GATEWAY_PORT."""
+        return (self.public_url or self.gateway_url).rstrip("/")
 
     def mongo_url(self, name: str) -> str:
         return self.mongo_urls.get(name) or (
@@ -110,7 +120,7 @@ class StackConfig:
         )
 
     def service_env(self, name: str) -> dict[str, str]:
-        gw = self.gateway_url
+        gw = self.public_gateway_url
         prefix = f"MINDCHART_{name.upper()}_"
         env = {
             f"{prefix}HOST": self.host,
@@ -129,7 +139,7 @@ class StackConfig:
             env.update({
                 f"{prefix}PUBLIC_BASE_URL": base,
                 f"{prefix}ISSUER": gw,
-                f"{prefix}JWKS_URL": f"{gw}/oauth/jwks",
+                f"{prefix}JWKS_URL": f"{self.gateway_url}/oauth/jwks",
             })
         return env
 
