@@ -22,12 +22,14 @@ on each streamed document, so memory stays bounded whatever the size. Filters ar
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gridfs import AsyncGridFSBucket
+from gridfs.errors import NoFile
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -191,13 +193,18 @@ async def discard_files(db: Db, job_id: str, keep: set[tuple[str, int]] | None =
 
     On a reclaim this removes what a dead attempt had written of its unfinished type, so the
     type is exported again from its start and no resource appears twice.
+
+    Several may run at once for one job: the DELETE request's cancel, the worker that notices it
+    lost its lease, the sweeper (a cancelled job expires at once). A file another one deleted in
+    between is already gone, not an error (the race behind an occasional 500 on DELETE).
     """
     keep = keep or set()
     grid = bucket(db)
     async for meta in db["export.files"].find({"metadata.job": job_id}, {"metadata": 1}):
         tag = meta.get("metadata") or {}
         if (tag.get("type"), tag.get("attempt")) not in keep:
-            await grid.delete(meta["_id"])
+            with contextlib.suppress(NoFile):
+                await grid.delete(meta["_id"])
     async for doc in db.export_files.find({"job": job_id}, {"source_type": 1, "attempt": 1}):
         if (doc.get("source_type"), doc.get("attempt")) not in keep:
             await db.export_files.delete_one({"_id": doc["_id"]})
