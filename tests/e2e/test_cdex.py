@@ -324,8 +324,22 @@ def test_a_refused_request_ends_rejected_with_the_reason(live: RunningStack, cde
 
 def test_the_capability_statement_declares_cdex(live: RunningStack) -> None:
     statement = httpx.get(f"{live.fhir}/metadata", timeout=30).json()
+    assert "http://hl7.org/fhir/us/davinci-cdex/CapabilityStatement/data-source-server" in \
+        statement["instantiates"]
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-    assert "Task" in resources
+    task = resources["Task"]
+    assert "http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-attachment-request" in \
+        task["supportedProfile"]
+    assert {i["code"] for i in task["interaction"]} == {
+        "read", "vread", "search-type", "history-instance", "create"}
+    assert "Questionnaire-based requests" in task["documentation"]
+    operations = {o["name"]: o["definition"] for o in task["operation"]}
+    assert set(operations) >= {"candidates", "approve", "refuse"}
+    for url in operations.values():  # each OperationDefinition it cites is served, publicly
+        if url.startswith(live.fhir):
+            definition = httpx.get(url, timeout=30)
+            assert definition.status_code == 200, url
+            assert definition.json()["resourceType"] == "OperationDefinition"
     assert {"name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match"} in \
         resources["Patient"]["operation"]
 
@@ -361,6 +375,8 @@ class PayerServer:
         self.submissions: dict[str, list[dict[str, Any]]] = {}
         self.assertions: list[dict[str, Any]] = []
         self.issued: set[str] = set()
+        self.unavailable_for = 0  # answer this many submissions with 503 first (records retries)
+        self.refused_attempts = 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -396,6 +412,11 @@ class PayerServer:
                 bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
                 if bearer not in server.issued:
                     self._answer(401, {"error": "invalid_token"})
+                    return
+                if server.unavailable_for > 0:
+                    server.unavailable_for -= 1
+                    server.refused_attempts += 1
+                    self._answer(503, {"error": "try later"})
                     return
                 server.submissions.setdefault(self.path, []).append(httpx.Response(200, content=raw).json())
                 self._answer(200, {"resourceType": "OperationOutcome", "issue": [
@@ -460,6 +481,7 @@ def test_an_approved_attachment_request_is_submitted_to_the_registered_payer_end
     assert filed.status_code == 201, filed.text
     task_id = filed.json()["id"]
     assert server.submissions == {}  # nothing leaves before the review
+    server.unavailable_for = 1  # the payer is down for the first attempt: records retries
     approved = cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
         release(f"DocumentReference/{cdex.notes['plain']}")))
     assert approved.status_code == 200, approved.text
@@ -472,7 +494,8 @@ def test_an_approved_attachment_request_is_submitted_to_the_registered_payer_end
     assert polled["status"] == "completed", polled
     assert polled["businessStatus"]["coding"][0]["code"] == "delivered"
     [submitted] = server.submissions["/payer/$submit-attachment"]
-    assert [a["sub"] for a in server.assertions] == [RECORDS_AT_PAYER]
+    assert server.refused_attempts == 1
+    assert [a["sub"] for a in server.assertions] == [RECORDS_AT_PAYER] * 2
     by_name: dict[str, list[dict[str, Any]]] = {}
     for p in submitted["parameter"]:
         by_name.setdefault(p["name"], []).append(p)

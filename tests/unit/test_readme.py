@@ -11,11 +11,13 @@ from pydantic_settings import BaseSettings
 
 from gateway.settings import GatewaySettings
 from psychnotes.settings import PsychnotesSettings
+from records.cdex.settings import CdexSettings
 from records.export.settings import ExportSettings
 from records.settings import RecordsSettings
 from records.subscriptions.settings import SubscriptionSettings
 
-SETTINGS = [GatewaySettings, RecordsSettings, PsychnotesSettings, ExportSettings, SubscriptionSettings]
+SETTINGS = [GatewaySettings, RecordsSettings, PsychnotesSettings, ExportSettings, SubscriptionSettings,
+            CdexSettings]
 PREFIXES = sorted((s.model_config.get("env_prefix", "") for s in SETTINGS), key=len, reverse=True)
 COMMON = {"env", "log_level", "data_dir"}  # MINDCHART_ENV etc., documented once
 

@@ -62,7 +62,7 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
         settings.public_base_url, settings.issuer, list(RESOURCES.values())
     )
     declare_bulk_export(statement)  # Bulk Data operations (records/export)
-    cdex.declare(statement)  # Da Vinci CDex parts (records/cdex)
+    cdex.declare(statement, settings.public_base_url)  # Da Vinci CDex parts (records/cdex)
     declare_lifecycle(statement, settings.public_base_url)  # $sign, $verify-signature
     subscriptions.declare(statement)  # topic-based Subscription (records/subscriptions)
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})

@@ -11,10 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from records.cdex import delivery, keys, routes, store
+from records.cdex import capability, delivery, keys, routes, store
 from records.cdex.settings import CdexSettings
-
-CDEX = "http://hl7.org/fhir/us/davinci-cdex"
 
 
 def install(app: FastAPI, settings: CdexSettings | None = None) -> None:
@@ -39,11 +37,6 @@ async def stop(app: FastAPI) -> None:
         await workers.stop()
 
 
-def declare(statement: dict[str, Any]) -> dict[str, Any]:
-    """What CDex parts records supports, stated in the CapabilityStatement."""
-    for rest in statement.get("rest", []):
-        for resource in rest.get("resource", []):
-            if resource.get("type") == "Patient":
-                resource.setdefault("operation", []).append(
-                    {"name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match"})
-    return statement
+def declare(statement: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """What CDex parts records supports, stated in the CapabilityStatement (cdex/capability.py)."""
+    return capability.declare(statement, base_url)

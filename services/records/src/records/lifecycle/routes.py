@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from mindchart_core import errors, fhirjson
 from records import routes as fhir_routes
 from records import service as fhir_service
+from records.cdex import capability as cdex_capability
 from records.lifecycle import keys, service
 from records.lifecycle.operations import JWKS_PATH, operation_definitions
 from records.settings import RecordsSettings
@@ -52,7 +53,8 @@ async def signing_jwks(request: Request) -> Response:
 async def operation_definition(definition_id: str, request: Request,
                                settings: fhir_routes.SettingsDep) -> Response:
     fhirjson.negotiate(request)
-    found = operation_definitions(settings.public_base_url).get(definition_id)
+    found = operation_definitions(settings.public_base_url).get(definition_id) or \
+        cdex_capability.operation_definitions(settings.public_base_url).get(definition_id)
     if found is None:
         raise errors.NotFound("Unknown OperationDefinition")
     return fhirjson.FhirResponse(found)
