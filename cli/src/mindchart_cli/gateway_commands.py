@@ -63,10 +63,13 @@ def user_create(
     password: Annotated[str, typer.Option()],
     role: Annotated[str, typer.Option(help="practitioner | patient | admin | compliance")],
     fhir_user: Annotated[str | None, typer.Option(help="Practitioner/ID or Patient/ID")] = None,
+    supervisor: Annotated[str | None, typer.Option(
+        help="Practitioner/ID who must co-sign this practitioner's notes")] = None,
 ) -> None:
     """Create (or replace) a user who signs in at the gateway."""
     emit(on_gateway_db(lambda db: admin.create_user(
-        db, username=username, password=password, role=role, fhir_user=fhir_user)))
+        db, username=username, password=password, role=role, fhir_user=fhir_user,
+        supervisor=supervisor)))
 
 
 @key_app.command("rotate")

@@ -41,6 +41,9 @@ class AccessToken:
     roles: tuple[str, ...] = ()
     purpose_of_use: str | None = None
     session_id: str | None = None  # `sid`: the grant a user token belongs to (revocable as one)
+    # A practitioner whose notes need co-signature: their supervisor (`supervisor` claim,
+    # `Practitioner/ID`, set by the gateway from `mindchart user create --supervisor`).
+    supervisor: str | None = None
     # A payer client's registered CDex `$submit-attachment` endpoints (gateway registration).
     payer_endpoints: tuple[str, ...] = ()
     payer_token_url: str | None = None  # where records authenticates to call those endpoints
@@ -148,6 +151,7 @@ def claims_to_token(claims: dict[str, Any]) -> AccessToken:
         roles=tuple(str(r) for r in roles) if isinstance(roles, list) else (),
         purpose_of_use=claims.get("purpose_of_use"),
         session_id=claims.get("sid"),
+        supervisor=claims["supervisor"] if isinstance(claims.get("supervisor"), str) else None,
         payer_endpoints=tuple(str(u) for u in endpoints) if isinstance(
             endpoints := claims.get("payer_endpoints"), list) else (),
         payer_token_url=claims.get("payer_token_url"),

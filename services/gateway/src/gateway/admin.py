@@ -121,7 +121,10 @@ def _payer_endpoints(urls: list[str], roles: list[str]) -> list[str]:
 
 async def create_user(
     db: store.Db, *, username: str, password: str, role: str, fhir_user: str | None = None,
+    supervisor: str | None = None,
 ) -> dict[str, Any]:
+    """A user who signs in. `supervisor` (Practitioner/ID) marks a practitioner whose notes need
+    a co-signature: their tokens carry it as the `supervisor` claim (records/lifecycle)."""
     if not _ID.match(username):
         raise RegistrationError("username: 1-64 letters, digits, '.', '_' or '-'")
     if role not in ROLES:
@@ -132,11 +135,19 @@ async def create_user(
         raise RegistrationError("fhir-user must look like Practitioner/ID or Patient/ID")
     if role in ("practitioner", "patient") and not fhir_user:
         raise RegistrationError(f"a {role} user needs --fhir-user")
+    if supervisor is not None:
+        if role != "practitioner" or not re.fullmatch(r"Practitioner/[A-Za-z0-9\-.]{1,64}", supervisor):
+            raise RegistrationError("--supervisor (Practitioner/ID) is for practitioner users")
+        if supervisor == fhir_user:
+            raise RegistrationError("a practitioner cannot supervise themselves")
     created = datetime.now(UTC)
     user = {"_id": username, "password_hash": oauth.hash_secret(password), "role": role,
             "fhir_user": fhir_user, "created": created, "failed_logins": 0}
+    if supervisor:
+        user["supervisor"] = supervisor
     await store.put_user(db, user)
-    return {"username": username, "role": role, "fhir_user": fhir_user, "created": created.isoformat()}
+    answer = {"username": username, "role": role, "fhir_user": fhir_user, "created": created.isoformat()}
+    return {**answer, "supervisor": supervisor} if supervisor else answer
 
 
 async def rotate_signing_key(db: store.Db) -> dict[str, Any]:

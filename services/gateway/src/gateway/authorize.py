@@ -167,7 +167,8 @@ async def login(request: Request, form: dict[str, str]) -> Response:
     if launch_user and launch_user != username:
         return pages.error_page("Wrong user", "This launch was made for another user.", 403)
     changes: dict[str, Any] = {"username": username, "role": user["role"],
-                               "fhir_user": user.get("fhir_user"), "auth_time": int(time.time())}
+                               "fhir_user": user.get("fhir_user"), "supervisor": user.get("supervisor"),
+                               "auth_time": int(time.time())}
     patient = session["launch"].get("patient")
     if user["role"] == "patient":
         own = (user.get("fhir_user") or "").removeprefix("Patient/")
@@ -291,7 +292,7 @@ async def decide(request: Request, form: dict[str, str], approved_words: list[st
     grant = {
         "family": uuid.uuid4().hex, "client_id": session["client_id"], "audience": session["audience"],
         "username": session["username"], "role": session["role"], "fhir_user": session.get("fhir_user"),
-        "scope": str(granted), "patient": session.get("patient"),
+        "supervisor": session.get("supervisor"), "scope": str(granted), "patient": session.get("patient"),
         "encounter": launch.get("encounter") if granted.has("launch/encounter") or granted.has("launch")
         else None,
         "need_patient_banner": session.get("need_patient_banner", True),

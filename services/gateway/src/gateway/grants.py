@@ -84,6 +84,8 @@ async def issue_tokens(
     }
     if fhir_user:
         claims["fhirUser"] = fhir_user
+    if grant.get("supervisor"):  # records/lifecycle: this practitioner's notes need co-signature
+        claims["supervisor"] = grant["supervisor"]
     body: dict[str, Any] = {"token_type": "Bearer", "expires_in": settings.user_token_seconds,
                             "scope": str(granted)}
     for name in ("patient", "encounter"):

@@ -29,6 +29,9 @@ from mindchart_core.tokens import AccessToken
 GUARDED_TYPES = frozenset({"DocumentReference", "Provenance"})
 DRAFT = "preliminary"
 JOSE = "application/jose"
+# A supervisee's signed draft waits for its supervisor: this meta.tag names them (code =
+# Practitioner/ID), so the note shows it and `_tag=<system>|Practitioner/ID` lists what awaits one.
+AWAITING_COSIGNATURE = "https://mindchart.dev/fhir/CodeSystem/awaiting-cosignature"
 ADMIN_ROLE = "admin"  # the gateway's administrator role (mindchart user create --role admin)
 SIGNED_STATES = frozenset({"final", "amended", "entered-in-error"})
 AMEND_HINT = ("add an addendum (a new DocumentReference with relatesTo code 'appends') or a "
@@ -40,6 +43,14 @@ class Locked(errors.FhirError):
 
     status = 409
     code = "business-rule"
+
+
+def awaiting_cosigner(note: dict[str, Any]) -> str | None:
+    """The supervisor a note waits for, when its author (a supervisee) has signed it."""
+    for tag in (note.get("meta") or {}).get("tag") or []:
+        if isinstance(tag, dict) and tag.get("system") == AWAITING_COSIGNATURE:
+            return str(tag.get("code"))
+    return None
 
 
 def is_locked(note: dict[str, Any]) -> bool:
@@ -75,6 +86,9 @@ def check_update(current: dict[str, Any], new: dict[str, Any], token: AccessToke
     note = f"DocumentReference/{current.get('id')}"
     if is_locked(current):
         raise Locked(f"{note} is signed and cannot be changed: {AMEND_HINT}")
+    if awaiting_cosigner(current):
+        raise Locked(f"{note} is signed by its author and awaits co-signature by "
+                     f"{awaiting_cosigner(current)}: it cannot be changed meanwhile")
     if not is_draft(current):
         return
     if not is_author(current, token):
@@ -93,6 +107,8 @@ def check_delete(current: dict[str, Any], token: AccessToken) -> None:
     if is_locked(current):
         raise Locked(f"{note} is signed and cannot be deleted: {AMEND_HINT}, or mark it with "
                      f"POST {note}/$entered-in-error")
+    if awaiting_cosigner(current):
+        raise Locked(f"{note} awaits co-signature and cannot be deleted")
     if is_draft(current) and not is_author(current, token):
         raise errors.Forbidden(f"Only the author of the draft {note} may delete it")
 

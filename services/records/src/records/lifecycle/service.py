@@ -22,15 +22,16 @@ import orjson
 
 from mindchart_core import errors, scopes
 from mindchart_core.tokens import AccessToken
-from records.lifecycle import rules, signing
+from records.lifecycle import rules, sessions, signing
 from records.lifecycle.keys import SigningKeys
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
 from records.store import ResourceStore, StoredResource, instant, now
 
 NOTE = RESOURCES["DocumentReference"]
+ENCOUNTER = RESOURCES["Encounter"]
 PROVENANCE = RESOURCES["Provenance"]
-RECORDS_SCOPE = "system/Provenance.crs system/DocumentReference.rus"
+RECORDS_SCOPE = "system/Provenance.crs system/DocumentReference.rus system/Encounter.rs"
 
 
 def records_store(store: ResourceStore) -> ResourceStore:
@@ -48,37 +49,88 @@ def _signer(token: AccessToken) -> str:
     return signer
 
 
+async def _check_session(own: ResourceStore, note: dict[str, Any], session: Any) -> None:
+    """The CPT/time rule on the note's `context.encounter` (lifecycle/sessions.py)."""
+    for encounter_ref in (note.get("context") or {}).get("encounter") or []:
+        ref = str((encounter_ref or {}).get("reference", ""))
+        parts = ref.rstrip("/").split("/")
+        if "_history" in parts:
+            parts = parts[: parts.index("_history")]
+        if len(parts) < 2 or parts[-2] != "Encounter":
+            continue
+        try:
+            encounter = await own.read(ENCOUNTER, parts[-1], session=session)
+        except (errors.NotFound, errors.Gone):
+            raise errors.Unprocessable(f"The note's context.encounter {ref[:80]} is not known",
+                                       expression=["DocumentReference.context.encounter"]) from None
+        sessions.check(orjson.loads(encounter.raw or b"{}"), f"Encounter/{parts[-1]}")
+
+
+def _without_awaiting(meta: dict[str, Any]) -> dict[str, Any]:
+    tags = [t for t in meta.get("tag") or [] if not (
+        isinstance(t, dict) and t.get("system") == rules.AWAITING_COSIGNATURE)]
+    kept = {k: v for k, v in meta.items() if k not in ("tag", "versionId", "lastUpdated")}
+    return {**kept, "tag": tags} if tags else kept
+
+
 async def sign(store: ResourceStore, keys: SigningKeys, note_id: str,
                jwks_url: str) -> tuple[StoredResource, StoredResource]:
-    """The signed note and the Provenance recording its signature."""
-    signer = _signer(store.policy.token)
+    """The signed note and the Provenance recording its signature.
+
+    - The author signs: the note becomes final (`amended` for a correction, whose original
+      becomes superseded). An author whose token names a supervisor (a supervisee) cannot make
+      it final alone: their signature leaves it `preliminary`, tagged as awaiting that
+      supervisor's co-signature, and locked.
+    - The named supervisor then signs (Provenance agent role `verifier`): final (or amended),
+      `authenticator` the supervisor, the tag removed.
+    """
+    token = store.policy.token
+    signer = _signer(token)
     current = await store.read(NOTE, note_id, interaction="update")
     note = orjson.loads(current.raw or b"{}")
     if rules.is_locked(note):
         raise rules.Locked(f"DocumentReference/{note_id} is already signed: {rules.AMEND_HINT}")
-    if not rules.is_author(note, store.policy.token):
+    cosigner = rules.awaiting_cosigner(note)
+    if cosigner is not None and signer != cosigner:
+        raise errors.Forbidden(f"DocumentReference/{note_id} awaits co-signature by its author's "
+                               "supervisor; only they may sign it now")
+    if cosigner is None and not rules.is_author(note, token):
         raise errors.Forbidden(f"Only an author of DocumentReference/{note_id} may sign it")
+    role = "verifier" if cosigner is not None else "author"
+    supervisor = token.supervisor if cosigner is None else None
     own = records_store(store)
-
     replaced = rules.replaced_ids(note)
 
     async def once(session: Any) -> tuple[StoredResource, StoredResource]:
-        # A correction (relatesTo replaces) is signed as `amended`; the note it corrects becomes
-        # `status: superseded` in the same transaction, its content untouched (R4
-        # document-reference-status: "This reference has been superseded by another reference").
-        doc_status = "amended" if replaced else "final"
-        signed_body = {**note, "docStatus": doc_status, "authenticator": {"reference": signer}}
-        for original_id in replaced:
-            original = await own.read(NOTE, original_id, session=session)
-            body = orjson.loads(original.raw or b"{}")
-            if body.get("status", "current") != "current" or not rules.is_locked(body):
-                raise rules.Locked(f"DocumentReference/{original_id} is no longer current: it was "
-                                   "superseded or entered in error meanwhile")
-            await own.update(NOTE, original_id, {**body, "status": "superseded"}, original.version,
-                             session=session, transition="supersede")
-        signed, _ = await store.update(NOTE, note_id, signed_body, current.version, session=session,
-                                       transition="sign")
-        record = signing.provenance(signed, signer, "author", keys, now(), jwks_url)
+        await _check_session(own, note, session)
+        if supervisor is not None:  # a supervisee's signature: awaiting co-signature
+            meta = dict(note.get("meta") or {})
+            tag = {"system": rules.AWAITING_COSIGNATURE, "code": supervisor,
+                   "display": f"awaiting co-signature by {supervisor}"}
+            body = {**note, "meta": {**_without_awaiting(meta), "tag": [
+                *_without_awaiting(meta).get("tag", []), tag]}}
+            signed, _ = await store.update(NOTE, note_id, body, current.version, session=session,
+                                           transition="sign-awaiting-cosignature")
+        else:
+            # A correction (relatesTo replaces) is signed as `amended`; the note it corrects
+            # becomes `status: superseded` in the same transaction, its content untouched (R4
+            # document-reference-status: superseded by another reference).
+            body = {**note, "meta": _without_awaiting(dict(note.get("meta") or {})),
+                    "docStatus": "amended" if replaced else "final",
+                    "authenticator": {"reference": signer}}
+            for original_id in replaced:
+                original = await own.read(NOTE, original_id, session=session)
+                previous = orjson.loads(original.raw or b"{}")
+                if previous.get("status", "current") != "current" or not rules.is_locked(previous):
+                    raise rules.Locked(f"DocumentReference/{original_id} is no longer current: it "
+                                       "was superseded or entered in error meanwhile")
+                await own.update(NOTE, original_id, {**previous, "status": "superseded"},
+                                 original.version, session=session, transition="supersede")
+            # The supervisor co-signs with records' own identity: the note is not theirs to update.
+            writer = own if cosigner is not None else store
+            signed, _ = await writer.update(NOTE, note_id, body, current.version, session=session,
+                                            transition="sign")
+        record = signing.provenance(signed, signer, role, keys, now(), jwks_url)
         return signed, await own.create(PROVENANCE, record, session=session, transition="sign")
 
     return await store.atomically(once)
