@@ -91,6 +91,17 @@ def cdex(live: RunningStack, writer_http: httpx.Client,
         response = writer_http.post("/DocumentReference", json=body)
         assert response.status_code == 201, response.text
         notes[label] = response.json()["id"]
+    phq9 = writer_http.post("/Observation", json={
+        "resourceType": "Observation", "status": "final",
+        "meta": {"security": [{"system": CONF, "code": "R"}, {"system": ACT_CODE, "code": "BH"}]},
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "survey"}]}],
+        "code": {"coding": [{"system": LOINC, "code": "44261-6"}]},
+        "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": "2026-03-02T09:40:00Z",
+        "valueQuantity": {"value": 14, "unit": "{score}", "system": "http://unitsofmeasure.org",
+                          "code": "{score}"}})
+    assert phq9.status_code == 201, phq9.text
+    notes["phq9"] = phq9.json()["id"]
     keys = tmp_path_factory.mktemp("cdex-keys")
     payer = BackendClient(f"payer-{suffix}", live.gateway_url)
     register_backend(live.cli_env, payer, PAYER_SCOPE, tmp=keys, roles=("payer",))
@@ -532,3 +543,12 @@ def test_a_task_naming_an_unregistered_payer_url_releases_nothing_and_calls_noth
     assert live.db("records").Task.count_documents({}) == before
     time.sleep(1)
     assert "/elsewhere/$submit-attachment" not in server.submissions
+
+
+def test_observations_asked_for_are_candidates_too(cdex: Cdex) -> None:
+    task_id = file(cdex, data_request(cdex.member_id, code="44261-6"))
+    listed = cdex.reviewer.get(f"/Task/{task_id}/$candidates").json()
+    [candidate] = listed["parameter"]
+    parts = {p["name"]: p for p in candidate["part"]}
+    assert parts["reference"]["valueReference"]["reference"] == f"Observation/{cdex.notes['phq9']}"
+    assert parts["restricted"]["valueBoolean"] is True  # labelled R: only if explicitly included

@@ -8,7 +8,8 @@ exists for answers that "need to be reviewed or filtered" before they leave. Rul
   always confined to the member), read through the *reviewer's* policy-bound store.
 - Psychotherapy notes are never candidates (they live in psychnotes; anything labelled PSYTHPN
   that reached records is dropped all the same). Notes must be signed (`docStatus` final, the
-  legal record's signing) to be candidates at all.
+  legal record's signing; `amended` for a signed correction) and `current` (not superseded or
+  entered-in-error) to be candidates at all.
 - Resources labelled R or V (v3-Confidentiality) are candidates marked `restricted`: an approval
   may release them only with `includeRestricted` = true.
 - An approval releases a subset of the candidates as a `searchset` Bundle contained in the Task
@@ -41,6 +42,8 @@ CANDIDATE_TYPES = ("DocumentReference", "Observation")
 CODE_PARAM = {"DocumentReference": "type", "Observation": "code"}
 MAX_CANDIDATES = 200
 ANSWER_ID = "answer"
+# Signed by records/lifecycle's $sign: final, or amended (a signed correction); R4 composition-status.
+SIGNED = ("final", "amended")
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,9 @@ def _releasable(resource: dict[str, Any]) -> tuple[bool, bool]:
     labels = _labels(resource)
     if (ACT_CODE, "PSYTHPN") in labels:
         return False, True
-    if resource.get("resourceType") == "DocumentReference" and resource.get("docStatus") != "final":
-        return False, False  # unsigned notes are not released
+    if resource.get("resourceType") == "DocumentReference" and (
+            resource.get("docStatus") not in SIGNED or resource.get("status") != "current"):
+        return False, False  # unsigned, superseded or entered-in-error notes are not released
     return True, bool({(CONFIDENTIALITY, "R"), (CONFIDENTIALITY, "V")} & labels)
 
 
