@@ -17,7 +17,7 @@ from starlette.responses import Response
 from mindchart_core import errors, fhirjson, validation
 from records import subsetting
 from records.resources import RESOURCES, ResourceDef
-from records.search import extract, query
+from records.search import chain, extract, query
 from records.store import MAX_INCLUDES, ResourceStore, Session, StoredResource, instant
 
 
@@ -67,7 +67,7 @@ def _query_url(url: str, params: list[tuple[str, str]]) -> str:
 
 def parse_search(definition: ResourceDef, items: list[tuple[str, str]], base_url: str, *,
                  strict: bool) -> query.SearchRequest:
-    return query.parse(definition, items, base_url=base_url, strict=strict, resources=RESOURCES)
+    return chain.parse_search(definition, items, base_url, strict=strict)
 
 
 async def search_type(
@@ -90,6 +90,7 @@ async def search_bundle(
     paging = applied if any(k == "_count" for k, _ in applied) else [
         *applied, ("_count", str(request.count))]
     head: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    await chain.apply(store, definition, request)
     if request.summary == "count":
         head["total"] = await store.count(definition, request)
         head["link"] = [_link("self", _query_url(type_url, applied))]
@@ -212,8 +213,9 @@ async def matching(store: ResourceStore, definition: ResourceDef, criteria: str,
     """Up to two matches of a conditional interaction's criteria (R4 http.html §cond-update)."""
     items = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
     request = parse_search(definition, items, base_url, strict=True)
-    if not request.filter:
+    if not request.filter and not request.chains:
         raise errors.Invalid("Conditional criteria must include at least one search parameter")
+    await chain.apply(store, definition, request)
     request.count, request.sort, request.includes = 2, [], []
     return (await store.search(definition, request, session)).resources
 
@@ -306,6 +308,12 @@ COMMON_SEARCH_PARAMS = (
     ("_id", "token", "Resource-id"), ("_lastUpdated", "date", "Resource-lastUpdated"),
     ("_security", "token", "Resource-security"), ("_tag", "token", "Resource-tag"),
 )
+# R4 search.html §2.1.1.4.5-6: chaining and `_has` one level deep (records.search.chain); R4's
+# CapabilityStatement has no element for chaining, so the reference parameters say it.
+CHAIN_DOCUMENTATION = ("Chainable one level: name[:Type].param=value (e.g. patient.identifier=...), "
+                       "resolved through the caller's access policy")
+HAS_PARAM = {"name": "_has", "type": "special",
+             "documentation": "Reverse chaining one level: _has:Type:reference:param=value"}
 VALIDATE_OPERATION = {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
 
 
@@ -328,9 +336,11 @@ def _capability_resource(d: ResourceDef) -> dict[str, Any]:
         "searchInclude": ["*", *(f"{d.type}:{p.name}" for p in references)],
         "searchRevInclude": revincludes,
         "searchParam": [
-            {"name": p.name, "definition": p.definition, "type": p.type} for p in d.params
+            {"name": p.name, "definition": p.definition, "type": p.type,
+             **({"documentation": CHAIN_DOCUMENTATION} if p.type == "reference" else {})}
+            for p in d.params
         ] + [{"name": name, "type": kind, "definition": f"http://hl7.org/fhir/SearchParameter/{ref}"}
-             for name, kind, ref in COMMON_SEARCH_PARAMS],
+             for name, kind, ref in COMMON_SEARCH_PARAMS] + [HAS_PARAM],
         "operation": [VALIDATE_OPERATION, *({"name": name, "definition": url} for name, url in d.operations)],
     }
 

@@ -90,6 +90,7 @@ from records.search import extract, query
 from records.subscriptions import outbox
 
 MAX_SORT_CANDIDATES = 5000  # `_sort` sorts matches in memory; beyond this, narrow the search
+MAX_CHAIN_MATCHES = 1000  # records.search.chain: ids one chained parameter may resolve to
 MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
 CONFLICT_RETRY_SECONDS = 15.0  # how long a conditional interaction waits out concurrent ones
 Session = AsyncClientSession | None
@@ -442,7 +443,26 @@ class ResourceStore:
             limit=MAX_INCLUDES)
         return [_stored(definition.type, d) for d in docs]
 
+    async def chain_values(self, definition: ResourceDef, filt: dict[str, Any], field: str) -> list[str]:
+        """`field` (`_id` or an `sp.` reference field) of the `definition` resources matching
+        `filt` that the caller may search (records.search.chain's inner step): policy ANDed,
+        deleted excluded, at most MAX_CHAIN_MATCHES (400 above it, which counts visible
+        resources only)."""
+        scope = self.policy.filter_for(definition, "search-type")
+        docs = await self._select(definition, _and(filt, scope, {"deleted": {"$ne": True}}),
+                                  limit=MAX_CHAIN_MATCHES + 1, raw=False)
+        if len(docs) > MAX_CHAIN_MATCHES:
+            raise errors.FhirError(
+                f"A chained parameter matches more than {MAX_CHAIN_MATCHES} {definition.type} resources: "
+                "narrow it", status=400, code="too-costly")
+        if field == "_id":
+            return [str(d["_id"]) for d in docs]
+        name = field.removeprefix("sp.")
+        return [v for d in docs for v in (d.get("sp", {}).get(name) or [])]
+
     def _search_filter(self, definition: ResourceDef, request: query.SearchRequest) -> dict[str, Any]:
+        if request.chains:  # records.search.chain.apply resolves them through this store first
+            raise errors.Invalid("Chained parameters are not supported here")
         scope = self.policy.filter_for(definition, "search-type")
         return _and(scope, request.filter, {"deleted": {"$ne": True}},
                     lifecycle_rules.hidden_from_search(definition.type, request.applied))

@@ -37,6 +37,12 @@ _HOSTILE_VALUE = re.compile(
     r"^\s*[\[{]\s*[\"'$]|\$(?:where|ne|eq|gt|gte|lt|lte|in|nin|regex|expr|function|or|and|nor|not"
     r"|exists|elemMatch|jsonSchema|accumulator)\b|\x00"
 )
+
+
+def hostile(value: str) -> bool:
+    return bool(_HOSTILE_VALUE.search(value))
+
+
 LAST_UPDATED = SearchParam("lastUpdated", "date", ("meta.lastUpdated",))
 
 
@@ -98,6 +104,16 @@ class SearchRequest:
     summary: str | None = None
     elements: list[str] | None = None
     total: str | None = None
+    # Chained and `_has` parameters (records.search.chain), resolved through the store's policy
+    # into `filter` before the search runs; a store refuses a request that still has some.
+    chains: list[Any] = field(default_factory=list)
+
+
+def and_clauses(clauses: list[dict[str, Any]]) -> dict[str, Any]:
+    kept = [c for c in clauses if c]
+    if not kept:
+        return {}
+    return kept[0] if len(kept) == 1 else {"$and": kept}
 
 
 def sort_field(param: SearchParam | None) -> str:
@@ -319,7 +335,7 @@ def param_clause(
     return clauses[0] if len(clauses) == 1 else {"$or": clauses}
 
 
-def _special_clause(name: str, modifier: str, value: str) -> dict[str, Any] | None:
+def special_clause(name: str, modifier: str, value: str) -> dict[str, Any] | None:
     if name == "_id":
         ids = _split(value)
         if modifier or not all(_ID.match(i) for i in ids):
@@ -385,6 +401,8 @@ def parse(
     request = SearchRequest(filter={})
     clauses: list[dict[str, Any]] = []
     for raw_name, value in items:
+        if raw_name.startswith("_has:") or "." in raw_name:  # records.search.chain's, not here
+            raise errors.Invalid("Chained and _has parameters are not supported here")
         if not _PARAM_NAME.match(raw_name):
             raise errors.Invalid("Invalid search parameter name")
         if len(value) > MAX_VALUE_LENGTH or _HOSTILE_VALUE.search(value):
@@ -426,7 +444,7 @@ def parse(
             continue
         elif not value:
             raise errors.Invalid(f"Parameter {name} has no value")
-        elif (special := _special_clause(name, modifier, value)) is not None:
+        elif (special := special_clause(name, modifier, value)) is not None:
             clauses.append(special)
             request.applied.append((raw_name, value))
         elif (param := definition.param(name)) is not None:
@@ -436,8 +454,7 @@ def parse(
             raise errors.Invalid(f"Unknown search parameter '{name[:64]}' for {definition.type}")
         else:
             request.ignored.append(raw_name)
-    if clauses:
-        request.filter = clauses[0] if len(clauses) == 1 else {"$and": clauses}
+    request.filter = and_clauses(clauses)
     return request
 
 
