@@ -552,3 +552,18 @@ def test_observations_asked_for_are_candidates_too(cdex: Cdex) -> None:
     parts = {p["name"]: p for p in candidate["part"]}
     assert parts["reference"]["valueReference"]["reference"] == f"Observation/{cdex.notes['phq9']}"
     assert parts["restricted"]["valueBoolean"] is True  # labelled R: only if explicitly included
+
+
+def test_two_reviewers_approving_at_once_release_once(live: RunningStack, cdex: Cdex) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    task_id = file(cdex, data_request(cdex.member_id))
+    choice = params(release(f"DocumentReference/{cdex.notes['plain']}"))
+    with ThreadPoolExecutor(4) as pool:
+        statuses = sorted(pool.map(
+            lambda _: cdex.reviewer.post(f"/Task/{task_id}/$approve", json=choice).status_code, range(4)))
+    assert statuses.count(200) == 1 and set(statuses) <= {200, 409}, statuses
+    db = live.db("records")
+    assert db.cdex_decisions.count_documents({"task": task_id}) == 1
+    assert db.disclosures.count_documents({"job": task_id}) == 1
+    assert sum(task_id in str(e) for e in accounting(live, cdex.patient)) == 1
