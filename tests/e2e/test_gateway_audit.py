@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from gateway import chain, store
+from gateway import chain, chain_verify, store
 from tests.actors import (
     BackendClient,
     create_user,
@@ -49,10 +49,12 @@ def test_records_are_chained_and_verify(live: RunningStack, writer_http: httpx.C
     second = record_of(live, writer_http.get("/Observation"))
     assert second["seq"] > first["seq"]
     assert len(first["hash"]) == 64 and first["hash"] == chain.record_hash(first)
-    following = live.db("gateway").audit_events.find_one({"seq": first["seq"] + 1})
+    following = live.db("gateway").audit_events.find_one(
+        {"partition": first["partition"], "seq": first["seq"] + 1})
     assert following["prev_hash"] == first["hash"]
     code, result = verify(live)
-    assert code == 0 and result["ok"] is True and result["checked"] == result["length"] > 0
+    assert code == 0 and result["ok"] is True and result["checked"] > 0
+    assert first["partition"] in [p["partition"] for p in result["partitions"]]
 
 
 def test_verify_names_an_altered_record(live: RunningStack, writer_http: httpx.Client) -> None:
@@ -67,6 +69,7 @@ def test_verify_names_an_altered_record(live: RunningStack, writer_http: httpx.C
         assert result["first_problem"]["kind"] == "altered"
         assert result["first_problem"]["id"] == target["_id"]
         assert result["first_problem"]["seq"] == target["seq"]
+        assert result["first_problem"]["partition"] == target["partition"]
         stderr = run_cli(live.cli_env, "audit", "verify").stderr
         assert target["_id"] in stderr
     finally:
@@ -84,6 +87,7 @@ def test_verify_reports_a_removed_record(live: RunningStack, writer_http: httpx.
         assert code == 1
         assert result["first_problem"]["kind"] == "removed"
         assert result["first_problem"]["seq"] == target["seq"]
+        assert result["first_problem"]["partition"] == target["partition"]
         assert f"#{target['seq']}" in result["first_problem"]["detail"]
     finally:
         events.insert_one(target)
@@ -115,14 +119,16 @@ def test_concurrent_requests_do_not_fork_the_chain(live: RunningStack, writer_ht
     with ThreadPoolExecutor(max_workers=24) as pool:
         responses = list(pool.map(call, range(60)))
     assert all(r.status_code == 200 for r in responses)
-    seqs = [d["seq"] for d in live.db("gateway").audit_events.find({"request_id": {"$regex": f"^conc-{tag}-"}})]
-    assert len(seqs) == 60 and len(set(seqs)) == 60
+    links = [(d["partition"], d["seq"]) for d in live.db("gateway").audit_events.find(
+        {"request_id": {"$regex": f"^conc-{tag}-"}})]
+    assert len(links) == 60 and len(set(links)) == 60
     code, result = verify(live)
     assert code == 0, result
 
 
-def test_two_replicas_appending_at_once_keep_one_chain(live: RunningStack) -> None:
-    """Two AuditChain writers (as in two gateway replicas) on one datastore, racing."""
+def test_two_replicas_appending_at_once_keep_their_chains(live: RunningStack) -> None:
+    """Two AuditChain writers (as in two gateway replicas) on one datastore, at once: each its own
+    partition, both verify."""
     db_name = f"chain_race_{uuid.uuid4().hex[:8]}"
 
     async def race() -> dict[str, Any]:
@@ -130,7 +136,6 @@ def test_two_replicas_appending_at_once_keep_one_chain(live: RunningStack) -> No
         try:
             db = client[db_name]
             await store.ensure_indexes(db)
-            await chain.ensure_head(db)
             replicas = [chain.AuditChain(db), chain.AuditChain(db)]
 
             async def write(i: int) -> None:
@@ -139,14 +144,15 @@ def test_two_replicas_appending_at_once_keep_one_chain(live: RunningStack) -> No
                 await replicas[i % 2].append(record)
 
             await asyncio.gather(*(write(i) for i in range(80)))
-            result = await chain.verify(db)
+            result = await chain_verify.verify(db)
             await client.drop_database(db_name)
             return result
         finally:
             await client.close()
 
     result = asyncio.run(race())
-    assert result == {"ok": True, "checked": 80, "length": 80}
+    assert result == {"ok": True, "checked": 80, "checkpoints": 0, "partitions": [
+        {"partition": "1", "checked": 40}, {"partition": "2", "checked": 40}]}
 
 
 # -- the admin search ---------------------------------------------------------------------------
@@ -254,26 +260,60 @@ def test_keyed_chain_resists_recomputed_hashes(live: RunningStack) -> None:
         try:
             db = client[db_name]
             await store.ensure_indexes(db)
-            await chain.ensure_head(db)
             writer = chain.AuditChain(db, key)
             for i in range(6):
                 await writer.append({"_id": f"k{i}", "kind": "rest", "status": 200,
                                      "recorded": chain.truncate_to_millis(datetime.now(UTC))})
-            results = [await chain.verify(db, key=key), await chain.verify(db)]
+            results = [await chain_verify.verify(db, key=key), await chain_verify.verify(db)]
             # Forge from record #3 on, recomputing every later hash without the key.
-            prev = (await db.audit_events.find_one({"seq": 2}))["hash"]
+            prev = (await db.audit_events.find_one({"partition": "1", "seq": 2}))["hash"]
             for seq in range(3, 7):
-                doc = await db.audit_events.find_one({"seq": seq})
+                doc = await db.audit_events.find_one({"partition": "1", "seq": seq})
                 doc.update(status=403 if seq == 3 else doc["status"], prev_hash=prev, chain="sha256")
                 doc["hash"] = prev = chain.record_hash(doc)
                 await db.audit_events.replace_one({"_id": doc["_id"]}, doc)
-            results.append(await chain.verify(db, key=key))
+            results.append(await chain_verify.verify(db, key=key))
             await client.drop_database(db_name)
             return results
         finally:
             await client.close()
 
     good, unkeyed, forged = asyncio.run(scenario())
-    assert good == {"ok": True, "checked": 6, "length": 6}
+    assert good["ok"] is True and good["checked"] == 6
     assert unkeyed["first_problem"]["kind"] == "unverifiable"
     assert forged["ok"] is False and forged["first_problem"]["seq"] == 3 and forged["first_problem"]["id"] == "k2"
+    assert forged["first_problem"]["partition"] == "1"
+
+
+def test_checkpoint_export_and_witness_verify(live: RunningStack, writer_http: httpx.Client,
+                                              tmp_path: Any) -> None:
+    """The running gateway signs a checkpoint of every partition's head within a few seconds;
+    `mindchart audit checkpoint --export` hands it out and `audit verify --witness` checks it."""
+    import base64
+    import time
+
+    writer_http.get("/Patient")
+    exported = tmp_path / "checkpoint.json"
+    deadline = time.monotonic() + 30
+    while True:
+        result = run_cli(live.cli_env, "audit", "checkpoint", "--export", str(exported))
+        if result.returncode == 0:
+            break
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.5)
+    witness = json.loads(exported.read_text())
+    header = json.loads(base64.urlsafe_b64decode(witness["jws"].split(".")[0] + "=="))
+    published = httpx.get(f"{live.gateway_url}/oauth/jwks").json()
+    assert header["kid"] in [k["kid"] for k in published["keys"]]
+    heads = {h["partition"]: h for h in witness["claims"]["heads"]}
+    for name, head in heads.items():
+        link = live.db("gateway").audit_events.find_one(
+            {"partition": None if name == "legacy" else name, "seq": head["seq"]})
+        assert link is not None and link["hash"] == head["hash"]
+    result = run_cli(live.cli_env, "audit", "verify", "--witness", str(exported))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["checkpoints"] >= 2  # the stored ones and the witness copy
+    forged = {**witness, "jws": witness["jws"][:-8] + "AAAAAAAA"}
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    result = run_cli(live.cli_env, "audit", "verify", "--witness", str(tmp_path / "forged.json"))
+    assert result.returncode == 1 and "forged-checkpoint" in result.stderr

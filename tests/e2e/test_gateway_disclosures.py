@@ -24,7 +24,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from pymongo import MongoClient
 
-from gateway import chain
+from gateway import chain_verify
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from mindchart_core.audit import (
@@ -157,6 +157,8 @@ def test_disclosures_are_stripped_chained_and_accounted(gateway: tuple[TestClien
     event = disclosure["event"]
     assert event["type"]["code"] == "110106" and event["subtype"][0]["code"] == "disclose"
     assert event["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+    # The request and its disclosures are consecutive links of one partition (one append).
+    assert len({r["partition"] for r in stored}) == 1
     assert {r["seq"] for r in stored} == set(range(min(r["seq"] for r in stored), min(r["seq"] for r in stored) + 3))
 
     admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs')}"}
@@ -206,7 +208,7 @@ def asyncio_verify(db: Any) -> dict[str, Any]:
             db.client.address and f"mongodb://{db.client.address[0]}:{db.client.address[1]}/?directConnection=true",
             tz_aware=True)
         try:
-            return await chain.verify(client[db.name])
+            return await chain_verify.verify(client[db.name])
         finally:
             await client.close()
 

@@ -4,9 +4,10 @@ checked with explain() executionStats on the real embedded datastore, not with t
 A trail of 200 records about other patients and 5 about ours (3 requests, 2 disclosures), written
 through the real chain. Every `find` the accounting and a patient's AuditEvent search send to
 `audit_events` (captured by command monitoring) must examine our 5 records at most, where the old
-single `$and` query examined the whole trail; a search without a driver reads about one page by
-chain position. Each answer must equal what the datastore returns for the whole filter sorted
-the old way; `ensure_indexes` keeps only the declared indexes; `verify` reads by `seq` alone.
+single `$and` query examined the whole trail; a search without a driver reads about one page
+(windows of `recorded`). Each answer must equal what the datastore returns for the whole filter
+sorted newest first by (recorded, id); `ensure_indexes` keeps only the declared indexes; `verify`
+reads by (partition, seq) alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from pymongo import ASCENDING, AsyncMongoClient, monitoring
 from starlette.requests import Request
 
-from gateway import audit, audit_routes, audit_store, chain, store
+from gateway import audit, audit_routes, audit_store, chain, chain_verify, store
 from mindchart_core import audit as audit_shape
 
 OURS = "Patient/ours"
@@ -33,9 +34,12 @@ class FindCapture(monitoring.CommandListener):
     def __init__(self) -> None:
         self.capturing = False
         self.filters: list[dict[str, Any]] = []
+        self.limits: dict[int, int] = {}  # position in `filters` -> the find's limit (find_one: 1)
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if self.capturing and event.command_name == "find" and event.command["find"] == "audit_events":
+            if event.command.get("limit"):
+                self.limits[len(self.filters)] = int(event.command["limit"])
             self.filters.append(dict(event.command.get("filter") or {}))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
@@ -69,7 +73,6 @@ async def trail(mongo_url: str) -> AsyncIterator[tuple[Any, FindCapture]]:
                                                                 event_listeners=[capture])
     db = client[f"gateway_audit_{int(time.time())}"]
     await store.ensure_indexes(db)
-    await chain.ensure_head(db)
     writer = chain.AuditChain(db)
     for i in range(OTHERS):
         other = f"Patient/other-{i % 20}"
@@ -84,14 +87,16 @@ async def trail(mongo_url: str) -> AsyncIterator[tuple[Any, FindCapture]]:
     await client.close()
 
 
-async def examined(db: Any, filt: dict[str, Any]) -> int:
-    plan = await db.command({"explain": {"find": "audit_events", "filter": filt},
-                             "verbosity": "executionStats"})
+async def examined(db: Any, filt: dict[str, Any], limit: int = 0) -> int:
+    find: dict[str, Any] = {"find": "audit_events", "filter": filt}
+    if limit:
+        find["limit"] = limit
+    plan = await db.command({"explain": find, "verbosity": "executionStats"})
     return int(plan["executionStats"]["totalDocsExamined"])
 
 
 async def captured(db: Any, capture: FindCapture, work: Any) -> tuple[Any, list[dict[str, Any]]]:
-    capture.filters, capture.capturing = [], True
+    capture.filters, capture.limits, capture.capturing = [], {}, True
     try:
         result = await work
     finally:
@@ -137,30 +142,36 @@ async def test_patient_search_examines_the_patients_records(trail: Any) -> None:
     for sent_filter in sent:
         assert await examined(db, sent_filter) <= 5, sent_filter
     assert await examined(db, filt) == 5  # one clause: already index-bound
+    assert cursor is not None
+    encoded = audit_shape.accounting_cursor({"recorded": cursor[0].isoformat(), "id": cursor[1]})
     filt, count, before = audit_routes.search_filter(
-        search_request(f"patient=ours&outcome=0&_count=2&_cursor={cursor}"))
+        search_request(f"patient=ours&outcome=0&_count=2&_cursor={encoded}"))
     assert cursor is not None and before == cursor
     (second, _), sent = await captured(db, capture, audit_store.search(db, filt, count, before))
     for sent_filter in sent:
         assert await examined(db, sent_filter) <= 5, sent_filter
     assert await examined(db, filt) >= OTHERS + 5
-    seqs = [r["seq"] for r in page + second]
-    assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == 4
+    order = [audit_store.order_key(r) for r in page + second]
+    assert order == sorted(order, reverse=True) and len(set(order)) == 4
 
 
 @pytest.mark.parametrize("query", [
     "", "_count=7", "outcome=0", "agent=app-2", "agent=app-2&outcome=0", "entity=Patient/other-3",
     "patient=other-4&agent=app-1", "patient=ours&entity=Patient/ours", "date=ge2020-01-01",
-    "date=ge2020-01-01&date=le2099-01-01&agent=app-0", "date=lt2020-01-01", "_cursor=150",
-    "_cursor=150&_count=5&agent=app-1", "outcome=4", "patient=nobody",
+    "date=ge2020-01-01&date=le2099-01-01&agent=app-0", "date=lt2020-01-01", "_cursor={middle}",
+    "_cursor={middle}&_count=5&agent=app-1", "outcome=4", "patient=nobody",
 ])
 async def test_search_answers_what_the_datastore_answers(trail: Any, query: str) -> None:
     db, _ = trail
+    newest = await db.audit_events.find({}).sort([("recorded", -1), ("_id", -1)]).to_list()
+    middle = newest[len(newest) // 2]
+    query = query.format(middle=audit_shape.accounting_cursor(
+        {"recorded": middle["recorded"].isoformat(), "id": middle["_id"]}))
     filt, count, before = audit_routes.search_filter(search_request(query))
     page, cursor = await audit_store.search(db, filt, count, before)
-    expected = await db.audit_events.find(filt).sort("seq", -1).limit(count + 1).to_list()
+    expected = await db.audit_events.find(filt).sort([("recorded", -1), ("_id", -1)]).limit(count + 1).to_list()
     assert [r["_id"] for r in page] == [r["_id"] for r in expected[:count]]
-    assert cursor == (expected[count - 1]["seq"] if len(expected) > count else None)
+    assert cursor == (audit_store.order_key(expected[count - 1]) if len(expected) > count else None)
 
 
 async def test_search_without_a_driver_reads_about_a_page(trail: Any) -> None:
@@ -168,14 +179,15 @@ async def test_search_without_a_driver_reads_about_a_page(trail: Any) -> None:
     filt, count, before = audit_routes.search_filter(search_request("_count=10"))
     (page, _), sent = await captured(db, capture, audit_store.search(db, filt, count, before))
     assert len(page) == 10
-    assert sum([await examined(db, f) for f in sent]) <= 2 * (count + 1) + 16
+    reads = [await examined(db, f, capture.limits.get(i, 0)) for i, f in enumerate(sent)]
+    assert sum(reads) <= 2 * (count + 1) + 16, reads
 
 
 async def test_verify_reads_the_chain_by_position_only(trail: Any) -> None:
     db, capture = trail
-    result, sent = await captured(db, capture, chain.verify(db))
+    result, sent = await captured(db, capture, chain_verify.verify(db))
     assert result["ok"] is True and result["checked"] == OTHERS + 5
-    assert sent and all(set(f) == {"seq"} for f in sent), sent
+    assert sent and all(set(f) == {"partition", "seq"} for f in sent), sent
     for sent_filter in sent:
         plan = await db.command({"explain": {"find": "audit_events", "filter": sent_filter},
                                  "verbosity": "queryPlanner"})
@@ -187,9 +199,10 @@ async def test_ensure_indexes_keeps_only_the_declared_audit_indexes(trail: Any) 
     await db.audit_events.create_index([("client_id", ASCENDING)])
     await db.audit_events.create_index([("kind", ASCENDING)])
     await db.audit_events.create_index([("patient", ASCENDING), ("recorded", ASCENDING)])
+    await db.audit_events.create_index([("seq", ASCENDING)], unique=True)  # the single chain's
     await store.ensure_indexes(db)
     await store.ensure_indexes(db)  # idempotent (and so tolerant of a replica doing the same)
     indexes = await (await db.audit_events.list_indexes()).to_list()
     keys = sorted(tuple(ix["key"].items()) for ix in indexes)
-    assert keys == sorted([(("_id", 1),)] + [((field, 1),) for field, _ in store.AUDIT_INDEXES])
-    assert [dict(ix["key"]) for ix in indexes if ix.get("unique")] == [{"seq": 1}]
+    assert keys == sorted([(("_id", 1),)] + [tuple((f, 1) for f in fields) for fields, _ in store.AUDIT_INDEXES])
+    assert [dict(ix["key"]) for ix in indexes if ix.get("unique")] == [{"partition": 1, "seq": 1}]

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway import admin, chain, launches
+from gateway import admin, chain_verify, checkpoints, launches
+from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_cli import stack
 from mindchart_cli.datastores import CommandError, emit, on_db
@@ -103,12 +104,43 @@ def launch_create(
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Walk the audit hash chain; name the first altered, removed or inserted record (exit 1)."""
+def audit_verify(
+    witness: Annotated[list[Path], typer.Option(
+        help="a checkpoint exported earlier (`audit checkpoint --export`), checked as well")] = [],  # noqa: B006
+) -> None:
+    """Walk every audit partition, check every signed checkpoint, and check that each partition
+    still extends them; name each partition's first problem with its position (exit 1)."""
     key = GatewaySettings().audit_chain_key()
-    result = on_gateway_db(lambda db: chain.verify(db, key=key))
+    witnesses = [json.loads(path.read_text()) for path in witness]
+
+    async def work(db: Any) -> dict[str, Any]:
+        keyset = await Keyring(db).keyset(refresh=True)
+        return await chain_verify.verify(db, keyset=keyset, key=key, witnesses=witnesses)
+
+    result = on_gateway_db(work)
     emit(result)
     if not result["ok"]:
-        problem = result["first_problem"]
-        typer.echo(f"audit chain broken: {problem['kind']}: {problem['detail']}", err=True)
+        for problem in result["problems"]:
+            typer.echo(f"audit trail broken: {problem['kind']}: {problem['detail']}", err=True)
         raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    export: Annotated[Path, typer.Option(
+        help="write the newest signed checkpoint here, for an outside witness to keep")],
+) -> None:
+    """Hand the newest signed checkpoint of every partition's head to an outside witness: the JWS,
+    its claims and the gateway's public keys. Give it back later as `audit verify --witness`."""
+
+    async def work(db: Any) -> dict[str, Any]:
+        exported = await checkpoints.export(db, Keyring(db))
+        if exported is None:
+            raise CommandError("no checkpoint has been written yet (the gateway writes one every "
+                               "few seconds while it audits requests)")
+        return exported
+
+    exported = on_gateway_db(work)
+    export.write_text(json.dumps(exported, indent=2) + "\n")
+    emit({"exported": str(export), "checkpoint": exported["checkpoint"],
+          "heads": exported["claims"]["heads"]})

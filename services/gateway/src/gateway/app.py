@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from gateway import audit, bodylimit, chain, cors, proxy, ratelimit, revocations, routes, store
+from gateway import audit, bodylimit, chain, checkpoints, cors, proxy, ratelimit, revocations, routes, store
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_core import service_app, tokens
@@ -25,8 +25,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
-        await chain.ensure_head(app.state.db)
-        app.state.audit_chain = chain.AuditChain(app.state.db, settings.audit_chain_key())
+        app.state.audit_chain = chain.AuditChain(
+            app.state.db, settings.audit_chain_key(),
+            lease_seconds=settings.audit_partition_lease_seconds)
+        await app.state.audit_chain.start()
         app.state.keys = Keyring(app.state.db)
         pem = settings.signing_key_file.read_bytes() if settings.signing_key_file else None
         await app.state.keys.ensure_key(pem)
@@ -45,7 +47,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.rate_limiter = ratelimit.RateLimiter(
             window_seconds=settings.rate_limit_window_seconds,
             sync_seconds=settings.rate_limit_sync_seconds)
-        tasks = [asyncio.create_task(app.state.revocations.run())]
+        tasks = [asyncio.create_task(app.state.revocations.run()),
+                 asyncio.create_task(app.state.audit_chain.run()),
+                 asyncio.create_task(checkpoints.run(
+                     app.state.db, app.state.keys, settings.issuer, settings.audit_checkpoint_seconds))]
         if settings.rate_limit_sync_seconds > 0:
             tasks.append(asyncio.create_task(app.state.rate_limiter.run(app.state.db)))
         app.state.http = httpx.AsyncClient(
@@ -60,6 +65,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await app.state.http.aclose()
+        with contextlib.suppress(Exception):  # the next replica takes the partition over at once
+            await app.state.audit_chain.stop()
         await client.close()
 
     app = service_app.create("gateway", "Mindchart gateway", settings, lifespan)

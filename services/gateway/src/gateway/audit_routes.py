@@ -6,7 +6,8 @@ admin role, or `system/AuditEvent.rs` for a registered backend client; wildcards
 do not count. Search parameters (R4
 AuditEvent): `date` (with ge/gt/le/lt/eq prefixes, repeatable), `patient`, `agent` (client id,
 username or fhirUser), `entity` (a reference such as Patient/1 or DocumentReference/2), `outcome`
-(0, 4, 8, 12), `_count` (default 50, at most 500). Newest first; `next` links page by chain position.
+(0, 4, 8, 12), `_count` (default 50, at most 500). Newest first by `recorded` (then id, for ties:
+the one order across the trail's partitions); `next` links carry that pair as `_cursor`.
 Both read the trail in two phases, an index-bound candidate set then MongoDB's semantics in
 Python (gateway/audit_store.py), so a query costs what it selects, not the size of the trail.
 
@@ -69,7 +70,7 @@ def _date_clause(value: str) -> dict[str, datetime]:
     return window
 
 
-def search_filter(request: Request) -> tuple[dict[str, Any], int, int | None]:
+def search_filter(request: Request) -> tuple[dict[str, Any], int, tuple[datetime, str] | None]:
     params = request.query_params
     unknown = set(params.keys()) - _PARAMS
     if unknown:
@@ -92,11 +93,14 @@ def search_filter(request: Request) -> tuple[dict[str, Any], int, int | None]:
         clauses.append({"outcome": value})
     try:
         count = min(max(int(params.get("_count", "50")), 1), 500)
-        cursor = int(params["_cursor"]) if "_cursor" in params else None
     except ValueError:
-        raise errors.Invalid("_count and _cursor must be integers") from None
-    if cursor is not None:
-        clauses.append({"seq": {"$lt": cursor}})
+        raise errors.Invalid("_count must be an integer") from None
+    cursor = None
+    if "_cursor" in params:
+        cursor = audit.parse_accounting_cursor(params["_cursor"])
+        if cursor is None:
+            raise errors.Invalid("_cursor is not a cursor this server issued")
+        clauses.append(audit_store.cursor_clause(cursor))
     query: dict[str, Any] = {"$and": clauses} if len(clauses) > 1 else (clauses[0] if clauses else {})
     return query, count, cursor
 
@@ -113,11 +117,12 @@ def _bundle(settings: GatewaySettings, records: list[dict[str, Any]], self_url: 
     }
 
 
-def _next(request: Request, cursor: int | None) -> str | None:
+def _next(request: Request, cursor: tuple[datetime, str] | None) -> str | None:
     if cursor is None:
         return None
     pairs = [(k, v) for k, v in request.query_params.multi_items() if k != "_cursor"]
-    pairs.append(("_cursor", str(cursor)))
+    moment, ident = cursor
+    pairs.append(("_cursor", audit.accounting_cursor({"recorded": moment.isoformat(), "id": ident})))
     settings: GatewaySettings = request.app.state.settings
     return f"{settings.issuer}{request.url.path}?{urlencode(pairs)}"
 

@@ -10,11 +10,15 @@ single-field index: any `$and` is a scan of the whole trail, the largest collect
    strict: the one implementation records uses too), then orders and pages that bounded set.
 
 A driver matching more than MAX_CANDIDATES records, or a filter with none (no parameters, only
-`outcome`, only a cursor): a search walks the chain backwards by `seq` (the unique index the chain
-needs anyway) in growing windows until its page is full, so "the newest events" reads about one
-page, not the trail; the accounting sends its whole filter to the datastore (correct everywhere,
-a scan on SecantusDB, planned well by real MongoDB). Only the indexes in `store.AUDIT_INDEXES`
-exist (each costs CPU on every audited request): `seq` and the drivers above.
+`outcome`, only a cursor): a search walks every partition of the chain backwards by position (the
+unique index the chain needs anyway) in growing windows, merged in time order, until its page is
+full, so "the newest events" reads about one page per partition, not the trail; the accounting
+sends its whole filter to the datastore (correct everywhere, a scan on SecantusDB, planned well by
+real MongoDB). Only the indexes in `store.AUDIT_INDEXES` exist (each
+costs CPU on every audited request): the chain position and the drivers above.
+
+Results are newest first by (`recorded`, `_id`), the one order that spans the trail's partitions
+(each partition's `seq` orders only its own records); the search cursor is that pair.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
-from gateway import chain, store
+from gateway import chain, partitions, store
 from mindchart_core import matcher
 
 MAX_CANDIDATES = 5000
@@ -76,49 +80,84 @@ async def _driven(collection: AsyncCollection[dict[str, Any]],
     return [record for record in found if predicate(record)]
 
 
-def _seq(record: dict[str, Any]) -> int:
-    seq = record.get("seq")
-    return int(seq) if isinstance(seq, int) else -1
+def order_key(record: dict[str, Any]) -> tuple[datetime, str]:
+    """The search's order (newest first): `recorded`, then the record id for ties."""
+    return record["recorded"], str(record["_id"])
+
+
+def cursor_clause(before: tuple[datetime, str]) -> dict[str, Any]:
+    """Records strictly after the cursor record in `order_key` order (older, or same ms, lower id)."""
+    moment, ident = before
+    return {"$or": [{"recorded": {"$lt": moment}}, {"recorded": moment, "_id": {"$lt": ident}}]}
+
+
+async def _position_at(db: store.Db, partition: partitions.Partition, top: int,
+                       before: tuple[datetime, str]) -> int:
+    """The last position of `partition` (at most `top`) whose record is not newer than the cursor:
+    a bisection of one-record reads by position, since a partition's records are in time order."""
+    low, high = 0, top  # the record at `low` (if any) is not newer; the one after `high` is
+    while low < high:
+        middle = (low + high + 1) // 2
+        found = await db.audit_events.find_one(partition.records(middle), {"recorded": 1})
+        if found is not None and order_key(found) <= before:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 async def _walk_back(db: store.Db, filt: dict[str, Any], want: int,
-                     before: int | None) -> list[dict[str, Any]]:
-    """The first `want` records matching `filt` below chain position `before` (or from the end),
-    newest first, read a `seq` window at a time (each an IXSCAN on the chain's unique index)."""
+                     before: tuple[datetime, str] | None) -> list[dict[str, Any]]:
+    """The first `want` records matching `filt` below the cursor (or from the end), newest first:
+    every partition is read backwards by position in growing windows (IXSCANs on the chain's
+    (partition, seq) index) and merged in time order. A partition is read further only while its
+    oldest record read so far could still be among the newest `want`, so the cost is about a
+    page per partition, whatever the trail's length. Within a partition time follows position
+    (one writer at a time stamps and appends in order)."""
     predicate = matcher.compile_filter(filt)
-    upper = before
-    if upper is None:
-        head = await db.audit_chain.find_one({"_id": chain.HEAD_ID}) or {"seq": 0}
-        upper = int(head["seq"]) + 1
-        open_ended = True  # links a crashed writer left past the head are in the first window
-    else:
-        open_ended = False
+    tops: dict[partitions.Partition, int] = {}
+    for doc in await partitions.heads(db):
+        partition = partitions.of_head(doc)
+        top, _ = await chain.current_head(db, partition)  # links past a stale head included
+        tops[partition] = await _position_at(db, partition, top, before) if before else top
+    oldest: dict[partitions.Partition, tuple[datetime, str]] = {}
     window, found = max(want, 16), list[dict[str, Any]]()
-    while upper > 1 and len(found) < want:
-        lower = max(upper - window, 1)
-        bounds: dict[str, int] = {"$gte": lower}
-        if not open_ended:
-            bounds["$lt"] = upper
-        records = await db.audit_events.find({"seq": bounds}).to_list()
-        found += sorted((r for r in records if predicate(r)), key=_seq, reverse=True)
-        upper, open_ended, window = lower, False, min(window * 2, MAX_CANDIDATES)
-    return found[:want]
+    while True:
+        found.sort(key=order_key, reverse=True)
+        threshold = order_key(found[want - 1]) if len(found) >= want else None
+        active = [p for p, top in tops.items()
+                  if top > 0 and (threshold is None or p not in oldest or oldest[p] > threshold)]
+        if not active:
+            return found[:want]
+        for partition in active:
+            top = tops[partition]
+            records = await db.audit_events.find(
+                partition.records({"$gt": max(top - window, 0), "$lte": top})).to_list()
+            if records:
+                oldest[partition] = min(order_key(r) for r in records)
+            found += [r for r in records if predicate(r)]
+            tops[partition] = max(top - window, 0)
+        window = min(window * 2, MAX_CANDIDATES)
+
+
+Cursor = tuple[datetime, str]
 
 
 async def search(db: store.Db, filt: dict[str, Any], count: int,
-                 before: int | None) -> tuple[list[dict[str, Any]], int | None]:
-    """One page of records matching `filt` (which holds the `seq < before` cursor, if any), newest
-    first by chain position, and the position the next page starts below (None: no more)."""
+                 before: Cursor | None) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """One page of records matching `filt` (which holds the cursor clause, if any), newest first
+    by `order_key`, and the cursor the next page starts after (None: no more)."""
     found = await _driven(db.audit_events, filt)
     if found is not None:
-        found.sort(key=_seq, reverse=True)
+        found.sort(key=order_key, reverse=True)
     else:
         try:
             found = await _walk_back(db, filt, count + 1, before)
         except matcher.UnsupportedFilter:  # correct anyway: the datastore gets it whole
-            found = await db.audit_events.find(filt).sort("seq", -1).limit(count + 1).to_list()
+            found = await db.audit_events.find(filt).sort(
+                [("recorded", -1), ("_id", -1)]).limit(count + 1).to_list()
     page = found[:count]
-    return page, (_seq(page[-1]) if len(found) > count and page else None)
+    return page, (order_key(page[-1]) if len(found) > count and page else None)
 
 
 def disclosure_filter(patient: str, windows: list[dict[str, datetime]],

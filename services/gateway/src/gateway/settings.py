@@ -23,6 +23,10 @@ class GatewaySettings(ServiceSettings):
     # HMAC key for the audit hash chain, kept outside the datastore (a secret mount). Without it
     # the chain is plain SHA-256: still tamper-evident, but recomputable by a datastore writer.
     audit_chain_key_file: Path | None = None
+    # How often a signed checkpoint of every audit partition's head is written (checkpoints.py),
+    # and how long a replica's hold on its audit partition lasts unrenewed (partitions.py).
+    audit_checkpoint_seconds: float = 5.0
+    audit_partition_lease_seconds: float = 30.0
     backend_token_seconds: int = 300  # SMART Backend Services: SHOULD be <= 300
     upstream_timeout_seconds: float = 60.0
     user_token_seconds: int = 3600  # SMART 2.2 §token-response: expires_in SHOULD be <= 1 h

@@ -1,7 +1,8 @@
 """Every gateway database query: clients, users, signing keys, assertion jtis, authorization
 sessions, codes, refresh tokens, launches, revocations and rate windows, and the indexes of the
-audit trail. The audit chain's writes and verification live in chain.py, next to the hashing they
-must agree with; its searches in audit_store.py."""
+audit trail. The audit chain's writes live in chain.py (partitions.py, checkpoints.py), next to
+the hashing they must agree with, its verification in chain_verify.py, its searches in
+audit_store.py."""
 
 from __future__ import annotations
 
@@ -19,19 +20,22 @@ _log = logging.getLogger(__name__)
 
 # The audit trail's indexes: each one costs CPU on every audited request (SecantusDB maintains
 # them in Python), so only the chain position and the phase-1 drivers of audit_store.DRIVERS.
-AUDIT_INDEXES: list[tuple[str, bool]] = [
-    ("seq", True),  # unique: two writers can never both claim the same link (chain.py)
-    ("patient", False),
-    ("entities", False),
-    ("agents", False),
-    ("request_id", False),  # a request's records, from the x-request-id in its logs
-    ("recorded", False),
+AUDIT_INDEXES: list[tuple[tuple[str, ...], bool]] = [
+    # unique: two writers can never both claim the same link of a partition (chain.py); legacy
+    # records (no `partition`) are indexed under null, so their old `seq` uniqueness holds too.
+    (("partition", "seq"), True),
+    (("patient",), False),
+    (("entities",), False),
+    (("agents",), False),
+    (("request_id",), False),  # a request's records, from the x-request-id in its logs
+    (("recorded",), False),  # the search's order and its walk back in time
 ]
 
 
 async def ensure_indexes(db: Db) -> None:
     await db.assertion_jtis.create_index([("expires", ASCENDING)])
     await _ensure_audit_indexes(db)
+    await db.audit_chain.create_index([("kind", ASCENDING)])
     await db.signing_keys.create_index([("created", DESCENDING)])
     await db.authorization_sessions.create_index([("expires", ASCENDING)])
     await db.authorization_codes.create_index([("expires", ASCENDING)])
@@ -44,17 +48,18 @@ async def ensure_indexes(db: Db) -> None:
 
 
 async def _ensure_audit_indexes(db: Db) -> None:
-    """Create AUDIT_INDEXES and drop any other index on `audit_events` (deployments shed the
-    retired `client_id` and `kind`); `_id_` is never touched."""
-    wanted = {((field, ASCENDING),) for field, _ in AUDIT_INDEXES}
+    """Create AUDIT_INDEXES, then drop any other index on `audit_events` (deployments shed the
+    retired `client_id`, `kind` and the single-chain `seq`); `_id_` is never touched. Created
+    first, so a replica still writing while another upgrades never loses the unique position."""
+    for fields, unique in AUDIT_INDEXES:
+        await db.audit_events.create_index([(f, ASCENDING) for f in fields], unique=unique)
+    wanted = {tuple((f, ASCENDING) for f in fields) for fields, _ in AUDIT_INDEXES}
     async for index in await db.audit_events.list_indexes():
         if index["name"] != "_id_" and tuple(index["key"].items()) not in wanted:
             try:
                 await db.audit_events.drop_index(index["name"])
             except OperationFailure:  # another replica starting up dropped it first
                 _log.info("index audit_events.%s was already dropped", index["name"])
-    for field, unique in AUDIT_INDEXES:
-        await db.audit_events.create_index([(field, ASCENDING)], unique=unique)
 
 
 # -- clients and users ------------------------------------------------------------------------
