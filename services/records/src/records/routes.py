@@ -144,6 +144,14 @@ async def docref(request: Request, store: StoreDep, settings: SettingsDep) -> Re
     return fhirjson.FhirResponse(await service.docref(store, items, settings.public_base_url))
 
 
+@router.get("/_history")
+async def history_system(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    """R4 http.html §history: `GET [base]/_history[?_since=&_count=]`, every type the caller may see."""
+    body = await service.history_bundle(store, None, None, list(request.query_params.multi_items()),
+                                        settings.public_base_url)
+    return fhirjson.FhirResponse(body)
+
+
 @router.get("/{resource_type}/_history")
 async def history_type(resource_type: str, request: Request, store: StoreDep,
                        settings: SettingsDep) -> Response:
@@ -255,6 +263,27 @@ async def json_patch(resource_type: str, resource_id: str, request: Request, sto
     definition = definition_of(resource_type)
     operations = await fhirjson.read_json_body(request, settings.max_body_bytes,
                                                media_types=JSON_PATCH)
+    return await _patch(definition, resource_id, operations, request, store, settings)
+
+
+@router.patch("/{resource_type}")
+async def conditional_patch(resource_type: str, request: Request, store: StoreDep,
+                            settings: SettingsDep) -> Response:
+    """R4 http.html §patch: `PATCH [type]?criteria` patches the one match; none → 404, several →
+    412 (as conditional update), all through the caller's policy."""
+    definition = definition_of(resource_type)
+    operations = await fhirjson.read_json_body(request, settings.max_body_bytes,
+                                               media_types=JSON_PATCH)
+    found = await service.matching(store, definition, request.url.query, settings.public_base_url)
+    if len(found) > 1:
+        raise errors.PreconditionFailed("The criteria match more than one resource")
+    if not found:
+        raise errors.NotFound(f"No {definition.type} matches the criteria")
+    return await _patch(definition, found[0].id, operations, request, store, settings)
+
+
+async def _patch(definition: ResourceDef, resource_id: str, operations: Any, request: Request,
+                 store: ResourceStore, settings: RecordsSettings) -> Response:
     current = await store.read(definition, resource_id, interaction="patch")
     wanted = fhirjson.if_match_version(request)
     if wanted is not None and wanted != current.version:
@@ -267,6 +296,29 @@ async def json_patch(resource_type: str, resource_id: str, request: Request, sto
                                    expression=problem.expression) from None
     stored, _ = await store.update(definition, resource_id, patched, current.version)
     return service.resource_response(stored, settings.public_base_url, prefer=request.headers.get("prefer"))
+
+
+@router.delete("/{resource_type}")
+async def conditional_delete(resource_type: str, request: Request, store: StoreDep,
+                             settings: SettingsDep) -> Response:
+    """R4 http.html §conditional-delete, `conditionalDelete: single`: one match is deleted; no
+    match is the ordinary delete of nothing (204, which also tells nothing about resources the
+    caller may not see); several are 412 Precondition Failed ("A server may choose to delete all
+    the matching resources, or it may choose to return a 412"). Checked and deleted in one
+    transaction that first claims the criteria, as conditional updates are."""
+    definition = definition_of(resource_type)
+    criteria, if_match = request.url.query, fhirjson.if_match_version(request)
+
+    async def once(session: AsyncClientSession) -> None:
+        await store.claim(definition, service.criteria_key(criteria), session)
+        found = await service.matching(store, definition, criteria, settings.public_base_url, session)
+        if len(found) > 1:
+            raise errors.PreconditionFailed("The criteria match more than one resource")
+        if found:
+            await store.delete(definition, found[0].id, if_match, session=session)
+
+    await store.atomically(once)
+    return Response(status_code=204)
 
 
 @router.delete("/{resource_type}/{resource_id}")

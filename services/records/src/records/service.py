@@ -167,10 +167,11 @@ async def included(store: ResourceStore, includes: list[query.Include],
 
 
 async def history_bundle(
-    store: ResourceStore, definition: ResourceDef, resource_id: str | None,
+    store: ResourceStore, definition: ResourceDef | None, resource_id: str | None,
     items: list[tuple[str, str]], base_url: str,
 ) -> bytes:
-    """R4 http.html §history: newest first; a deletion is an entry without a resource."""
+    """R4 http.html §history: newest first; a deletion is an entry without a resource. With no
+    definition, the whole system's history (`GET [base]/_history`)."""
     since: datetime | None = None
     count = query.DEFAULT_COUNT
     cursor: query.Cursor | None = None
@@ -187,9 +188,13 @@ async def history_bundle(
             applied.append((name, value))
         elif name == "_cursor":
             cursor = query.Cursor.decode(value)
-    entries_found, nxt = await store.history(definition, resource_id, since=since, count=count,
-                                             cursor=cursor)
-    url = f"{base_url}/{definition.type}" + (f"/{resource_id}" if resource_id else "") + "/_history"
+    if definition is None:
+        entries_found, nxt = await store.system_history(since=since, count=count, cursor=cursor)
+        url = f"{base_url}/_history"
+    else:
+        entries_found, nxt = await store.history(definition, resource_id, since=since, count=count,
+                                                 cursor=cursor)
+        url = f"{base_url}/{definition.type}" + (f"/{resource_id}" if resource_id else "") + "/_history"
     links = [_link("self", _query_url(url, applied))]
     if nxt is not None:
         paging = applied if any(k == "_count" for k, _ in applied) else [*applied, ("_count", str(count))]
@@ -303,7 +308,7 @@ def bundle_bytes(head: dict[str, Any], entries: list[bytes]) -> bytes:
 # What routes.py implements, stated once for the CapabilityStatement.
 TYPE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance",
                      "history-type", "create", "search-type")
-SYSTEM_INTERACTIONS = ("transaction", "batch")
+SYSTEM_INTERACTIONS = ("transaction", "batch", "history-system")
 COMMON_SEARCH_PARAMS = (
     ("_id", "token", "Resource-id"), ("_lastUpdated", "date", "Resource-lastUpdated"),
     ("_security", "token", "Resource-security"), ("_tag", "token", "Resource-tag"),
@@ -332,7 +337,7 @@ def _capability_resource(d: ResourceDef) -> dict[str, Any]:
         "conditionalCreate": True,
         "conditionalRead": "not-supported",
         "conditionalUpdate": True,
-        "conditionalDelete": "not-supported",
+        "conditionalDelete": "single",
         "searchInclude": ["*", *(f"{d.type}:{p.name}" for p in references)],
         "searchRevInclude": revincludes,
         "searchParam": [

@@ -107,6 +107,7 @@ class StoredResource:
     raw: bytes | None  # None for a deletion
     sp: dict[str, Any] | None = None
     method: str = "PUT"  # for history entries: POST, PUT or DELETE
+    history_id: str | None = None  # for history entries: the version document's id (paging)
 
     @property
     def etag(self) -> str:
@@ -131,6 +132,7 @@ def _stored(resource_type: str, doc: dict[str, Any]) -> StoredResource:
         raw=bytes(raw) if raw is not None else None,
         sp=doc.get("sp"),
         method=doc.get("method", "PUT"),
+        history_id=str(doc["_id"]) if "id" in doc else None,
     )
 
 
@@ -565,6 +567,30 @@ class ResourceStore:
             last = docs[count - 1]
             nxt = query.Cursor(False, [last["ts"].replace(tzinfo=UTC).isoformat()], str(last["_id"]))
         return entries, nxt
+
+    async def system_history(
+        self, *, since: datetime | None, count: int, cursor: query.Cursor | None,
+    ) -> tuple[list[StoredResource], query.Cursor | None]:
+        """R4 http.html §history `GET [base]/_history`: every type's versions the caller may see
+        (each type through its own `history-type` policy filter, types it has no scope for left
+        out), merged newest first; the cursor is the same (ts, history id) keyset as per type."""
+        found: list[tuple[datetime, str, StoredResource]] = []
+        cursors: dict[str, query.Cursor | None] = {}
+        for definition in RESOURCES.values():
+            try:
+                entries, nxt = await self.history(definition, None, since=since, count=count, cursor=cursor)
+            except errors.Forbidden:
+                continue
+            cursors[definition.type] = nxt
+            found += [(e.last_updated, e.history_id or "", e) for e in entries]
+        found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        page = found[:count]
+        more = len(found) > count or any(c is not None for c in cursors.values())
+        nxt = None
+        if page and more and count:
+            moment, ident, _ = page[-1]
+            nxt = query.Cursor(False, [moment.replace(tzinfo=UTC).isoformat()], ident)
+        return [e for _, _, e in page], nxt
 
     # -- writes -----------------------------------------------------------------------------
 
