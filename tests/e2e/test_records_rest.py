@@ -48,7 +48,7 @@ def test_capability_statement_states_what_is_implemented(live: RunningStack) -> 
     assert rest["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
     oauth = {e["url"]: e["valueUri"] for e in rest["security"]["extension"][0]["extension"]}
     assert oauth["token"] == f"{live.gateway_url}/oauth/token"
-    assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch"}
+    assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch", "history-system"}
     by_type = {r["type"]: r for r in rest["resource"]}
     assert set(by_type) >= {"Patient", "Practitioner", "Encounter", "DocumentReference",
                             "Observation", "Condition", "Provenance"}
