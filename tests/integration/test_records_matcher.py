@@ -271,3 +271,50 @@ def test_an_unknown_operator_raises_rather_than_matching(filt: dict[str, Any]) -
     with pytest.raises(matcher.UnsupportedFilter):
         for doc in ({"v": [1, "a"]}, {}, {"v": {"b": 1}}):
             matcher.matches(filt, doc)
+
+
+# -- chained and _has parameters (records.search.chain) ------------------------------------------
+# A chain is resolved to ids through the caller's policy, then becomes an ordinary filter: that
+# filter, as the datastore evaluates it whole, the matcher evaluates it, and a search answers it,
+# must agree, for every kind of caller.
+
+CHAINS: dict[str, list[list[tuple[str, str]]]] = {
+    "DocumentReference": [
+        [("patient.identifier", "urn:mrn|m1")], [("patient.identifier", "m1,m3")],
+        [("subject:Patient.name", "rivera")], [("patient.birthdate", "1990"), ("type", "11510-5")],
+        [("patient.gender", "female")], [("patient.identifier", "nobody")],
+    ],
+    "Patient": [
+        [("_has:Observation:patient:code", "44261-6")], [("_has:DocumentReference:subject:type", "34746-8")],
+        [("_has:Observation:patient:value-quantity", "gt10")], [("_has:Observation:patient:code", "0000-0")],
+        [("_has:Observation:patient:code", "70274-6"), ("gender", "male")],
+    ],
+}
+CALLERS = [token("system/*.rs"), token("patient/*.rs", "p1"),
+           token(f"system/Patient.rs system/DocumentReference.rs system/Observation.rs?code={LOINC}|70274-6")]
+
+
+@pytest.mark.parametrize("kind", sorted(CHAINS))
+async def test_chained_filters_match_the_datastore(db: Any, mongo_url: str, kind: str) -> None:
+    from records.search import chain
+
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True)
+    definition = RESOURCES[kind]
+    docs = await db[kind].find({}).to_list()
+    answers: set[frozenset[str]] = set()
+    try:
+        for caller in CALLERS:
+            reader = store.ResourceStore(client, client[db.name], AccessPolicy(caller, BASE))
+            for items in CHAINS[kind]:
+                request = chain.parse_search(definition, items, BASE, strict=True)
+                request.count = 1000
+                await chain.apply(reader, definition, request)
+                filt = reader._search_filter(definition, request)
+                expected = await _datastore_ids(db, kind, filt)
+                assert _matcher_ids(docs, filt) == expected, (items, filt)
+                found = {r.id for r in (await reader.search(definition, request)).resources}
+                assert found == expected, (items, caller.scope)
+                answers.add(frozenset(expected))
+    finally:
+        await client.close()
+    assert len(answers) > 3  # the chains and callers discriminate
