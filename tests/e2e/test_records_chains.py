@@ -30,6 +30,8 @@ class Family:
     c: str
     note_a: str
     note_b: str
+    provenance_a: str
+    provenance_b: str
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +55,17 @@ def family(fhir: httpx.Client) -> Family:
     c = _id(fhir.post("/Patient", json=patient(f"Labfam{tag}", identifier=[{"system": MRN, "value": f"c-{tag}"}])))
     note_a = _id(fhir.post("/DocumentReference", json=progress_note(a)))
     note_b = _id(fhir.post("/DocumentReference", json=progress_note(b)))
+    provenance = {"resourceType": "Provenance", "recorded": "2026-11-20T10:00:00Z",
+                  "agent": [{"who": {"display": "Dr Chen"}}]}
+    provenance_a = _id(fhir.post("/Provenance", json={
+        **provenance, "target": [{"reference": f"DocumentReference/{note_a}"}]}))
+    provenance_b = _id(fhir.post("/Provenance", json={
+        **provenance, "target": [{"reference": f"DocumentReference/{note_b}"}]}))
     _id(fhir.post("/Observation", json=phq9_total(a)))
     _id(fhir.post("/Observation", json=phq9_total(b)))
     # C's only PHQ-9-coded Observation is filed as laboratory: invisible to a survey-only scope.
     _id(fhir.post("/Observation", json=phq9_total(c, category=LAB)))
-    return Family(tag, a, b, c, note_a, note_b)
+    return Family(tag, a, b, c, note_a, note_b, provenance_a, provenance_b)
 
 
 def ids(client: httpx.Client, path: str, **params: str) -> set[str]:
@@ -92,6 +100,25 @@ def test_reverse_chaining_has(fhir: httpx.Client, family: Family) -> None:
     assert ids(fhir, "/Patient", _id=everyone, **{"_has:DocumentReference:subject:type": "11506-3"}) == {
         family.a, family.b}
     assert ids(fhir, "/Patient", _id=everyone, **{"_has:Observation:patient:code": "0000-0"}) == set()
+
+
+def test_revinclude_iterate_and_provenance_target(live: RunningStack, fhir: httpx.Client, family: Family) -> None:
+    """R4 search.html §3.3 (`:iterate` one level) and US Core's `_revinclude=Provenance:target`:
+    a patient's notes, then the Provenance of those notes, through the policy."""
+    params = {"_id": f"{family.a},{family.b}", "_revinclude": "DocumentReference:subject",
+              "_revinclude:iterate": "Provenance:target"}
+    bundle = fhir.get("/Patient", params=params).json()
+    included = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in bundle["entry"]
+                if e["search"]["mode"] == "include"}
+    assert {("DocumentReference", family.note_a), ("Provenance", family.provenance_a),
+            ("DocumentReference", family.note_b), ("Provenance", family.provenance_b)} <= included
+    notes = fhir.get("/DocumentReference", params={"_id": family.note_a, "_revinclude": "Provenance:target"}).json()
+    assert set(ids_of(notes, "include")) == {family.provenance_a}
+    token = mint_token(live, scope="patient/*.rs", patient=family.a, sub="ri-app", client_id="ri-app")
+    with records_client(live, token=token) as mine:
+        own = mine.get("/Patient", params=params).json()
+    ids_seen = {e["resource"]["id"] for e in own["entry"]}
+    assert family.provenance_a in ids_seen and family.provenance_b not in ids_seen and family.note_b not in ids_seen
 
 
 def test_member_resolution_by_identifier_birthdate_and_name(fhir: httpx.Client, family: Family) -> None:
