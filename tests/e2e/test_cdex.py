@@ -169,7 +169,7 @@ def accounting(live: RunningStack, patient: str) -> list[dict[str, Any]]:
 
 def test_payer_resolves_its_member_and_reads_signed_notes_by_direct_query(cdex: Cdex) -> None:
     found = cdex.payer.get("/Patient", params={"identifier": f"{MEMBER_IDS}|{cdex.member_id}",
-                                               "birthdate": "1987-02-20"}).json()
+                                               "birthdate": "1987-02-20", "name": "Amy"}).json()
     assert [e["resource"]["id"] for e in found["entry"]] == [cdex.patient]
 
     matched = cdex.payer.post("/Patient/$match", json=params(
@@ -330,6 +330,10 @@ def test_a_refused_request_ends_rejected_with_the_reason(live: RunningStack, cde
     assert cdex.reviewer.post(f"/Task/{task_id}/$approve", json=params(
         release(f"DocumentReference/{cdex.notes['plain']}"))).status_code == 409
     assert [d["decision"] for d in live.db("records").cdex_decisions.find({"task": task_id})] == ["refuse"]
+    # The gateway's audit trail holds each decision request too: who, when, outcome.
+    recorded = list(live.db("gateway").audit_events.find({"path": f"/fhir/Task/{task_id}/$refuse"}))
+    assert sorted(r["status"] for r in recorded) == [200, 400]
+    assert all("Practitioner/cdex-reviewer" in r["agents"] for r in recorded)
     assert not any(task_id in str(e) for e in accounting(live, cdex.patient))
 
 
