@@ -13,15 +13,15 @@ from types import ModuleType
 
 from bench import machine, report
 from bench.harness import running_stack
-from bench.measures import export, floor, gateway, psychnotes, search, tokens, writes
+from bench.measures import export, floor, gateway, psychnotes, replicas, search, tokens, writes
 from bench.measures.context import Context
 from bench.plan import FULL, QUICK, Plan
 
 # Run order: the reads first, on a small store; the bulk load of measurement 3 last but export,
 # because everything read after it reads a store of `notes_large` notes.
 MEASURES: list[tuple[str, ModuleType]] = [
-    ("1", gateway), ("2", floor), ("5", tokens), ("6", psychnotes), ("4", writes), ("3", search),
-    ("7", export),
+    ("1", gateway), ("8", replicas), ("2", floor), ("5", tokens), ("6", psychnotes), ("4", writes),
+    ("3", search), ("7", export),
 ]
 
 

@@ -15,6 +15,7 @@ from mindchart_cli import seed
 
 KEY = "6-psychnotes"
 TITLE = "6 psychnotes (consent-gated, decrypted read ÷ records read of the same size)"
+TARGET = 0.8  # issue 16
 AUTHOR = "Practitioner/demo-therapist"
 PATIENT = "Patient/demo-patient"
 
@@ -85,7 +86,8 @@ async def run(ctx: Context) -> Result:
     result.figures = {side: {**r.summary(), "cost": costs[side].to_json()} for side, r in pooled.items()}
     ratio = pooled["psychnotes"].throughput / pooled["records"].throughput
     result.rows = [Row(TITLE, f"psychnotes {sides.describe(pooled['psychnotes'])}; "
-                              f"records {sides.describe(pooled['records'])}", ratio, "— (no target)", None,
+                              f"records {sides.describe(pooled['records'])}",
+                       ratio, f"≥ {TARGET}", ratio >= TARGET,
                        [f"Per psychnotes read via the gateway: {costs['psychnotes'].describe()}.",
                         f"Per records read via the gateway: {costs['records'].describe()}."])]
     return result
