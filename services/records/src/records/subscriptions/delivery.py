@@ -2,8 +2,9 @@
 
 Fan-out (one replica at a time, the holder of the `fan-out` lease) takes outbox events in order,
 finds the live subscriptions whose topic and filter criteria match and whose subscriber may see
-the resource (its stored scopes and patient context, AccessPolicy), and in one transaction per
-event gives each of them the subscription's next event number and removes the event from the
+the resource (its stored scopes and patient context, AccessPolicy), gives each of them its next
+event number (one transaction per subscription: counter and notification together; a re-run
+after a crash never numbers an event twice, store.fan_out), then removes the event from the
 outbox. Numbers are therefore consecutive per subscription and say nothing about anything the
 subscriber was not told about.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -225,6 +227,7 @@ class Workers:
         if sub["status"] != "active":
             await store.release(self.db, sub_id, worker, int(sub["events"]), None)
             return
+        renewed = time.monotonic()  # the claim took the lease just now
         reader = ResourceStore(
             self.client, self.db, grants.policy_for(sub["owner"], grant.scope, self.base_url)
         )
@@ -244,8 +247,10 @@ class Workers:
             log.info("subscription_event_delivered", subscription=sub_id, number=event["n"])
             await store.delivered(self.db, sub_id, worker, int(event["n"]), sent=True)
             last_sent = store.now()
-            if not await store.renew(self.db, sub_id, worker, self.settings.lease_seconds):
-                return  # the lease was lost (or the subscription deleted): stop here
+            if time.monotonic() - renewed > self.settings.lease_seconds / 3:
+                if not await store.renew(self.db, sub_id, worker, self.settings.lease_seconds):
+                    return  # the lease was lost (or the subscription deleted): stop here
+                renewed = time.monotonic()
         heartbeat = sub.get("heartbeat")
         if not batch and heartbeat:
             if last_sent is None or last_sent + timedelta(seconds=heartbeat) <= store.now():

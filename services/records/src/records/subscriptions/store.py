@@ -116,20 +116,24 @@ async def pending_events(db: Db, limit: int) -> list[dict[str, Any]]:
 async def fan_out(
     client: AsyncMongoClient[dict[str, Any]], db: Db, event: dict[str, Any], targets: list[tuple[str, str]]
 ) -> None:
-    """Number `event` for each (subscription, topic) and drop it from the outbox, atomically."""
+    """Number `event` for each (subscription, topic), then drop it from the outbox.
 
-    async def work(session: AsyncClientSession) -> None:
-        moment = now()
-        for sub_id, topic in targets:
+    One small transaction per subscription (its counter and its notification, nothing else), so
+    fan-out conflicts with a delivery worker on one subscription at most. Run again after a crash,
+    a subscription already numbered for this event hits the unique (sub, event) index, which
+    aborts that transaction, counter included: no event is numbered twice."""
+    for sub_id, topic in targets:
+
+        async def work(session: AsyncClientSession, sub_id: str = sub_id, topic: str = topic) -> None:
             sub = await db.subscriptions.find_one_and_update(
                 {"_id": sub_id, "status": {"$in": list(LIVE)}},
-                {"$inc": {"events": 1}, "$set": {"due": moment}},
+                {"$inc": {"events": 1}, "$set": {"due": now()}},
                 projection={"events": 1},
                 return_document=ReturnDocument.AFTER,
                 session=session,
             )
             if sub is None:
-                continue  # switched off or deleted meanwhile
+                return  # switched off or deleted meanwhile
             await db.subscription_notifications.insert_one(
                 {
                     "sub": sub_id,
@@ -144,9 +148,12 @@ async def fan_out(
                 },
                 session=session,
             )
-        await db[EVENTS].delete_one({"_id": event["_id"]}, session=session)
 
-    await transactionally(client, work)
+        try:
+            await transactionally(client, work)
+        except DuplicateKeyError:
+            pass  # numbered for this subscription before a crash: keep that number
+    await db[EVENTS].delete_one({"_id": event["_id"]})
 
 
 # -- delivery -------------------------------------------------------------------------------
