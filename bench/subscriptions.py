@@ -82,8 +82,7 @@ class Receiver:
 
 async def write_notes(http: httpx.AsyncClient, patient_id: str, count: int) -> tuple[float, dict[str, float]]:
     """Create `count` notes one after another; (writes per second, note id -> acknowledgement time).
-    One at a time: concurrent writes on the embedded datastore hit WriteConflicts that records
-    answers with 500 today, with or without subscriptions (issue 13 handles those)."""
+    One at a time, so the figure is what one write costs, not how writers contend."""
     acked: dict[str, float] = {}
     queue = list(range(count))
 

@@ -655,8 +655,7 @@ class ResourceStore:
         if session is not None:
             await run(session)
             return
-        async with self.transaction() as own:
-            await run(own)
+        await self.atomically(run)  # a transient conflict runs it again (see `_write`)
 
     async def _compartment(self, definition: ResourceDef, body: dict[str, Any],
                            session: Session) -> list[str]:
@@ -750,8 +749,9 @@ class ResourceStore:
         if session is not None:
             await run(session)
         else:
-            async with self.transaction() as own:
-                await run(own)
+            # A concurrent transaction (another write, subscription fan-out on the outbox) may
+            # make this one conflict transiently: it aborted whole, so it simply runs again.
+            await self.atomically(run)
         return StoredResource(definition.type, resource_id, version, moment, raw, sp,
                               "POST" if expected is None else "PUT"), create
 
