@@ -33,6 +33,7 @@ class Keyring:
         self.db = db
         self.ttl = ttl
         self._keys: list[RSAKey] = []
+        self._imported: dict[str, RSAKey] = {}  # kid -> key: a key document never changes
         self._public: dict[str, Any] = {"keys": []}
         self._keyset = KeySet([])
         self._loaded = 0.0
@@ -41,10 +42,15 @@ class Keyring:
         if not force and self._keys and time.monotonic() - self._loaded < self.ttl:
             return
         docs = await store.signing_keys(self.db)
-        self._keys = [RSAKey.import_key(d["jwk"]) for d in docs]
-        # Built once per load, not per verified token.
-        self._public = {"keys": [k.as_dict(private=False) for k in self._keys]}
-        self._keyset = KeySet.import_key_set(cast(Any, self._public)) if self._keys else KeySet([])
+        kids = [str(d["_id"]) for d in docs]
+        if kids != [k.kid for k in self._keys] or not self._keys:
+            # Importing an RSA private key validates it (tens of ms on a busy core): only keys
+            # not seen before are imported, and the public set is rebuilt only when keys change.
+            self._imported = {d["_id"]: self._imported.get(d["_id"]) or RSAKey.import_key(d["jwk"])
+                              for d in docs}
+            self._keys = [self._imported[kid] for kid in kids]
+            self._public = {"keys": [k.as_dict(private=False) for k in self._keys]}
+            self._keyset = KeySet.import_key_set(cast(Any, self._public)) if self._keys else KeySet([])
         self._loaded = time.monotonic()
 
     async def ensure_key(self, pem: bytes | None = None) -> None:
