@@ -341,3 +341,36 @@ def test_a_subscriber_whose_scopes_no_longer_cover_the_topic_gets_no_more_payloa
     delivered = receiver.at("/payer", "event-notification")
     assert [event_numbers(b) for b in delivered] == [["1"]], [focus(b) for b in delivered]
     assert "subscription_delivery_crashed" not in subs_stack.logs()
+
+
+def test_a_patient_context_subscription_hears_only_about_its_patient(
+        subs_stack: RunningStack, ehr: BackendClient, receiver: Receiver,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A SMART user with patient context subscribes without a patient filter: events are numbered
+    and delivered only for that patient, so nothing about others shows, not even as a gap."""
+    tmp = tmp_path_factory.mktemp("patient-app")
+    register(subs_stack, "patient-app", "patient/*.rs patient/Subscription.cruds", [receiver.url + "/patient"], tmp)
+    with fhir(subs_stack, ehr) as http:
+        mine, other = new_patient(http), new_patient(http)
+        result = run_cli(subs_stack.cli_env, "user", "create", "--username", "alex-subs", "--password",
+                         "correct horse battery", "--role", "patient", "--fhir-user", f"Patient/{mine}")
+        assert result.returncode == 0, result.stderr
+        token = mint_token(subs_stack, sub="alex-subs", client_id="patient-app", patient=mine,
+                           fhirUser=f"{subs_stack.fhir}/Patient/{mine}", roles=["patient"],
+                           scope="patient/*.rs patient/Subscription.cruds")
+        with httpx.Client(base_url=subs_stack.fhir, timeout=30, headers={
+                "Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}) as app:
+            sub_id = subscribe(app, subscription(receiver.url + "/patient", "note-created", "full-resource"),
+                               receiver, "/patient")
+            assert http.get(f"/Subscription/{sub_id}").status_code == 404  # another client's
+            for pid in (other, mine, other, mine):
+                assert http.post("/DocumentReference", json=progress_note(pid)).status_code == 201
+            # events are numbered in write order: once the second of this patient's notes is
+            # in, any event for the other patient's notes written before it would be too
+            got = wait_for(lambda: len(receiver.at("/patient", "event-notification")) >= 2 and receiver.at(
+                "/patient", "event-notification"), "the patient's two events")
+            assert sorted(event_numbers(b)[0] for b in got) == ["1", "2"]
+            assert {b["entry"][1]["resource"]["subject"]["reference"] for b in got} == {f"Patient/{mine}"}
+            assert other not in json.dumps(got)
+            status = app.get(f"/Subscription/{sub_id}/$status").json()
+            assert parameter(status, "events-since-subscription-start")["valueString"] == "2"

@@ -141,6 +141,7 @@ class Workers:
                 (sub["_id"], sub["topic"])
                 for sub in subs
                 if sub["topic"] in event["topics"]
+                and event["ts"] >= sub.get("created", sub["ts"])  # nothing from before it existed
                 and matcher.matches(self._criteria(sub), document)
                 and self._may_see(sub, event)
             ]

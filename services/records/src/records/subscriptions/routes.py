@@ -173,6 +173,7 @@ async def create(caller: CallerDep) -> Response:
         "_id": sub_id,
         "vid": 1,
         "ts": moment,
+        "created": moment,
         "owner": owner,
         "status": "requested",
         "error": None,
