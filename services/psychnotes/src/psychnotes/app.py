@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
-from psychnotes import keys, routes, store
+from psychnotes import audit_log, keys, routes, store
 from psychnotes.settings import PsychnotesSettings
 
 
@@ -28,6 +28,7 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
+        app.state.audit_log = audit_log.AuditLog(app.state.db)
         yield
         await client.close()
 

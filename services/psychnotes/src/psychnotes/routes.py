@@ -43,7 +43,8 @@ async def context(request: Request) -> service.Context:
         await service.record_unauthenticated(state.db, state.settings,
                                              asgi.request_id_of(request.scope), exc.diagnostics)
         raise
-    return service.Context(db=state.db, keyring=state.keyring, signing_key=state.signing_key,
+    return service.Context(db=state.db, audit_log=state.audit_log, keyring=state.keyring,
+                           signing_key=state.signing_key,
                            settings=state.settings, token=token,
                            request_id=asgi.request_id_of(request.scope))
 

@@ -24,6 +24,7 @@ from joserfc.jwk import ECKey
 from mindchart_core import audit, metrics
 from mindchart_core.tokens import AccessToken
 from psychnotes import consent_token, store
+from psychnotes.audit_log import AuditLog
 from psychnotes.keys import Keyring
 from psychnotes.settings import PsychnotesSettings
 
@@ -36,6 +37,7 @@ class Context:
     """One request's view of the vault: its caller and psychnotes' keys and datastore."""
 
     db: store.Db
+    audit_log: AuditLog
     keyring: Keyring
     signing_key: ECKey
     settings: PsychnotesSettings
@@ -80,6 +82,15 @@ async def record_decision(ctx: Context, *, permit: bool, reason: str, action: st
                           patient: str | None = None, basis: str | None = None,
                           purposes: list[str] | None = None, jti: str | None = None,
                           entities: list[str] | None = None) -> None:
+    await ctx.audit_log.insert(("decisions", decision_record(
+        ctx, permit=permit, reason=reason, action=action, patient=patient, basis=basis,
+        purposes=purposes, jti=jti, entities=entities)))
+
+
+def decision_record(ctx: Context, *, permit: bool, reason: str, action: str,
+                    patient: str | None = None, basis: str | None = None,
+                    purposes: list[str] | None = None, jti: str | None = None,
+                    entities: list[str] | None = None) -> dict[str, Any]:
     decision = audit.ConsentDecision(
         permit=permit, reason=reason, action=action, client_id=ctx.token.client_id,
         fhir_user=ctx.user, patient=patient, basis=basis, purpose_of_use=purposes or [],
@@ -88,11 +99,11 @@ async def record_decision(ctx: Context, *, permit: bool, reason: str, action: st
     event = audit.consent_decision_audit_event(decision, observer=ctx.base)
     metrics.CONSENT_DECISIONS.labels("permit" if permit else "deny",
                                      action if permit else reason_code(reason)).inc()
-    await store.insert_decision(ctx.db, {
+    return {
         "_id": event["id"], "recorded": decision.recorded, "permit": permit, "action": action,
         "reason": reason, "patient": patient, "client_id": ctx.token.client_id,
         "fhir_user": ctx.user, "basis": basis, "jti": jti, "request_id": ctx.request_id,
-        "entities": entities or [], "event": event})
+        "entities": entities or [], "event": event}
 
 
 async def record_unauthenticated(db: store.Db, settings: PsychnotesSettings, request_id: str,
@@ -111,11 +122,13 @@ async def record_unauthenticated(db: store.Db, settings: PsychnotesSettings, req
 
 async def release(ctx: Context, token: consent_token.ConsentToken, action: str,
                   refs: list[str]) -> dict[str, str]:
-    """Record the permit and the disclosure; the headers announcing it to the gateway."""
-    await record_decision(ctx, permit=True, reason=f"{action} permitted by {token.basis}",
-                          action=action, patient=token.patient, basis=token.basis,
-                          purposes=list(token.purpose_of_use), jti=token.jti, entities=refs)
+    """Record the permit and the disclosure (one group-committed write, audit_log.py); the
+    headers announcing it to the gateway."""
+    permit = decision_record(ctx, permit=True, reason=f"{action} permitted by {token.basis}",
+                             action=action, patient=token.patient, basis=token.basis,
+                             purposes=list(token.purpose_of_use), jti=token.jti, entities=refs)
     if not refs:
+        await ctx.audit_log.insert(("decisions", permit))
         return dict(NO_STORE)
     disclosure = audit.Disclosure(
         patient=token.patient, entities=refs, purpose_of_use=list(token.purpose_of_use),
@@ -124,10 +137,10 @@ async def release(ctx: Context, token: consent_token.ConsentToken, action: str,
     moment = store.now()
     event = audit.disclosure_audit_event(disclosure, custodian=ctx.base,
                                          request_id=ctx.request_id, recorded=moment)
-    await store.insert_disclosures(ctx.db, [{
+    await ctx.audit_log.insert(("decisions", permit), ("disclosures", {
         "_id": event["id"], "recorded": moment, "patient": token.patient,
         "request_id": ctx.request_id, "basis": token.basis, "recipient": token.client_id,
-        "recipient_user": token.fhir_user, "entities": refs, "event": event}])
+        "recipient_user": token.fhir_user, "entities": refs, "event": event}))
     return {**NO_STORE, audit.DISCLOSURE_HEADER: audit.encode_disclosures([disclosure])}
 
 

@@ -159,11 +159,6 @@ async def insert_decision(db: Db, record: dict[str, Any]) -> None:
     await db.decisions.insert_one(record)
 
 
-async def insert_disclosures(db: Db, records: list[dict[str, Any]]) -> None:
-    if records:
-        await db.disclosures.insert_many(records)
-
-
 # -- key rotation -------------------------------------------------------------------------------
 
 async def sealed_documents(db: Db, collection: str, current_kek: str) -> AsyncIterator[dict[str, Any]]:

@@ -1,0 +1,60 @@
+"""Psychnotes' own audit records (consent decisions and disclosures), group-committed.
+
+A consent-gated read writes two records, the permit and the disclosure of what it released. They
+used to be two round trips of their own (insert_one, insert_many) per read. Now every request's
+records go into the next batch: while one batch is being written, the records of every other
+request queue up, and each batch is one ordered MongoDB 8 client `bulkWrite` across both
+collections (insert_many per collection on older servers), so the datastore work per read falls
+as load rises, and a read's two records travel together. Every caller waits until the batch
+holding its records is stored before it answers, as before: nothing released goes unrecorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pymongo import InsertOne
+from pymongo.errors import InvalidOperation
+
+from psychnotes import store
+
+
+class AuditLog:
+    def __init__(self, db: store.Db) -> None:
+        self.db = db
+        self._pending: list[tuple[list[tuple[str, dict[str, Any]]], asyncio.Future[None]]] = []
+        self._lock = asyncio.Lock()
+        self._bulk_write = True  # does the server take client bulkWrite (MongoDB 8)?
+
+    async def insert(self, *records: tuple[str, dict[str, Any]]) -> None:
+        """Store `(collection, document)` pairs; returns once they are stored."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(records), future))
+        async with self._lock:
+            if not future.done():
+                await asyncio.sleep(0)  # let requests ready in this turn of the loop join
+                batch, self._pending = self._pending, []
+                try:
+                    await self._write([r for records_of, _ in batch for r in records_of])
+                except Exception as exc:  # every waiter of the batch learns it failed
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_result(None)
+        await future
+
+    async def _write(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        if self._bulk_write:
+            try:
+                await self.db.client.bulk_write(
+                    [InsertOne(doc, namespace=f"{self.db.name}.{collection}") for collection, doc in records],
+                    ordered=True)
+                return
+            except InvalidOperation:  # a server before MongoDB 8.0
+                self._bulk_write = False
+        for collection in dict.fromkeys(c for c, _ in records):
+            await self.db[collection].insert_many([doc for c, doc in records if c == collection])
