@@ -160,6 +160,22 @@ def test_make_run_as_a_developer_meets_it(env: dict[str, str], browser: Any) -> 
         mine = httpx.get(f"{fhir}/Patient/{tokens['patient']}", timeout=30,
                          headers={"Authorization": f"Bearer {tokens['access_token']}"})
         assert mine.status_code == 200, mine.text
+        # The note lifecycle in the demo data: a draft, a signed note with its addendum, a note
+        # written by the trainee and co-signed by their supervisor (README "Progress notes").
+        def notes(**params: str) -> list[dict[str, Any]]:
+            found = httpx.get(f"{fhir}/DocumentReference", params=params, timeout=30,
+                              headers={"Authorization": f"Bearer {tokens['access_token']}"})
+            assert found.status_code == 200, found.text
+            return [e["resource"] for e in found.json().get("entry", [])]
+        by_id = {n["id"]: n for n in notes(patient=tokens["patient"], _count="50")}
+        assert by_id["demo-note-4"]["docStatus"] == "preliminary"
+        assert by_id["demo-note-5"]["docStatus"] == "final"
+        assert by_id["demo-note-7"]["docStatus"] == "final"
+        assert by_id["demo-note-7"]["author"] == [{"reference": "Practitioner/demo-trainee"}]
+        assert by_id["demo-note-7"]["authenticator"] == {"reference": "Practitioner/demo-therapist"}
+        with_addendum = notes(_id="demo-note-5", _revinclude="DocumentReference:relatesto")
+        assert [n["id"] for n in with_addendum] == ["demo-note-5", "demo-note-6"]
+        assert with_addendum[1]["docStatus"] == "final"
     finally:
         assert first.interrupt() == 0, "\n".join(first.output)
     ports = [v for k, v in env.items() if k.endswith("PORT")]

@@ -11,12 +11,14 @@ import secrets
 import signal
 import sys
 import time
+import uuid
 from typing import Any
 from urllib.parse import urlencode
 
 import typer
 
 from gateway import admin
+from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_cli import gateway_commands, psychnotes_commands, seed, stack
 from mindchart_cli.datastores import on_db
@@ -50,12 +52,34 @@ async def register_demo(db: Any, creds: dict[str, Any]) -> None:
         await admin.create_client(
             db, client_id=DEMO_APP, auth="none", scope=DEMO_APP_SCOPE, audiences=["records"],
             redirect_uris=[DEMO_APP_REDIRECT], name="Mindchart demo SMART app")
-    users = (("therapist", "practitioner", f"Practitioner/{seed.DEMO_THERAPIST}"),
-             ("patient", "patient", f"Patient/{seed.DEMO_PATIENT}"), ("admin", "admin", None))
-    for username, role, fhir_user in users:
+    users = (("therapist", "practitioner", f"Practitioner/{seed.DEMO_THERAPIST}", None),
+             ("patient", "patient", f"Patient/{seed.DEMO_PATIENT}", None), ("admin", "admin", None, None),
+             ("trainee", "practitioner", f"Practitioner/{seed.DEMO_TRAINEE}",
+              f"Practitioner/{seed.DEMO_THERAPIST}"))
+    for username, role, fhir_user, supervisor in users:
         if await db.users.find_one({"_id": username}) is None:
             await admin.create_user(db, username=username, password=creds["users"][username],
-                                    role=role, fhir_user=fhir_user)
+                                    role=role, fhir_user=fhir_user, supervisor=supervisor)
+
+
+async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> dict[str, str]:
+    """Five-minute access tokens for the demo therapist and trainee, signed with the gateway's own
+    key as its sign-in would issue them (the admin CLI holds the gateway datastore anyway), so the
+    demo notes are written, signed and co-signed by practitioners through the public API."""
+    keys = Keyring(db)
+    await keys.load(force=True)
+    now = int(time.time())
+    tokens = {}
+    for who, supervisor in ((seed.DEMO_THERAPIST, None), (seed.DEMO_TRAINEE, seed.DEMO_THERAPIST)):
+        claims: dict[str, Any] = {
+            "iss": public_url, "aud": f"{public_url}/fhir", "sub": f"demo-seed-{who}",
+            "client_id": client_id, "scope": "user/DocumentReference.cruds user/Encounter.rs",
+            "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, "roles": ["practitioner"],
+            "fhirUser": f"{public_url}/fhir/Practitioner/{who}"}
+        if supervisor:
+            claims["supervisor"] = f"Practitioner/{supervisor}"
+        tokens[who] = await keys.sign(claims)
+    return tokens
 
 
 @app.command()
@@ -74,6 +98,9 @@ def run() -> None:
         creds, _ = seed.load_or_make_credentials(config.data_dir)
         on_db("gateway", GatewaySettings().db_name, lambda db: register_demo(db, creds))
         created = seed.seed_records(config.gateway_url, creds)
+        tokens = on_db("gateway", GatewaySettings().db_name, lambda db: demo_practitioner_tokens(
+            db, config.public_gateway_url, creds["secret_client_id"]))
+        created += seed.seed_lifecycle(config.gateway_url, tokens)
         print_welcome(config, creds, created)
         while all(p.poll() is None for p in runner.processes.values()):
             time.sleep(1)

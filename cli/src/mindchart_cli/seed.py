@@ -19,6 +19,7 @@ from joserfc.jwk import ECKey
 
 DEMO_PATIENT = "demo-patient"
 DEMO_THERAPIST = "demo-therapist"
+DEMO_TRAINEE = "demo-trainee"  # a supervisee: DEMO_THERAPIST co-signs their notes
 LOINC = "http://loinc.org"
 SURVEY = {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}
 CLINICAL_NOTE = {"system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
@@ -36,7 +37,11 @@ def credentials_path(data_dir: Path) -> Path:
 def load_or_make_credentials(data_dir: Path) -> tuple[dict[str, Any], bool]:
     path = credentials_path(data_dir)
     if path.exists():
-        return json.loads(path.read_text()), False
+        creds = json.loads(path.read_text())
+        if "trainee" not in creds["users"]:  # credentials made before the lifecycle demo
+            creds["users"]["trainee"] = secrets.token_urlsafe(12)
+            path.write_text(json.dumps(creds, indent=2))
+        return creds, False
     key = ECKey.generate_key("P-384", parameters={"kid": "demo-backend-1", "alg": "ES384"})
     creds = {
         "backend_client_id": "demo-backend",
@@ -47,6 +52,7 @@ def load_or_make_credentials(data_dir: Path) -> tuple[dict[str, Any], bool]:
             "therapist": secrets.token_urlsafe(12),
             "patient": secrets.token_urlsafe(12),
             "admin": secrets.token_urlsafe(12),
+            "trainee": secrets.token_urlsafe(12),
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +82,8 @@ def demo_resources() -> list[dict[str, Any]]:
         {"resourceType": "Practitioner", "id": DEMO_THERAPIST, "active": True,
          "name": [{"family": "Rivera", "given": ["Dana"], "prefix": ["Dr."]}],
          "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}]},
+        {"resourceType": "Practitioner", "id": DEMO_TRAINEE, "active": True,
+         "name": [{"family": "Chen", "given": ["Sam"]}]},
         {"resourceType": "Patient", "id": DEMO_PATIENT, "active": True,
          "meta": {"security": RESTRICTED_BH},
          "identifier": [{"system": "urn:mindchart:mrn", "value": "MRN-0001"}],
@@ -148,5 +156,58 @@ def seed_records(gateway_url: str, creds: dict[str, Any]) -> int:
                 continue
             response = client.put(url, content=json.dumps(resource))
             response.raise_for_status()
+            created += 1
+    return created
+
+
+def lifecycle_notes() -> list[tuple[str, str, dict[str, Any]]]:
+    """The note lifecycle in the demo (README "Progress notes"): (who writes, then signs, note).
+    demo-note-4 stays a draft; demo-note-5 is signed with the addendum demo-note-6; demo-note-7 is
+    the trainee's, co-signed by the therapist."""
+    def note(n: int, author: str, text: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "resourceType": "DocumentReference", "id": f"demo-note-{n}", "status": "current",
+            "docStatus": "preliminary", "meta": {"security": RESTRICTED_BH},
+            "type": {"coding": [{"system": LOINC, "code": "11506-3", "display": "Progress note"}]},
+            "category": [{"coding": [CLINICAL_NOTE]}],
+            "subject": {"reference": f"Patient/{DEMO_PATIENT}"}, "date": "2026-11-16T16:00:00Z",
+            "author": [{"reference": f"Practitioner/{author}"}],
+            "content": [{"attachment": {"contentType": "text/plain",
+                                        "data": base64.b64encode(text.encode()).decode()}}],
+            **extra,
+        }
+    session = {"context": {"encounter": [{"reference": "Encounter/demo-session-3"}]}}
+    addendum_of = {"reference": "DocumentReference/demo-note-5"}
+    return [
+        ("draft", DEMO_THERAPIST, note(4, DEMO_THERAPIST, "S: (draft) Follow-up call planned.")),
+        ("sign", DEMO_THERAPIST, note(5, DEMO_THERAPIST, "S: Returned to work full-time.\nO: PHQ-9 = 6."
+                                      "\nA: Mild symptoms.\nP: Monthly sessions.", **session)),
+        ("sign", DEMO_THERAPIST, note(6, DEMO_THERAPIST, "Addendum: client called to confirm the plan.",
+                                      relatesTo=[{"code": "appends", "target": addendum_of}])),
+        ("cosign", DEMO_TRAINEE, note(7, DEMO_TRAINEE, "S: Intake follow-up by trainee.\nP: Review "
+                                      "with supervisor.")),
+    ]
+
+
+def seed_lifecycle(gateway_url: str, tokens: dict[str, str]) -> int:
+    """Write and sign the lifecycle demo notes as the practitioners (`tokens`: a user access
+    token per Practitioner id). Idempotent: notes already there are left alone."""
+    created = 0
+
+    def client(who: str) -> httpx.Client:
+        return httpx.Client(base_url=f"{gateway_url}/fhir", timeout=30, headers={
+            "Authorization": f"Bearer {tokens[who]}", "Content-Type": "application/fhir+json"})
+
+    with client(DEMO_THERAPIST) as therapist, client(DEMO_TRAINEE) as trainee:
+        for step, author, body in lifecycle_notes():
+            writer = trainee if author == DEMO_TRAINEE else therapist
+            url = f"/DocumentReference/{body['id']}"
+            if writer.get(url).status_code == 200:
+                continue
+            writer.put(url, content=json.dumps(body)).raise_for_status()
+            if step in ("sign", "cosign"):
+                writer.post(f"{url}/$sign").raise_for_status()
+            if step == "cosign":
+                therapist.post(f"{url}/$sign").raise_for_status()
             created += 1
     return created
