@@ -56,7 +56,8 @@ def _note_document(ctx: service.Context, note_id: str, version: int, resource: d
             "status": body["status"], "subject": {"reference": patient},
             "author": [{"reference": author}], "date": body["date"]}
     return {"_id": note_id, "vid": version, "ts": moment, "patient": patient, "author": author,
-            "date": date, "status": body["status"], "deleted": False, "resource": stub,
+            "date": date, "status": body["status"], "doc_status": body.get("docStatus"),
+            "deleted": False, "resource": stub,
             "sealed": sealed}
 
 
@@ -89,12 +90,51 @@ async def _own_note(ctx: service.Context, note_id: str, author: str, action: str
     return doc
 
 
+# The note lifecycle, as in records (records/lifecycle/rules.py), minus 45 CFR 164.526: a
+# psychotherapy note is outside the right of access (164.524(a)(1)(i)) and so outside the right to
+# amend (164.526(a)(2)(iii)). Its author signs it with `$sign`; a signed note (or one that arrived
+# signed) never changes: what follows is a new note. Without `docStatus` a note keeps the
+# behaviour it had before (its author may change or delete it).
+SIGNED = frozenset({"final", "amended", "entered-in-error"})
+
+
+def _check_unlocked(current: dict[str, Any], note_id: str, action: str) -> None:
+    if current.get("doc_status") in SIGNED:
+        raise errors.FhirError(
+            f"DocumentReference/{note_id} is signed and cannot be {action}: write a new note that "
+            "appends to it (relatesTo appends) instead", status=409, code="business-rule")
+
+
+async def sign_note(ctx: service.Context, note_id: str) -> Response:
+    """`POST DocumentReference/{id}/$sign` by the author: docStatus final, authenticator the
+    author; from then on update and delete answer 409."""
+    author = _require_practitioner(ctx, "update")
+    current = await _own_note(ctx, note_id, author, "sign")
+    _check_unlocked(current, note_id, "signed again")
+    resource = orjson.loads(await _open(ctx, current, note_id))
+    signed = {**resource, "docStatus": "final", "authenticator": {"reference": author}}
+    version, moment = int(current["vid"]) + 1, store.now()
+    doc = _note_document(ctx, note_id, version, signed, patient=current["patient"], author=author,
+                         moment=moment)
+    await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="PUT")
+    await service.record_decision(ctx, permit=True, reason="note signed by its author", action="sign",
+                                  patient=current["patient"], entities=[f"DocumentReference/{note_id}"])
+    headers = _write_headers(ctx, note_id, version, moment)
+    headers.pop("Location")
+    return Response(status_code=200, headers=headers)
+
+
 async def update_note(ctx: service.Context, note_id: str, body: Any, if_match: int | None) -> Response:
     author = _require_practitioner(ctx, "update")
     resource = validation.validate_resource(body, "DocumentReference")
     if resource.get("id") != note_id:
         raise errors.Invalid("The body's id must match the id in the URL")
     current = await _own_note(ctx, note_id, author, "update")
+    _check_unlocked(current, note_id, "changed")
+    if current.get("doc_status") == "preliminary" and resource.get("docStatus") != "preliminary":
+        raise errors.Unprocessable(f"DocumentReference/{note_id} is a draft: it stays docStatus "
+                                   f"'preliminary' until its author signs it with $sign",
+                                   expression=["DocumentReference.docStatus"])
     patient = notes.check_psychotherapy_note(resource)
     if patient != current["patient"]:
         raise errors.Unprocessable("A note cannot be moved to another patient",
@@ -116,6 +156,7 @@ async def delete_note(ctx: service.Context, note_id: str) -> Response:
     """Soft delete: the note leaves search and read (410); every version stays in history."""
     author = _require_practitioner(ctx, "delete")
     current = await _own_note(ctx, note_id, author, "delete")
+    _check_unlocked(current, note_id, "deleted")
     version, moment = int(current["vid"]) + 1, store.now()
     stub = {**current["resource"], "meta": {**current["resource"]["meta"],
                                             "versionId": str(version),

@@ -112,6 +112,11 @@ async def update_note(note_id: str, request: Request, ctx: ContextDep) -> Respon
                                      fhirjson.if_match_version(request))
 
 
+@router.post("/DocumentReference/{note_id}/$sign")
+async def sign_note(note_id: str, ctx: ContextDep) -> Response:
+    return await notes_service.sign_note(ctx, note_id)
+
+
 @router.delete("/DocumentReference/{note_id}")
 async def delete_note(note_id: str, ctx: ContextDep) -> Response:
     return await notes_service.delete_note(ctx, note_id)
