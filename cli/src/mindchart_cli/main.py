@@ -131,6 +131,7 @@ def print_welcome(config: stack.StackConfig, creds: dict[str, Any], created: int
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     typer.echo(f"""
 Mindchart is running.  Gateway: {gw}   (demo resources created now: {created})
+  therapist workspace   {config.workspace_url}   (sign in as "therapist", password in the credentials file)
   FHIR records base     {gw}/fhir
   psychnotes base       {gw}/psychnotes/fhir
   credentials           {seed.credentials_path(config.data_dir)}
@@ -149,6 +150,11 @@ Sign in to a SMART app ({DEMO_APP}, a public client using PKCE):
      {DEMO_APP_REDIRECT}?code=...&state=demo, where nothing listens: copy the code
   3. CODE=<the code>; curl -s -d grant_type=authorization_code -d client_id={DEMO_APP} \\
        -d redirect_uri={DEMO_APP_REDIRECT} -d code_verifier={verifier} -d "code=$CODE" {gw}/oauth/token
+
+Open the workspace from an EHR (SMART EHR launch with the demo patient in context):
+
+  uv run mindchart launch create --client workspace --patient Patient/{seed.DEMO_PATIENT} \
+    --user therapist --launch-url {config.workspace_url}/launch
 
 Ctrl-C stops everything.
 """)

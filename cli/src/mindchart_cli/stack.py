@@ -1,4 +1,5 @@
-"""The whole stack on one machine: an embedded SecantusDB per datastore, then the three services.
+"""The whole stack on one machine: an embedded SecantusDB per datastore, then the three services,
+then the therapists' workspace app (registered at the gateway as a confidential client first).
 
 Used by `mindchart run` (the README's `make run`) and by the end-to-end tests. A datastore whose
 MongoDB URL is set in the environment (MINDCHART_<SERVICE>_MONGO_URL) is used as is, and no
@@ -22,9 +23,9 @@ import httpx
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-SERVICES = ("records", "psychnotes", "gateway")
-DEFAULT_DB_PORTS = {"records": 27117, "psychnotes": 27118, "gateway": 27119}
-DEFAULT_HTTP_PORTS = {"gateway": 8000, "records": 8001, "psychnotes": 8002}
+SERVICES = ("records", "psychnotes", "gateway", "workspace")
+DEFAULT_DB_PORTS = {"records": 27117, "psychnotes": 27118, "gateway": 27119, "workspace": 27120}
+DEFAULT_HTTP_PORTS = {"gateway": 8000, "records": 8001, "psychnotes": 8002, "workspace": 8003}
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -114,6 +115,10 @@ class StackConfig:
         the gateway's own address with MINDCHART_GATEWAY_PORT."""
         return (self.public_url or self.gateway_url).rstrip("/")
 
+    @property
+    def workspace_url(self) -> str:
+        return f"http://{self.host}:{self.http_ports['workspace']}"
+
     def mongo_url(self, name: str) -> str:
         return self.mongo_urls.get(name) or (
             f"mongodb://{self.host}:{self.db_ports[name]}/?directConnection=true"
@@ -128,7 +133,16 @@ class StackConfig:
             f"{prefix}MONGO_URL": self.mongo_url(name),
             "MINDCHART_DATA_DIR": str(self.data_dir),
         }
-        if name == "gateway":
+        if name == "workspace":
+            from mindchart_cli import workspace_client
+
+            env.update({
+                f"{prefix}PUBLIC_URL": self.workspace_url,
+                f"{prefix}GATEWAY_URL": gw,
+                f"{prefix}CLIENT_ID": workspace_client.CLIENT_ID,
+                f"{prefix}CLIENT_SECRET_FILE": str(workspace_client.secret_file(self.data_dir)),
+            })
+        elif name == "gateway":
             env.update({
                 f"{prefix}PUBLIC_URL": gw,
                 f"{prefix}RECORDS_URL": f"http://{self.host}:{self.http_ports['records']}",
@@ -193,6 +207,31 @@ class Stack:
             self._spawn_service(name)
         for name in ("gateway", "records", "psychnotes"):
             self._wait_http(name, f"http://{self.config.host}:{self.config.http_ports[name]}/readyz")
+        self.register_workspace()
+        self._spawn_service("workspace")
+        self._wait_http("workspace", f"{self.config.workspace_url}/readyz")
+
+    def register_workspace(self) -> None:
+        """The workspace is a client like any other: registered in the gateway's datastore."""
+        import asyncio
+
+        from pymongo import AsyncMongoClient
+
+        from gateway.settings import GatewaySettings
+        from mindchart_cli import workspace_client
+
+        secret = workspace_client.load_or_make_secret(self.config.data_dir).read_text().strip()
+
+        async def register() -> None:
+            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+                self.config.mongo_url("gateway"), tz_aware=True)
+            try:
+                await workspace_client.register(client[GatewaySettings().db_name], self.config.workspace_url,
+                                                secret)
+            finally:
+                await client.close()
+
+        asyncio.run(register())
 
     def _wait_http(self, name: str, url: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
