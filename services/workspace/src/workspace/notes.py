@@ -131,9 +131,10 @@ def suggest_cpt(kind: str, minutes: int | None) -> list[str]:
     CPT's time rule: a unit of time is attained once the midpoint is passed, so psychotherapy is
     90832 for 16-37 minutes, 90834 for 38-52 and 90837 for 53 or more; under 16 minutes no
     psychotherapy code is reported. Crisis psychotherapy: 90839 covers 30-74 minutes, and each
-    further 30 minutes past 60 (a unit once 16 of them are reached: 75-104, 105-134, ...) adds 90840; a crisis session under 30 minutes is
-    reported as 90832. 90791 (intake evaluation) has no time requirement. Checked against AMA-based
-    billing guides (bonfirerevenue.com, helloalma.com, headway.co, empr.com "2013 CPT changes").
+    further 30 minutes past 60 (a unit once 16 of them are reached: 75-104, 105-134, ...) adds
+    90840; a crisis session under 30 minutes is reported as 90832. 90791 (intake evaluation) has
+    no time requirement. Checked against AMA-based billing guides (bonfirerevenue.com,
+    helloalma.com, headway.co, empr.com "2013 CPT changes").
     """
     if kind == "intake":
         return ["90791"]

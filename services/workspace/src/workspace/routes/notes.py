@@ -432,12 +432,13 @@ async def _update_encounter(me: Therapist, patient_id: str, encounter_id: str, t
 
 async def sign(me: Therapist, patient_id: str, patient: dict[str, Any], note_id: str, version: str,
                times: SessionTimes) -> Response:
-    """Sign and lock the note with records' `$sign` (the legal-record lifecycle): after it, the
-    note never changes; addenda and corrections point at it."""
+    """Sign and lock the note with records' `POST DocumentReference/{id}/$sign` (README
+    "Lifecycle"): the note becomes final with the signer as authenticator and a signature
+    Provenance; from then on it never changes, and addenda and corrections point at it. The draft
+    was saved with If-Match in this same request, so what is signed is what the therapist saw."""
     try:
         await me.records.operation(f"DocumentReference/{note_id}/$sign",
-                                   {"resourceType": "Parameters", "parameter": []},
-                                   headers={"If-Match": f'W/"{version}"'})
+                                   {"resourceType": "Parameters", "parameter": []})
     except ApiError as exc:
         if exc.status in (404, 405, 501):
             return pages.message(me.request, "Signing is not available",
@@ -469,8 +470,10 @@ async def add_addendum(patient_id: str, note_id: str, request: Request) -> Respo
                         relates={"code": code, "target": {"reference": f"DocumentReference/{note_id}"}})
     doc["content"][0]["attachment"].update({"data": base64.b64encode(body.encode()).decode(),
                                             "title": title})
-    doc["docStatus"] = "final"
-    await me.records.create(doc)
+    # README "Lifecycle": an addendum or correction is a draft of its own, then signed.
+    created = await me.records.create(doc)
+    await me.records.operation(f"DocumentReference/{created['id']}/$sign",
+                               {"resourceType": "Parameters", "parameter": []})
     return RedirectResponse(f"/patients/{patient_id}/notes/{note_id}?added={code}", status_code=303)
 
 

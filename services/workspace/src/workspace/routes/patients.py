@@ -46,7 +46,8 @@ def note_summary(doc: dict[str, Any]) -> dict[str, Any]:
         if attachment.get("contentType", "").startswith("text/markdown") and attachment.get("data"):
             first = base64.b64decode(attachment["data"]).decode(errors="replace").splitlines()[:1]
             if first and first[0].startswith("# "):
-                title = first[0][2:] if kind == "Progress note" else f"{kind}: {first[0][2:]}"
+                heading = first[0][2:]
+                title = heading if kind in ("Progress note", heading) else f"{kind}: {heading}"
     return {"id": doc["id"], "date": str(doc.get("date", ""))[:10], "title": title, "status": status,
             "target": str(relation["target"].get("reference", "")).removeprefix("DocumentReference/")
             if relation else None}
