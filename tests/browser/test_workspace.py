@@ -254,6 +254,18 @@ def session_walk(live: RunningStack, writer_http: httpx.Client, visit: Visit, wo
     page.get_by_role("heading", name="Addenda and corrections").wait_for()
     assert page.get_by_text("Patient called the next day: sleep improved.").is_visible()
 
+    # The patient page: the signed note, its addendum, and the PHQ-9 chart with its bands.
+    page.get_by_role("link", name=f"Back to {a['patient_name']}").click()
+    rows = page.locator("table.notes tbody tr")
+    assert rows.count() == 2
+    assert "Signed" in rows.nth(0).inner_text() + rows.nth(1).inner_text()
+    assert page.get_by_role("link", name="Addendum").count() == 1
+    chart = page.get_by_role("img", name=re.compile("PHQ-9 totals over time"))
+    assert "10 (moderate)" in chart.locator("desc").text_content()
+    assert chart.locator("rect").count() == 5  # minimal, mild, moderate, moderately severe, severe
+    visit.check("patient-with-chart")
+    page.go_back()
+
     # The private note: a separate grant for the vault, then its own request.
     page.get_by_role("link", name="open the private-notes vault").click()
     gateway_sign_in(page, a["username"])
@@ -467,3 +479,56 @@ def test_another_therapists_cookie_opens_only_their_own_caseload(
         visit.page.goto(f"{live.config.workspace_url}/patients/{a['patient']}/notes/new")
         assert visit.page.locator("ul.interventions li").first.locator("label").inner_text() == "Exposure"
         assert visit.page.get_by_role("button", name="Unpin Mindfulness").count() == 0
+
+
+def test_ehr_launch_opens_the_patient(live: RunningStack, browser: Any, axe_source: str,
+                                      world: dict[str, Any]) -> None:
+    """SMART EHR launch: `mindchart launch create --client workspace ...` prints a link that opens
+    the workspace with the patient in context (no picker)."""
+    from tests.actors import run_cli
+
+    a = world["a"]
+    env = {**live.cli_env, "MINDCHART_GATEWAY_PUBLIC_URL": live.gateway_url}
+    made = run_cli(env, "launch", "create", "--client", "workspace", "--patient",
+                   f"Patient/{a['patient']}", "--user", a["username"],
+                   "--launch-url", f"{live.config.workspace_url}/launch")
+    assert made.returncode == 0, made.stderr
+    link = json.loads(made.stdout)["launch_url"]
+    with Visit(browser, axe_source, "ehr-launch") as visit:
+        page = visit.page
+        page.goto(link)
+        page.get_by_label("Username").fill(a["username"])
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("heading", name="Allow access?").wait_for()  # no patient picker
+        page.get_by_role("button", name="Allow").click()
+        page.get_by_role("heading", name=a["patient_name"]).wait_for()
+        assert page.url.endswith(f"/patients/{a['patient']}")
+        # A launch naming another records server is refused, nothing is fetched from it.
+        refused = page.goto(f"{live.config.workspace_url}/launch?iss=https://evil.example/fhir&launch=x")
+        assert refused.status == 400
+
+
+def test_two_tabs_never_overwrite_each_other_without_javascript(
+        live: RunningStack, writer_http: httpx.Client, browser: Any, axe_source: str,
+        world: dict[str, Any]) -> None:
+    b = world["b"]
+    with Visit(browser, axe_source, "two-tabs", java_script_enabled=False) as visit:
+        sign_in_to_workspace(live, visit, b)
+        page = visit.page
+        page.get_by_role("button", name="Start a blank note").click()
+        page.get_by_label("Data", exact=True).fill("first words")
+        page.get_by_role("button", name="Save draft").click()
+        page.wait_for_url(re.compile(r"\?saved=1$"))
+        note_url = page.url.split("?")[0]
+        other = visit.context.new_page()
+        other.goto(note_url)
+        page.get_by_label("Data", exact=True).fill("tab one's version")
+        page.get_by_role("button", name="Save draft").click()
+        page.wait_for_url(re.compile(r"\?saved=1$"))
+        other.get_by_label("Data", exact=True).fill("tab two's stale version")
+        other.get_by_role("button", name="Save draft").click()
+        other.get_by_role("alert").filter(has_text="changed somewhere else").wait_for()
+        assert other.get_by_label("Data", exact=True).input_value() == "tab two's stale version"
+        note = writer_http.get(f"/DocumentReference/{note_url.rsplit('/', 1)[1]}").json()
+        assert "tab one's version" in markdown_of(note) and "stale" not in markdown_of(note)

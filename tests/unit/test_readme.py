@@ -15,9 +15,10 @@ from records.cdex.settings import CdexSettings
 from records.export.settings import ExportSettings
 from records.settings import RecordsSettings
 from records.subscriptions.settings import SubscriptionSettings
+from workspace.settings import WorkspaceSettings
 
 SETTINGS = [GatewaySettings, RecordsSettings, PsychnotesSettings, ExportSettings, SubscriptionSettings,
-            CdexSettings]
+            CdexSettings, WorkspaceSettings]
 PREFIXES = sorted((s.model_config.get("env_prefix", "") for s in SETTINGS), key=len, reverse=True)
 COMMON = {"env", "log_level", "data_dir"}  # MINDCHART_ENV etc., documented once
 

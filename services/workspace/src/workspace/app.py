@@ -89,6 +89,11 @@ def create_app(settings: WorkspaceSettings | None = None) -> FastAPI:
                              "token is missing or wrong). Go back, reload the page and try again.",
                              status=403)
 
+    @app.exception_handler(pages.TooLarge)
+    async def too_large(request: Request, exc: pages.TooLarge) -> Response:
+        return pages.message(request, "Too much text", "This form is larger than the workspace "
+                             "accepts in one save. Shorten it and try again.", status=413)
+
     @app.exception_handler(pages.NotFoundPage)
     async def not_found(request: Request, exc: pages.NotFoundPage) -> Response:
         return pages.message(request, "Not found", "There is no such page, or it is not yours to "

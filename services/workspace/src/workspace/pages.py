@@ -11,6 +11,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 
+class TooLarge(Exception):
+    """A form post without a length, or over MINDCHART_WORKSPACE_MAX_BODY_BYTES: 413."""
+
+
 class NotFoundPage(Exception):
     """Answer 404 without saying whether the thing exists (the same page for both)."""
 

@@ -146,7 +146,7 @@ class Chart:
     height: int = 200
     pad: int = 36
 
-    def y(self, value: int) -> float:
+    def y(self, value: float) -> float:
         inner = self.height - 2 * self.pad
         return round(self.height - self.pad - inner * value / self.instrument.maximum, 1)
 
@@ -157,11 +157,14 @@ class Chart:
         return round(self.pad + inner * index / (len(self.points) - 1), 1)
 
     def bands(self) -> list[dict[str, Any]]:
-        return [{"y": self.y(high if high == self.instrument.maximum else high + 1),
-                 "height": round(self.y(low) - self.y(high if high == self.instrument.maximum
-                                                     else high + 1), 1),
-                 "label": label, "low": low, "high": high, "fill": BAND_FILLS[n]}
-                for n, (low, high, label) in enumerate(self.instrument.bands)]
+        """Each band spans its scores ±0.5, so a total sits inside its band, never on an edge."""
+        out = []
+        for n, (low, high, label) in enumerate(self.instrument.bands):
+            top = self.y(min(high + 0.5, self.instrument.maximum))
+            bottom = self.y(max(low - 0.5, 0))
+            out.append({"y": top, "height": round(bottom - top, 1), "label": label, "low": low,
+                        "high": high, "fill": BAND_FILLS[n]})
+        return out
 
     def polyline(self) -> str:
         return " ".join(f"{self.x(i)},{self.y(v)}" for i, (_, v) in enumerate(self.points))

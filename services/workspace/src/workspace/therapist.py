@@ -39,12 +39,14 @@ class Therapist:
 
     async def form(self) -> dict[str, str]:
         """The posted form, refused (403) without this session's CSRF token."""
-        form = await self.request.form()
-        values = {k: str(v) for k, v in form.items()}
-        sessions.check_csrf(self.session, values)
+        values, _ = await self.form_lists()
         return values
 
     async def form_lists(self) -> tuple[dict[str, str], dict[str, list[str]]]:
+        limit = self.request.app.state.settings.max_body_bytes
+        declared = self.request.headers.get("content-length", "")
+        if not declared.isdigit() or int(declared) > limit:
+            raise pages.TooLarge
         form = await self.request.form()
         values = {k: str(v) for k, v in form.items()}
         sessions.check_csrf(self.session, values)
