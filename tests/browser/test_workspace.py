@@ -525,7 +525,7 @@ def test_two_tabs_never_overwrite_each_other_without_javascript(
         other.goto(note_url)
         page.get_by_label("Data", exact=True).fill("tab one's version")
         page.get_by_role("button", name="Save draft").click()
-        page.wait_for_url(re.compile(r"\?saved=1$"))
+        page.get_by_text("Draft (version 2)").wait_for()
         other.get_by_label("Data", exact=True).fill("tab two's stale version")
         other.get_by_role("button", name="Save draft").click()
         other.get_by_role("alert").filter(has_text="changed somewhere else").wait_for()

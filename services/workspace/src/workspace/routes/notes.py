@@ -96,6 +96,8 @@ def encounter_resource(me: Therapist, patient_id: str, times: SessionTimes,
         encounter.pop(name, None)
     if times.start:
         encounter["period"] = {"start": _iso(times.start)} | ({"end": _iso(times.end)} if times.end else {})
+    elif _instant(times.day, "00:00"):
+        encounter["period"] = {"start": times.day}  # the day alone until the times are in
     if times.minutes is not None:
         encounter["length"] = {"value": times.minutes, "unit": "min", "system": "http://unitsofmeasure.org",
                                "code": "min"}
