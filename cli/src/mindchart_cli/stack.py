@@ -226,7 +226,8 @@ class Stack:
             client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
                 self.config.mongo_url("gateway"), tz_aware=True)
             try:
-                await workspace_client.register(client[GatewaySettings().db_name], self.config.workspace_url,
+                db_name = self.config.extra_env.get("MINDCHART_GATEWAY_DB_NAME") or GatewaySettings().db_name
+                await workspace_client.register(client[db_name], self.config.workspace_url,
                                                 secret)
             finally:
                 await client.close()
