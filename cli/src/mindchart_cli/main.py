@@ -136,6 +136,11 @@ Mindchart is running.  Gateway: {gw}   (demo resources created now: {created})
   psychnotes base       {gw}/psychnotes/fhir
   credentials           {seed.credentials_path(config.data_dir)}
 
+Open the workspace from an EHR (SMART EHR launch with the demo patient in context):
+
+  uv run mindchart launch create --client workspace --patient Patient/{seed.DEMO_PATIENT} \\
+    --user therapist --launch-url {config.workspace_url}/launch
+
 Get a token and read a progress note:
 
   TOKEN=$(curl -s -u '{secret_client}:{secret}' -d grant_type=client_credentials \\
@@ -150,11 +155,6 @@ Sign in to a SMART app ({DEMO_APP}, a public client using PKCE):
      {DEMO_APP_REDIRECT}?code=...&state=demo, where nothing listens: copy the code
   3. CODE=<the code>; curl -s -d grant_type=authorization_code -d client_id={DEMO_APP} \\
        -d redirect_uri={DEMO_APP_REDIRECT} -d code_verifier={verifier} -d "code=$CODE" {gw}/oauth/token
-
-Open the workspace from an EHR (SMART EHR launch with the demo patient in context):
-
-  uv run mindchart launch create --client workspace --patient Patient/{seed.DEMO_PATIENT} \
-    --user therapist --launch-url {config.workspace_url}/launch
 
 Ctrl-C stops everything.
 """)
