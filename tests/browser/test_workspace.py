@@ -136,6 +136,8 @@ def make_world(live: RunningStack, writer_http: httpx.Client) -> dict[str, Any]:
     """Two therapists, each with a patient of their own."""
     suffix = uuid.uuid4().hex[:6]
     out: dict[str, Any] = {"suffix": suffix}
+    statement = writer_http.get("/metadata").json()
+    capabilities = {r["type"] for rest in statement.get("rest", []) for r in rest.get("resource", [])}
     for who, family in (("a", "Quill"), ("b", "Marsh")):
         practitioner = f"ws-dr-{who}-{suffix}"
         writer_http.put(f"/Practitioner/{practitioner}", json={
@@ -144,6 +146,10 @@ def make_world(live: RunningStack, writer_http: httpx.Client) -> dict[str, Any]:
         patient = writer_http.post("/Patient", json={
             "resourceType": "Patient", "name": [{"family": f"{family}{suffix}", "given": ["Robin"]}],
             "birthDate": "1988-03-02"}).json()["id"]
+        if "CareTeam" in capabilities:  # psychnotes lets only the patient's care team write notes
+            writer_http.post("/CareTeam", json={
+                "resourceType": "CareTeam", "status": "active", "subject": {"reference": f"Patient/{patient}"},
+                "participant": [{"member": {"reference": f"Practitioner/{practitioner}"}}]}).raise_for_status()
         username = f"ws-{who}-{suffix}"
         create_user(live.cli_env, username, PASSWORD, "practitioner", f"Practitioner/{practitioner}")
         out[who] = {"username": username, "practitioner": f"Practitioner/{practitioner}",

@@ -14,8 +14,8 @@ from gateway import admin
 
 CLIENT_ID = "workspace"
 # Its registered maximum; each sign-in asks for the part it needs (workspace/gateway_api.py).
-SCOPE = ("user/Patient.rs user/Practitioner.rs user/Encounter.crus user/DocumentReference.crus "
-         "user/Observation.crs")
+SCOPE = ("user/Patient.rs user/Practitioner.rs user/CareTeam.rs user/Encounter.crus "
+         "user/DocumentReference.crus user/Observation.crs")
 
 
 def secret_file(data_dir: Path) -> Path:

@@ -29,7 +29,8 @@ FHIR_JSON = "application/fhir+json"
 # What the workspace asks for. Records: the patients, sessions, notes and scores it writes.
 # Psychnotes: the therapist's own private notes (create, read with a consent token, update).
 RECORDS_SCOPE = ("launch launch/patient openid fhirUser online_access user/Patient.rs "
-                 "user/Practitioner.rs user/Encounter.crus user/DocumentReference.crus user/Observation.crs")
+                 "user/Practitioner.rs user/CareTeam.rs user/Encounter.crus user/DocumentReference.crus "
+                 "user/Observation.crs")
 EHR_RECORDS_SCOPE = RECORDS_SCOPE.replace("launch launch/patient", "launch")
 PSYCHNOTES_SCOPE = "openid fhirUser online_access user/DocumentReference.crus"
 

@@ -3,8 +3,9 @@ patients are theirs.
 
 Records lets any practitioner of the practice read every patient (records/policy.py); the
 workspace narrows that to the therapist's own caseload, the patients they have sessions with
-(an Encounter naming them as participant), plus the patient chosen in this sign-in (the
-gateway's patient picker or the EHR launch). Anyone else's patient pages answer 404.
+(an Encounter naming them as participant) or whose active CareTeam they are on, plus the patient
+chosen in this sign-in (the gateway's patient picker or the EHR launch). Anyone else's patient
+pages answer 404.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from workspace import pages, sessions, store
-from workspace.gateway_api import FhirApi, Gateway
+from workspace.gateway_api import ApiError, FhirApi, Gateway
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -63,9 +64,15 @@ class Therapist:
         return await store.get_preferences(self.db, self.practitioner)
 
     async def caseload(self) -> list[str]:
-        """Patient ids: those with an Encounter naming this therapist, and this sign-in's patient."""
+        """Patient ids: this sign-in's patient, the active care teams this therapist is on, and
+        those with an Encounter naming them."""
         encounters = await self.records.search("Encounter", [
             ("practitioner", self.practitioner), ("_count", "200")])
+        try:
+            encounters += await self.records.search("CareTeam", [
+                ("participant", self.practitioner), ("status", "active"), ("_count", "200")])
+        except ApiError:
+            pass  # a records server without CareTeam: sessions alone make the caseload
         ids: list[str] = []
         chosen = self.session.get("patient")
         if chosen:
