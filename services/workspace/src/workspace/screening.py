@@ -150,8 +150,10 @@ class Chart:
         inner = self.height - 2 * self.pad
         return round(self.height - self.pad - inner * value / self.instrument.maximum, 1)
 
+    label_room: int = 120  # the band labels sit right of the last point, never under it
+
     def x(self, index: int) -> float:
-        inner = self.width - 2 * self.pad
+        inner = self.width - 2 * self.pad - self.label_room
         if len(self.points) <= 1:
             return self.pad + inner / 2
         return round(self.pad + inner * index / (len(self.points) - 1), 1)
