@@ -110,6 +110,23 @@ def mint_token(live: Any, *, audience: str | None = None, **claims: Any) -> str:
     return jwt.encode({"alg": "RS256", "kid": key.kid, "typ": "JWT"}, body, key)
 
 
+_AUDITORS: set[tuple[str, str]] = set()
+
+
+def auditor_token(live: Any, client_id: str = "privacy-office") -> str:
+    """A token of a backend registered with `system/AuditEvent.rs` and the compliance role: the
+    audit routes read the caller's registration on every request, a scope string is not enough."""
+    import secrets
+
+    if (live.gateway_url, client_id) not in _AUDITORS:
+        result = run_cli(live.cli_env, "client", "create", "--id", client_id, "--auth",
+                         "client_secret", "--secret", secrets.token_urlsafe(24), "--scope",
+                         "system/AuditEvent.rs", "--role", "compliance")
+        assert result.returncode == 0, result.stderr
+        _AUDITORS.add((live.gateway_url, client_id))
+    return mint_token(live, scope="system/AuditEvent.rs", sub=client_id, client_id=client_id)
+
+
 # Strings that must never appear in any service log (note text, secrets, passwords). Tests register
 # what they send with `sensitive(...)`; tests/e2e/test_zz_observability.py greps the logs for them
 # after every other end-to-end test has run.

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from mindchart_core import audit
+from tests import actors
 from tests.actors import BackendAuth, BackendClient, mint_token, register_backend
 from tests.conftest import RunningStack
 from tests.fhir_schema import assert_valid  # the official R4 JSON schema
@@ -354,7 +355,7 @@ def accounting(live: RunningStack, patient: str, token: str, **params: Any) -> h
 
 
 def auditor_token(live: RunningStack) -> str:
-    return mint_token(live, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
+    return actors.auditor_token(live, "auditor")
 
 
 def test_accounting_lists_each_export_and_download_for_the_patient(

@@ -185,7 +185,8 @@ def test_audit_search_is_for_administrators_only(live: RunningStack, auditor: di
     ok = audit_search(live, auditor["admin"], _count=3)
     assert ok.status_code == 200 and ok.headers["content-type"].startswith("application/fhir+json")
     system = BackendClient(f"siem-{uuid.uuid4().hex[:6]}", live.gateway_url)
-    register_backend(live.cli_env, system, "system/AuditEvent.rs", tmp=tmp_path)
+    register_backend(live.cli_env, system, "system/AuditEvent.rs", tmp=tmp_path,
+                     roles=("compliance",))
     assert audit_search(live, system.token("system/AuditEvent.rs"), _count=1).status_code == 200
     # The refusals above are themselves in the trail.
     refused = audit_search(live, auditor["admin"], outcome="4", agent=auditor["app"], _count=50).json()

@@ -119,6 +119,10 @@ def gateway(live: RunningStack) -> Iterator[tuple[TestClient, Upstream, Any]]:
                                records_url=f"http://127.0.0.1:{backend.server_address[1]}")
     app = create_app(settings)
     mongo: MongoClient[dict[str, Any]] = MongoClient(live.config.mongo_url("gateway"), tz_aware=True)
+    # The audit routes read the caller's registration: an auditor backend with the compliance role.
+    mongo[db_name].clients.replace_one({"_id": "auditor"}, {
+        "_id": "auditor", "auth": "client_secret", "scope": "system/AuditEvent.rs",
+        "audiences": ["records"], "roles": ["compliance"]}, upsert=True)
     with TestClient(app, base_url=BASE) as client:
         app.state.http = httpx.AsyncClient(transport=httpx.MockTransport(upstream.handle))
         yield client, upstream, mongo[db_name]
@@ -161,7 +165,7 @@ def test_disclosures_are_stripped_chained_and_accounted(gateway: tuple[TestClien
     assert len({r["partition"] for r in stored}) == 1
     assert {r["seq"] for r in stored} == set(range(min(r["seq"] for r in stored), min(r["seq"] for r in stored) + 3))
 
-    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs')}"}
+    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs', sub='auditor', client_id='auditor')}"}
     assert client.get("/audit/Patient/p1/$disclosures", headers=reader).status_code == 403
     accounting = client.get("/audit/Patient/p1/$disclosures", headers=admin)
     assert accounting.status_code == 200
@@ -238,7 +242,7 @@ def test_accounting_merges_records_export_disclosures_newest_first(
     upstream.records_events = [records_export_event(patient, now + timedelta(hours=1), "later"),
                                records_export_event(patient, now - timedelta(hours=1), "earlier")]
     upstream.accounting_requests.clear()
-    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs')}"}
+    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs', sub='auditor', client_id='auditor')}"}
     response = client.get(f"/audit/Patient/{patient}/$disclosures", headers=admin,
                           params={"date": f"ge{(now - timedelta(days=1)).date()}"})
     assert response.status_code == 200, response.text
@@ -280,7 +284,7 @@ def test_accounting_is_503_when_records_cannot_answer(
     gateway: tuple[TestClient, Upstream, Any], failure: str
 ) -> None:
     client, upstream, db = gateway
-    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs')}"}
+    admin = {"Authorization": f"Bearer {token(db, scope='system/AuditEvent.rs', sub='auditor', client_id='auditor')}"}
     upstream.records_failure = failure
     try:
         response = client.get("/audit/Patient/p1/$disclosures", headers=admin)

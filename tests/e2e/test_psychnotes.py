@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from mindchart_core.audit import DISCLOSURE_HEADER, decode_disclosures
-from tests.actors import mint_token, sensitive
+from tests.actors import auditor_token, mint_token, sensitive
 from tests.conftest import RunningStack
 
 PSY_SCOPE = "user/DocumentReference.cruds user/Consent.cru"
@@ -70,7 +70,33 @@ def psy_note(patient_id: str, text: str, **changes: Any) -> dict[str, Any]:
     return note
 
 
+_CARE_TEAMS: set[tuple[str, str, str]] = set()
+
+
+def care_team(live: RunningStack, patient_id: str, practitioner: str, *,
+              status: str = "active") -> str:
+    """An active CareTeam in records naming `practitioner` for the patient (what the EHR keeps):
+    psychnotes lets only its members write the patient's psychotherapy notes."""
+    token = mint_token(live, scope="system/CareTeam.cruds")
+    response = httpx.post(f"{live.fhir}/CareTeam", headers=headers(token), json={
+        "resourceType": "CareTeam", "status": status, "subject": {"reference": f"Patient/{patient_id}"},
+        "participant": [{"member": {"reference": practitioner}}]})
+    assert response.status_code == 201, response.text
+    _CARE_TEAMS.add((live.gateway_url, patient_id, practitioner))
+    return str(response.json()["id"])
+
+
+def fhir_user_of(access: str) -> str:
+    payload = access.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return "/".join(str(claims.get("fhirUser", "")).split("/")[-2:])
+
+
 def write_note(live: RunningStack, access: str, patient_id: str, text: str, **changes: Any) -> str:
+    """A note by the token's practitioner, who is put on the patient's care team first."""
+    author = fhir_user_of(access)
+    if (live.gateway_url, patient_id, author) not in _CARE_TEAMS:
+        care_team(live, patient_id, author)
     response = httpx.post(f"{live.psychnotes}/DocumentReference", headers=headers(access),
                           json=psy_note(patient_id, text, **changes))
     assert response.status_code == 201, response.text
@@ -120,10 +146,28 @@ def authorization(patient_id: str, *, recipient: dict[str, Any], notes: list[str
     return consent
 
 
-def record_consent(live: RunningStack, access: str, consent: dict[str, Any]) -> str:
+def compliance_token(live: RunningStack, who: str = "Practitioner/privacy-officer") -> str:
+    """A compliance officer (user with the compliance role), who attests authorizations."""
+    return user_token(live, who, client_id="privacy-app", scope="user/Consent.rus",
+                      roles=["compliance"])
+
+
+def attest(live: RunningStack, consent_id: str, access: str | None = None) -> httpx.Response:
+    return httpx.post(f"{live.psychnotes}/Consent/{consent_id}/$attest",
+                      headers=headers(access or compliance_token(live)))
+
+
+def record_consent(live: RunningStack, access: str, consent: dict[str, Any], *,
+                   attested: bool = True) -> str:
+    """Record an authorization; one recorded by anyone but the patient stays `proposed` until a
+    compliance officer attests it, which this does unless `attested=False`."""
     response = httpx.post(f"{live.psychnotes}/Consent", headers=headers(access), json=consent)
     assert response.status_code == 201, response.text
-    return str(response.json()["id"])
+    consent_id = str(response.json()["id"])
+    if attested and response.json()["status"] == "proposed" and consent.get("status") == "active":
+        done = attest(live, consent_id)
+        assert done.status_code == 200 and done.json()["status"] == "active", done.text
+    return consent_id
 
 
 def parameters(**values: Any) -> dict[str, Any]:
@@ -332,8 +376,7 @@ def test_the_consent_gated_vault_story(live: RunningStack, patient_id: str, sess
 
 def accounting(live: RunningStack, patient_id: str) -> dict[str, Any]:
     """The gateway's `$disclosures` Bundle for a patient, or xfail while it has not landed."""
-    auditor = mint_token(live, sub="privacy-office", client_id="privacy-office",
-                         scope="system/AuditEvent.rs")
+    auditor = auditor_token(live)
     response = httpx.get(f"{live.gateway_url}/audit/Patient/{patient_id}/$disclosures",
                          headers={"Authorization": f"Bearer {auditor}", "Accept": "application/fhir+json"})
     if response.status_code != 200:

@@ -28,12 +28,16 @@ from tests.e2e.test_psychnotes import (
     assert_audited,
     assert_no_secret,
     assert_refused,
+    attest,
     authorization,
+    care_team,
+    compliance_token,
     headers,
     marker,
     mint_consent_token,
     mint_response,
     patient_token,
+    psy_note,
     record_consent,
     user_token,
     write_note,
@@ -479,3 +483,124 @@ def test_records_never_returns_or_reveals_a_psychotherapy_note(world: World, liv
         search = httpx.get(f"{live.fhir}/DocumentReference", params=params, headers=headers(records_token))
         assert search.status_code == 200 and "entry" not in search.json()
         assert_no_secret(search, *world.secrets)
+
+
+# -- issue 12: who treats whom, who authorizes, who receives --------------------------------------
+
+def consent_status(live: RunningStack, access: str, consent_id: str) -> int:
+    return httpx.get(f"{live.psychnotes}/Consent/{consent_id}", headers=headers(access)).status_code
+
+
+def test_a_practitioner_off_the_care_team_can_neither_write_nor_authorize_themselves(
+        world: World, live: RunningStack) -> None:
+    """Critical 1: Dr Mallory never treated patient B. Writing one note about B used to make them
+    "treating"; then they recorded a Consent for B naming themselves, with any bytes as the
+    signed form, minted a consent token and read the therapist's notes about B. Treatment comes
+    from records' CareTeam; a Consent recorded by anyone but the patient needs a second person's
+    attestation; and nobody receives under an authorization they recorded."""
+    mallory = user_token(live, "Practitioner/dr-mallory", scope=f"{READER_SCOPE} user/DocumentReference.c "
+                         "user/Consent.cru")
+    text = marker("mallory")
+    wrote = httpx.post(f"{live.psychnotes}/DocumentReference", headers=headers(mallory),
+                       json=psy_note(world.b, text))
+    assert_refused(wrote, 403, text, *world.secrets)
+    assert_audited(live, wrote, permit=False, reason="care team")
+    self_grant = authorization(world.b, recipient={"reference": "Practitioner/dr-mallory"},
+                               data_period={"start": "2020-01-01", "end": "2030-01-01"})
+    assert_refused(httpx.post(f"{live.psychnotes}/Consent", headers=headers(mallory),
+                              json=self_grant), 403, *world.secrets)
+    # Even on the care team (a colleague), a self-authorization never reads anything.
+    care_team(live, world.b, "Practitioner/dr-mallory")
+    recorded = httpx.post(f"{live.psychnotes}/Consent", headers=headers(mallory), json=self_grant)
+    assert recorded.status_code == 201 and recorded.json()["status"] == "proposed", recorded.text
+    consent_id = recorded.json()["id"]
+    assert_refused(mint_response(live, mallory, consent_id, purpose="TREAT"), 403, *world.secrets)
+    assert_refused(attest(live, consent_id, mallory), 403)  # no compliance role
+    assert attest(live, consent_id).status_code == 200  # a compliance officer attests it...
+    refused = mint_response(live, mallory, consent_id, purpose="TREAT")  # ...still not for its recorder
+    assert_refused(refused, 403, *world.secrets)
+    assert_audited(live, refused, permit=False, reason="recipient")
+
+
+def test_an_authorization_recorded_for_the_patient_needs_a_second_persons_attestation(
+        world: World, live: RunningStack) -> None:
+    """The two-person check: recorded by a care-team member it stays `proposed` and releases
+    nothing; the recorder cannot attest it even with the compliance role, nor can a recipient
+    it names; another compliance officer's `$attest` puts it in force."""
+    recorder = f"Practitioner/th-records-{uuid.uuid4().hex[:4]}"
+    care_team(live, world.a, recorder)
+    clerk = user_token(live, recorder, scope="user/Consent.cru", roles=["compliance"])
+    consent_id = record_consent(live, clerk, authorization(
+        world.a, recipient={"reference": "Practitioner/dr-quinn"}, notes=[world.a2]), attested=False)
+    quinn = user_token(live, "Practitioner/dr-quinn", client_id="referral-ehr",
+                       scope=f"{READER_SCOPE} user/Consent.rus", roles=["compliance"])
+    assert_refused(mint_response(live, quinn, consent_id, purpose="TREAT"), 403, *world.secrets)
+    own = attest(live, consent_id, clerk)
+    assert_refused(own, 403)
+    assert_audited(live, own, permit=False, reason="recorded")
+    assert_refused(attest(live, consent_id, quinn), 403)  # the recipient
+    done = attest(live, consent_id, compliance_token(live, "Practitioner/second-officer"))
+    assert done.status_code == 200 and done.json()["status"] == "active", done.text
+    assert_audited(live, done, permit=True)
+    assert_refused(attest(live, consent_id), 403)  # only a proposed one is attested
+    token = mint_consent_token(live, quinn, consent_id, purpose="TREAT")
+    read = world.get(f"/DocumentReference/{world.a2}", access=quinn, consent=token)
+    assert read.status_code == 200 and world.texts["a2"] in read.text
+
+
+def test_naming_an_app_does_not_open_notes_or_the_consent_to_its_users(world: World,
+                                                                          live: RunningStack) -> None:
+    """Critical 2: patient A's Consent named client `portal`; patient B signed in to `portal`
+    and read A's notes and A's Consent. A client-id recipient is matched only by that client's
+    own backend tokens."""
+    consent_id = record_consent(live, patient_token(live, world.a), authorization(
+        world.a, recipient={"identifier": {"system": "urn:ietf:params:oauth:client-id", "value": "portal"}},
+        notes=[world.a1]))
+    patient_b = mint_token(live, audience=live.psychnotes, sub=f"patient-{world.b}", client_id="portal",
+                           scope="patient/DocumentReference.rs patient/Consent.rs", patient=world.b,
+                           fhirUser=f"{live.fhir}/Patient/{world.b}")
+    clinician = user_token(live, "Practitioner/portal-user", client_id="portal",
+                           scope=f"{READER_SCOPE} user/Consent.rs")
+    for user in (patient_b, clinician):
+        assert_refused(mint_response(live, user, consent_id, purpose="TREAT"), 403, *world.secrets)
+        assert consent_status(live, user, consent_id) == 404
+    backend = mint_token(live, audience=live.psychnotes, sub="portal", client_id="portal",
+                         scope="system/DocumentReference.rs system/Consent.rs")
+    assert consent_status(live, backend, consent_id) == 200
+    token = mint_consent_token(live, backend, consent_id, purpose="TREAT")
+    read = world.get(f"/DocumentReference/{world.a1}", access=backend, consent=token)
+    assert read.status_code == 200 and world.texts["a1"] in read.text
+    for user in (patient_b, clinician):  # the app's token is no use to its users either
+        assert_refused(world.get(f"/DocumentReference/{world.a1}", access=user, consent=token),
+                       403, *world.secrets)
+
+
+def test_patient_context_tokens_never_read_psychotherapy_notes(world: World, live: RunningStack) -> None:
+    """45 CFR 164.524(a)(1)(i): psychotherapy notes are outside the right of access, so no
+    patient-context token reads them; and a Consent cannot name its own patient as recipient."""
+    own = mint_token(live, audience=live.psychnotes, sub=f"patient-{world.a}", client_id="patient-app",
+                     scope="patient/DocumentReference.rs patient/Consent.crus", patient=world.a,
+                     fhirUser=f"{live.fhir}/Patient/{world.a}")
+    for path in each_read(world):
+        assert_refused(world.get(path, access=own, consent=world.granted), 403, *world.secrets)
+    naming_self = authorization(world.a, recipient={"reference": f"Patient/{world.a}"}, notes=[world.a1])
+    refused = httpx.post(f"{live.psychnotes}/Consent", headers=headers(own), json=naming_self)
+    body = assert_refused(refused, 422, *world.secrets)
+    assert "164.524(a)(1)(i)" in body["issue"][0]["diagnostics"]
+    assert_refused(mint_response(live, own, basis="originator-treatment",
+                                 patient={"reference": f"Patient/{world.a}"}), 403, *world.secrets)
+
+
+def test_a_consent_is_shown_only_to_its_parties(world: World, live: RunningStack) -> None:
+    """Its patient, recorder, attester, named recipients and the compliance role; not the
+    treating therapist who did not record it, not another clinician."""
+    assert consent_status(live, patient_token(live, world.a), world.consent) == 200  # patient/recorder
+    assert consent_status(live, user_token(live, "Practitioner/dr-bello", scope="user/Consent.rs"),
+                          world.consent) == 200  # recipient
+    assert consent_status(live, compliance_token(live), world.consent) == 200
+    for outsider in (world.therapist, user_token(live, "Practitioner/dr-crane"),
+                     patient_token(live, world.b)):
+        assert consent_status(live, outsider, world.consent) == 404
+    listed = httpx.get(f"{live.psychnotes}/Consent", params={"patient": world.a},
+                       headers=headers(world.therapist))
+    assert_refused(listed, 403, *world.secrets)

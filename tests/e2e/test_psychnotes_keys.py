@@ -20,14 +20,27 @@ from psychnotes.app import create_app
 from psychnotes.settings import PsychnotesSettings
 from tests.actors import run_cli
 from tests.conftest import RunningStack
-from tests.e2e.test_psychnotes import headers, marker, note_text, parameters, psy_note, user_token
+from tests.e2e.test_psychnotes import (
+    _CARE_TEAMS,
+    care_team,
+    fhir_user_of,
+    headers,
+    marker,
+    note_text,
+    parameters,
+    psy_note,
+    user_token,
+)
 
 
 def settings_for(live: RunningStack, db_name: str, data_dir: Path, **changes: Any) -> PsychnotesSettings:
     values: dict[str, Any] = {
         "mongo_url": live.config.mongo_url("psychnotes"), "db_name": db_name, "data_dir": data_dir,
         "public_base_url": live.psychnotes, "issuer": live.gateway_url,
-        "jwks_url": f"{live.gateway_url}/oauth/jwks"}
+        "jwks_url": f"{live.gateway_url}/oauth/jwks",
+        # the stack's own psychnotes client (registered at the gateway) asks for care teams
+        "token_url": f"{live.gateway_url}/oauth/token", "records_base_url": live.fhir,
+        "records_client_key_file": live.config.data_dir / "keys" / "psychnotes-records-client.pem"}
     return PsychnotesSettings(**{**values, **changes})
 
 
@@ -39,10 +52,13 @@ def db_name(live: RunningStack) -> Iterator[str]:
 
 
 class Vault:
-    def __init__(self, client: TestClient, access: str) -> None:
-        self.client, self.access = client, access
+    def __init__(self, client: TestClient, access: str, live: RunningStack) -> None:
+        self.client, self.access, self.live = client, access, live
 
     def write(self, patient: str, text: str) -> str:
+        author = fhir_user_of(self.access)
+        if (self.live.gateway_url, patient, author) not in _CARE_TEAMS:
+            care_team(self.live, patient, author)
         response = self.client.post("/psychnotes/fhir/DocumentReference", headers=headers(self.access),
                                     json=psy_note(patient, text))
         assert response.status_code == 201, response.text
@@ -76,7 +92,7 @@ def test_rotate_key_rewraps_data_keys_without_touching_ciphertexts(
     before, during = marker("rotation-before"), marker("rotation-during")
 
     with TestClient(create_app(settings_for(live, db_name, tmp_path, kek_file=old_file))) as client:
-        vault = Vault(client, access)
+        vault = Vault(client, access, live)
         first = vault.write("rot-patient", before)
         assert note_text(vault.read("rot-patient", first).json()) == before
     raw = live.db("psychnotes").client[db_name]
@@ -86,7 +102,7 @@ def test_rotate_key_rewraps_data_keys_without_touching_ciphertexts(
     # Step 1: the service learns the new KEK (new writes use it) and keeps the old one to read.
     both = settings_for(live, db_name, tmp_path, kek_file=new_file, previous_kek_files=str(old_file))
     with TestClient(create_app(both)) as client:
-        vault = Vault(client, access)
+        vault = Vault(client, access, live)
         second = vault.write("rot-patient", during)
         assert note_text(vault.read("rot-patient", first).json()) == before
     assert raw.notes.find_one({"_id": second})["sealed"]["dek"]["kek"] == new_id
@@ -112,12 +128,12 @@ def test_rotate_key_rewraps_data_keys_without_touching_ciphertexts(
 
     # Step 3: the old KEK is gone from the configuration; everything still opens.
     with TestClient(create_app(settings_for(live, db_name, tmp_path, kek_file=new_file))) as client:
-        vault = Vault(client, access)
+        vault = Vault(client, access, live)
         assert note_text(vault.read("rot-patient", first).json()) == before
         assert note_text(vault.read("rot-patient", second).json()) == during
     # And the old KEK alone opens nothing any more.
     with TestClient(create_app(settings_for(live, db_name, tmp_path, kek_file=old_file))) as client:
-        response = Vault(client, access).read("rot-patient", first)
+        response = Vault(client, access, live).read("rot-patient", first)
         assert response.status_code == 500 and before not in response.text
 
 
@@ -126,7 +142,7 @@ def test_rotate_key_refuses_when_an_old_kek_is_unknown(live: RunningStack, tmp_p
     kek_file(live, old_file)
     kek_file(live, new_file)
     with TestClient(create_app(settings_for(live, db_name, tmp_path, kek_file=old_file))) as client:
-        Vault(client, user_token(live, "Practitioner/th-rotation")).write("rot-2", marker("rot-2"))
+        Vault(client, user_token(live, "Practitioner/th-rotation"), live).write("rot-2", marker("rot-2"))
     env = {**live.cli_env, "MINDCHART_PSYCHNOTES_MONGO_URL": live.config.mongo_url("psychnotes"),
            "MINDCHART_PSYCHNOTES_DB_NAME": db_name, "MINDCHART_DATA_DIR": str(tmp_path / "elsewhere"),
            "MINDCHART_PSYCHNOTES_KEK_FILE": str(new_file)}

@@ -19,6 +19,7 @@ from tests.e2e.test_psychnotes import (
     READER_SCOPE,
     assert_refused,
     authorization,
+    care_team,
     headers,
     marker,
     mint_consent_token,
@@ -89,6 +90,7 @@ def test_only_practitioners_write_and_the_server_sets_labels_and_author(live: Ru
         assert_refused(httpx.post(f"{live.psychnotes}/DocumentReference", headers=headers(access), json=note),
                        403, text)
     therapist = user_token(live, "Practitioner/th-labels")
+    care_team(live, "w-labels", "Practitioner/th-labels")
     created = httpx.post(f"{live.psychnotes}/DocumentReference", headers=headers(therapist), json=note)
     assert created.status_code == 201 and created.content == b""  # the words are not echoed back
     note_id = created.headers["location"].split("/")[-3]

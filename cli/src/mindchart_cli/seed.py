@@ -1,6 +1,7 @@
 """Demo data for `make run`, created once (idempotent): clients, users, a therapist, a patient,
-progress notes and PHQ-9/GAD-7 scores. Credentials are generated per machine and kept in
-`<data dir>/demo/credentials.json` (mode 0600), never in the repository.
+the therapist's care team for the patient, progress notes and PHQ-9/GAD-7 scores. Credentials are
+generated per machine and kept in `<data dir>/demo/credentials.json` (mode 0600), never in the
+repository.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def demo_resources() -> list[dict[str, Any]]:
          "identifier": [{"system": "urn:mindchart:mrn", "value": "MRN-0001"}],
          "name": [{"family": "Doe", "given": ["Alex"]}], "gender": "other", "birthDate": "1990-04-12"},
     ]
+    # Who treats whom: psychnotes lets only a care-team member write psychotherapy notes.
+    resources.append({
+        "resourceType": "CareTeam", "id": "demo-care-team", "status": "active",
+        "name": "Dr. Rivera's care of Alex Doe", "subject": patient_ref,
+        "period": {"start": "2026-10-01"},
+        "participant": [{"role": [{"text": "Treating psychotherapist"}], "member": therapist_ref}],
+    })
     sessions = [("2026-10-05", 8, 12), ("2026-10-19", 12, 9), ("2026-11-02", 16, 7)]
     for n, (day, _, _) in enumerate(sessions, start=1):
         resources.append({

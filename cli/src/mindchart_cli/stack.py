@@ -155,6 +155,9 @@ class StackConfig:
                 f"{prefix}ISSUER": gw,
                 f"{prefix}JWKS_URL": f"{self.gateway_url}/oauth/jwks",
             })
+        if name == "psychnotes":  # it asks records (through the gateway) who treats whom
+            env.update({f"{prefix}TOKEN_URL": f"{gw}/oauth/token",
+                        f"{prefix}RECORDS_BASE_URL": f"{gw}/fhir"})
         return env
 
 
@@ -249,9 +252,41 @@ class Stack:
             time.sleep(0.2)
         raise StackError(f"{name} did not become ready within {timeout:.0f}s")
 
+    def register_service_clients(self) -> None:
+        """psychnotes' own backend client at the gateway (it asks records for care teams): its
+        development key is made under the data dir, and its public half registered with scope
+        system/CareTeam.rs. In production an administrator registers it (README)."""
+        import asyncio
+
+        from pymongo import AsyncMongoClient
+
+        from gateway import admin
+        from gateway.settings import GatewaySettings
+        from psychnotes import careteam, keys
+        from psychnotes.settings import PsychnotesSettings
+
+        settings = PsychnotesSettings(data_dir=str(self.config.data_dir))
+        if settings.records_client_key_file is not None:
+            return  # configured from outside: registered from outside too
+        key = keys.load_records_client_key(settings)
+
+        async def register() -> None:
+            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+                self.config.mongo_url("gateway"), tz_aware=True)
+            try:
+                await admin.create_client(
+                    client[GatewaySettings().db_name], client_id=settings.records_client_id,
+                    auth="private_key_jwt", scope=careteam.SCOPE, audiences=["records"],
+                    jwks={"keys": [key.as_dict(private=False)]}, name="Mindchart psychnotes")
+            finally:
+                await client.close()
+
+        asyncio.run(register())
+
     def start(self) -> None:
         try:
             self.start_datastores()
+            self.register_service_clients()
             self.start_services()
         except BaseException:
             self.stop()

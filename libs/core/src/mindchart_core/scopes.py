@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 CONTEXTS = ("patient", "user", "system")
+# Types a wildcard (`system/*.rs`, `user/*.cruds`) never reaches: they are not clinical data, so
+# SMART 2.2's "wildcards include future resource types" does not carry over to them. AuditEvent
+# is the audit trail (which therapist read whose psychotherapy notes, 45 CFR 164.312(b)); Consent
+# is the patient's 164.508 authorization, whose readers psychnotes names one by one. Each needs a
+# scope that names it (`system/AuditEvent.rs`), and the audit routes check the caller's role too.
+NOT_IN_WILDCARDS = frozenset({"AuditEvent", "Consent"})
 V1_PERMISSIONS = {"read": "rs", "write": "cud", "*": "cruds"}
 _CLINICAL = re.compile(
     r"^(?P<ctx>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})"
@@ -35,6 +41,13 @@ INTERACTION_LETTER = {
 }
 
 
+def names(scope_type: str, resource_type: str) -> bool:
+    """Whether a scope's type (`*` or a name) reaches `resource_type` (NOT_IN_WILDCARDS)."""
+    if scope_type == "*":
+        return resource_type != "*" and resource_type not in NOT_IN_WILDCARDS
+    return scope_type == resource_type
+
+
 @dataclass(frozen=True)
 class ClinicalScope:
     context: str
@@ -48,7 +61,7 @@ class ClinicalScope:
         return (
             letter is not None
             and letter in self.permissions
-            and self.resource_type in ("*", resource_type)
+            and names(self.resource_type, resource_type)
         )
 
 
@@ -127,7 +140,10 @@ def within(requested: ClinicalScope, allowed: ScopeSet) -> bool:
     for grant in allowed.clinical:
         if grant.context != requested.context:
             continue
-        if grant.resource_type not in ("*", requested.resource_type):
+        if requested.resource_type == "*":
+            if grant.resource_type != "*":
+                continue
+        elif not names(grant.resource_type, requested.resource_type):
             continue
         if not requested.permissions <= grant.permissions:
             continue

@@ -1,9 +1,11 @@
 """Reading the audit trail: `GET /audit/AuditEvent` (search), `GET /audit/AuditEvent/{id}`, and
 `GET /audit/Patient/{id}/$disclosures`, the 45 CFR 164.528 accounting of disclosures.
 
-Only administrators: an access token with `user/AuditEvent.rs` (or `.read`) whose user has the
-admin role, or `system/AuditEvent.rs` for a registered backend client; wildcards (`system/*.rs`)
-do not count. Search parameters (R4
+Only auditors (`require_auditor`): the token must name AuditEvent (`user/AuditEvent.rs` or
+`system/AuditEvent.rs`; wildcards such as `system/*.rs` never grant it, mindchart_core.scopes
+NOT_IN_WILDCARDS), and the caller's registration is read again on every request: a backend
+client must be registered with that scope and the `admin` or `compliance` role; a user must have
+one of those roles and sign in through an app registered for `user/AuditEvent.rs`. Search parameters (R4
 AuditEvent): `date` (with ge/gt/le/lt/eq prefixes, repeatable), `patient`, `agent` (client id,
 username or fhirUser), `entity` (a reference such as Patient/1 or DocumentReference/2), `outcome`
 (0, 4, 8, 12), `_count` (default 50, at most 500). Newest first by `recorded` (then id, for ties:
@@ -33,12 +35,13 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway import accounting, audit_store, introspection
+from gateway import accounting, audit_store, introspection, store
 from gateway.settings import GatewaySettings
 from mindchart_core import audit, errors, fhirjson, scopes, tokens
 
 router = APIRouter()
 
+AUDITOR_ROLES = frozenset({"admin", "compliance"})
 _PARAMS = {"date", "patient", "agent", "entity", "outcome", "_count", "_cursor", "_format"}
 _REF = re.compile(r"^[A-Za-z0-9._:/|-]{1,256}$")
 
@@ -52,15 +55,43 @@ async def require_auditor(request: Request) -> dict[str, Any]:
         raise errors.Unauthorized("The access token is invalid, expired or revoked")
     request.state.caller = {"client_id": claims.get("client_id"), "subject": claims.get("sub"),
                             "fhir_user": claims.get("fhirUser"), "jti": claims.get("jti")}
-    # The trail is not clinical data: a wildcard such as system/*.rs does not open it.
-    granted = [s for s in scopes.parse(str(claims.get("scope", ""))).matching("AuditEvent", "search-type")
-               if s.resource_type == "AuditEvent"]
-    if any(s.context == "system" for s in granted):
-        return claims
-    if any(s.context == "user" for s in granted) and "admin" in (claims.get("roles") or []):
-        return claims
-    raise errors.InsufficientScope("Reading the audit trail needs user/AuditEvent.rs as an "
-                                   "administrator or system/AuditEvent.rs")
+    named = [s for s in scopes.parse(str(claims.get("scope", ""))).matching("AuditEvent", "search-type")
+             if s.resource_type == "AuditEvent"]  # a wildcard never names it (scopes.NOT_IN_WILDCARDS)
+    if not named:
+        raise errors.InsufficientScope("Reading the audit trail needs user/AuditEvent.rs or "
+                                       "system/AuditEvent.rs")
+    if not await may_audit(app.state.db, claims):
+        raise errors.Forbidden("Reading the audit trail needs user/AuditEvent.rs or "
+                               "system/AuditEvent.rs and a caller registered as admin or "
+                               "compliance")
+    return claims
+
+
+async def may_audit(db: store.Db, claims: dict[str, Any]) -> bool:
+    """Who reads the trail and the accounting: the trail says which therapist read which
+    patient's psychotherapy notes and on what basis, so the token's scope string alone is not
+    enough (45 CFR 164.312(a)(1) access control, 164.308(a)(4) access authorization: access is
+    granted to a role, and the role is what the gateway has on record now, not what a token
+    once carried).
+
+    - system/: the backend client is registered (and not disabled) with AuditEvent named in its
+      scope and the `admin` or `compliance` role;
+    - user/: the user exists with the `admin` or `compliance` role, and the app they use is
+      registered for `user/AuditEvent.rs`.
+    """
+    granted = scopes.parse(str(claims.get("scope", ""))).matching("AuditEvent", "search-type")
+    contexts = {s.context for s in granted if s.resource_type == "AuditEvent"}
+    client = await store.get_client(db, str(claims.get("client_id", "")))
+    if client is None:
+        return False
+    registered = {s.context for s in scopes.parse(str(client.get("scope", ""))).clinical
+                  if s.resource_type == "AuditEvent"}
+    if "system" in contexts & registered and str(claims.get("sub")) == client["_id"]:
+        return bool(AUDITOR_ROLES & set(client.get("roles") or []))
+    if "user" in contexts & registered:
+        user = await store.get_user(db, str(claims.get("sub", "")))
+        return user is not None and not user.get("disabled") and user.get("role") in AUDITOR_ROLES
+    return False
 
 
 def _date_clause(value: str) -> dict[str, datetime]:

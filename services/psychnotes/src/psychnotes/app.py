@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
-from psychnotes import audit_log, keys, routes, store
+from psychnotes import audit_log, careteam, keys, routes, store
 from psychnotes.settings import PsychnotesSettings
 
 
@@ -21,6 +21,7 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     settings.refuse_unsafe_production()  # before touching key files (service_app checks again)
     keyring = keys.load_keyring(settings)
     signing_key = keys.load_signing_key(settings)
+    care_teams = careteam.CareTeams(settings, keys.load_records_client_key(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -30,11 +31,13 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         await store.ensure_indexes(app.state.db)
         app.state.audit_log = audit_log.AuditLog(app.state.db)
         yield
+        await care_teams.close()
         await client.close()
 
     app = service_app.create("psychnotes", "Mindchart psychnotes", settings, lifespan)
     app.state.keyring = keyring
     app.state.signing_key = signing_key
+    app.state.care_teams = care_teams
     app.state.verifier = tokens.TokenVerifier(
         issuer=settings.issuer, audience=settings.public_base_url,
         keys=tokens.RemoteJwks(settings.jwks_url),

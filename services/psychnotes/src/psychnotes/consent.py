@@ -67,9 +67,12 @@ class Authorization:
     note_ids: frozenset[str] | None
     data_start: datetime | None
     data_end: datetime | None
+    recorded_by: str | None = None  # caller key (policy.caller_key) of whoever recorded it
+    attested_by: str | None = None  # the compliance officer who attested it (two-person rule)
 
     def index(self) -> dict[str, Any]:
         return {"patient": self.patient, "status": self.status, "start": self.start,
+                "recorded_by": self.recorded_by, "attested_by": self.attested_by,
                 "end": self.end, "recipients": sorted(self.recipients),
                 "purposes": sorted(self.purposes),
                 "note_ids": sorted(self.note_ids) if self.note_ids is not None else None,
@@ -82,7 +85,9 @@ class Authorization:
                    end=_utc(doc["end"]), recipients=frozenset(doc["recipients"]),  # type: ignore[arg-type]
                    purposes=frozenset(doc["purposes"]),
                    note_ids=frozenset(ids) if ids is not None else None,
-                   data_start=_utc(doc.get("data_start")), data_end=_utc(doc.get("data_end")))
+                   data_start=_utc(doc.get("data_start")), data_end=_utc(doc.get("data_end")),
+                   recorded_by=doc.get("recorded_by") or _legacy_recorder(doc),
+                   attested_by=doc.get("attested_by"))
 
     def in_force(self, now: datetime) -> str | None:
         """None when this authorization can release notes now, else why not (164.508(b)(2))."""
@@ -93,6 +98,14 @@ class Authorization:
         if self.start is not None and now < self.start:
             return "the authorization is not yet in force"
         return None
+
+
+def _legacy_recorder(doc: dict[str, Any]) -> str | None:
+    """Authorizations stored before `recorded_by`: `created_by` held a fhirUser or a client id."""
+    created = doc.get("created_by")
+    if not created:
+        return None
+    return str(created) if "/" in str(created) else f"client:{created}"
 
 
 def _utc(value: Any) -> datetime | None:
@@ -185,6 +198,11 @@ def check_authorization(resource: dict[str, Any], now: datetime) -> Authorizatio
                         if c.get("system") == ACT_REASON and c.get("code"))
     if not recipients:
         raise _missing("provision.provision.actor", "who may receive (an actor with role IRCP)")
+    if patient in recipients:
+        raise errors.Unprocessable(
+            "An authorization cannot name its own patient as recipient: the right of access "
+            "excludes psychotherapy notes (45 CFR 164.524(a)(1)(i))",
+            expression=["Consent.provision.provision.actor"])
     if not purposes:
         raise _missing("provision.provision.purpose", "each purpose (v3-ActReason)")
     note_ids: set[str] | None = None

@@ -26,6 +26,7 @@ from psychnotes.settings import PsychnotesSettings
 KEK_BYTES = 32  # AES-256
 DEV_KEK_NAME = "psychnotes-kek"
 DEV_SIGNING_KEY_NAME = "psychnotes-consent-signing.pem"
+DEV_RECORDS_CLIENT_KEY_NAME = "psychnotes-records-client.pem"
 
 
 class KeyConfigError(RuntimeError):
@@ -123,3 +124,32 @@ def load_signing_key(settings: PsychnotesSettings) -> ECKey:
         raise KeyConfigError("the consent-token signing key must be a private EC P-256 key")
     return ECKey.import_key(key.as_dict(private=True),
                             parameters={"kid": key.thumbprint(), "alg": "ES256", "use": "sig"})
+
+
+def records_client_key_path(settings: PsychnotesSettings) -> Path:
+    """Where psychnotes' own backend-client key lives (careteam.py authenticates with it)."""
+    if settings.records_client_key_file is not None:
+        return Path(settings.records_client_key_file)
+    if settings.is_production:
+        raise KeyConfigError("MINDCHART_PSYCHNOTES_RECORDS_CLIENT_KEY_FILE is required in production")
+    return dev_key_dir(settings) / DEV_RECORDS_CLIENT_KEY_NAME
+
+
+def load_records_client_key(settings: PsychnotesSettings, *, create: bool = True) -> ECKey:
+    """psychnotes' SMART Backend Services key (ES384, P-384; kid = RFC 7638 thumbprint), which
+    signs its client assertions at the gateway's token endpoint. Development generates one under
+    `<data dir>/keys/`; the stack runner registers its public half with the gateway."""
+    path = records_client_key_path(settings)
+    if not path.exists() and settings.records_client_key_file is None and create:
+        private = ec.generate_private_key(ec.SECP384R1())
+        write_secret_file(path, private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+    try:
+        key = ECKey.import_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise KeyConfigError(f"cannot read the records client key {path}: {type(exc).__name__}") from None
+    if key.curve_name != "P-384" or not key.is_private:
+        raise KeyConfigError("the records client key must be a private EC P-384 key (ES384)")
+    return ECKey.import_key(key.as_dict(private=True),
+                            parameters={"kid": key.thumbprint(), "alg": "ES384", "use": "sig"})

@@ -38,6 +38,16 @@ def _require_practitioner(ctx: service.Context, interaction: str) -> str:
     return author
 
 
+async def _require_care_team(ctx: service.Context, patient: str, author: str, action: str) -> None:
+    """Only a member of the patient's active CareTeam in records writes their psychotherapy notes
+    (careteam.py); having written one before proves nothing."""
+    if not await ctx.care_teams.is_member(patient, author):
+        await service.record_decision(ctx, permit=False, action=action, patient=patient,
+                                      reason="the author is not on the patient's care team")
+        raise errors.Forbidden("Only a member of the patient's active care team (CareTeam in "
+                               "records) writes psychotherapy notes for them")
+
+
 def _note_document(ctx: service.Context, note_id: str, version: int, resource: dict[str, Any],
                    *, patient: str, author: str, moment: datetime) -> dict[str, Any]:
     labelled = labels.label({**resource, "id": note_id})
@@ -70,6 +80,7 @@ async def create_note(ctx: service.Context, body: Any) -> Response:
     author = _require_practitioner(ctx, "create")
     resource = validation.validate_resource(body, "DocumentReference")
     patient = notes.check_psychotherapy_note(resource)
+    await _require_care_team(ctx, patient, author, "create")
     note_id, moment = str(uuid.uuid4()), store.now()
     doc = _note_document(ctx, note_id, 1, resource, patient=patient, author=author, moment=moment)
     await store.insert_note(ctx.db, doc)
@@ -139,6 +150,7 @@ async def update_note(ctx: service.Context, note_id: str, body: Any, if_match: i
     if patient != current["patient"]:
         raise errors.Unprocessable("A note cannot be moved to another patient",
                                    expression=["DocumentReference.subject"])
+    await _require_care_team(ctx, patient, author, "update")
     if if_match is not None and if_match != current["vid"]:
         raise errors.PreconditionFailed("If-Match does not match the current version")
     version, moment = int(current["vid"]) + 1, store.now()
@@ -157,6 +169,7 @@ async def delete_note(ctx: service.Context, note_id: str) -> Response:
     author = _require_practitioner(ctx, "delete")
     current = await _own_note(ctx, note_id, author, "delete")
     _check_unlocked(current, note_id, "deleted")
+    await _require_care_team(ctx, current["patient"], author, "delete")
     version, moment = int(current["vid"]) + 1, store.now()
     stub = {**current["resource"], "meta": {**current["resource"]["meta"],
                                             "versionId": str(version),
@@ -174,6 +187,11 @@ async def delete_note(ctx: service.Context, note_id: str) -> Response:
 
 async def gate(ctx: service.Context, presented: list[str], action: str) -> consent_token.ConsentToken:
     """The verified, in-force consent token of this request, or an audited refusal."""
+    if policy.is_patient_context(ctx.token):
+        await service.record_decision(ctx, permit=False, action=action,
+                                      reason="a patient-context token never reads psychotherapy notes")
+        raise errors.Forbidden("Psychotherapy notes are outside the right of access (45 CFR "
+                               "164.524(a)(1)(i)): a patient-context token never reads them")
     if not policy.may_read_notes(ctx.token):
         await service.record_decision(ctx, permit=False, action=action,
                                       reason="the access token's scopes do not permit reading notes")

@@ -78,12 +78,102 @@ def caller_user(token: AccessToken) -> str | None:
     return token.fhir_user_ref
 
 
+def caller_key(token: AccessToken) -> str:
+    """Who the caller is, as a Consent names parties: the user's fhirUser, else `client:<id>`."""
+    return caller_user(token) or f"client:{token.client_id}"
+
+
+def is_patient_context(token: AccessToken) -> bool:
+    """A token acting for a patient: `patient/` scopes, a `patient` launch context, or a patient
+    user. 45 CFR 164.524(a)(1)(i): the individual's right of access excludes psychotherapy notes,
+    so such a token never reads them, whatever a Consent says."""
+    user = caller_user(token) or ""
+    return bool(token.patient) or "patient" in token.scope.contexts() or user.startswith("Patient/")
+
+
+def is_backend(token: AccessToken) -> bool:
+    """A SMART Backend Services token: no user, no patient, system/ scopes only."""
+    return (caller_user(token) is None and not token.patient
+            and token.scope.contexts() == {"system"})
+
+
 def is_recipient(auth: Authorization, token: AccessToken) -> bool:
+    """Whether this authorization names the caller as recipient (45 CFR 164.508(c)(1)(iii): "the
+    name or other specific identification of the person(s) ... to whom the covered entity may
+    make the requested use or disclosure").
+
+    - a person is matched by the token's `fhirUser`, never by the app they use;
+    - a client id (`client:<id>`) is matched only by that client's own backend tokens: a user
+      signed in to that app is not the app, so naming an app never opens notes to its users;
+    - a patient-context token is never a recipient (164.524(a)(1)(i));
+    - whoever recorded the authorization never receives under it (the two-person rule: an
+      authorization must be verified by someone other than the one it benefits).
+    """
+    if is_patient_context(token) or auth.recorded_by == caller_key(token):
+        return False
     user = caller_user(token)
-    return (user is not None and user in auth.recipients) or f"client:{token.client_id}" in auth.recipients
+    if user is not None:
+        return user in auth.recipients
+    return is_backend(token) and f"client:{token.client_id}" in auth.recipients
+
+
+def consent_reader(auth: Authorization, token: AccessToken) -> str | None:
+    """Who may read a Consent, as the role they read it in; None for anyone else (404). The
+    authorization names what the patient wants kept private (164.508(c)(1)(i)), so it is shown
+    to its patient, its recorder, its attester, the recipients it names (is_recipient) and the
+    compliance role, and to no one else: not to other clinicians, not to other users of an app
+    it names."""
+    if is_own_patient(auth.patient, token):
+        return "patient"
+    key = caller_key(token)
+    if auth.recorded_by == key:
+        return "recorder"
+    if auth.attested_by is not None and auth.attested_by == key:
+        return "attester"
+    if is_recipient(auth, token):
+        return "recipient"
+    if COMPLIANCE_ROLE in token.roles:
+        return "compliance officer"
+    return None
+
+
+def is_own_patient(patient: str, token: AccessToken) -> bool:
+    """The token is the patient's own (their launch context or their fhirUser)."""
+    return (bool(token.patient) and f"Patient/{token.patient}" == patient) or (
+        caller_user(token) == patient)
+
+
+def may_revoke(auth: Authorization, token: AccessToken) -> str | None:
+    """45 CFR 164.508(b)(5): the individual may revoke an authorization at any time (in writing);
+    the recorder (who entered it, and enters the written revocation) and the compliance role
+    may record the revocation too. Returns the role, else None."""
+    role = consent_reader(auth, token)
+    return role if role in ("patient", "recorder", "attester", "compliance officer") else None
+
+
+def check_attestation(auth: Authorization, token: AccessToken, now: datetime) -> None:
+    """The two-person check on an authorization recorded by anyone but the patient: a second
+    person with the compliance role verifies it (45 CFR 164.508(b)(2): a covered entity may not
+    rely on a defective authorization, e.g. one "known by the covered entity to be false", so it
+    must be checked by someone other than the person it lets read). The recorder never attests
+    their own; a named recipient never attests one naming them."""
+    if COMPLIANCE_ROLE not in token.roles:
+        raise Refusal("Attesting an authorization needs the compliance role")
+    if auth.recorded_by == caller_key(token):
+        raise Refusal("The person who recorded an authorization cannot attest it")
+    user = caller_user(token)
+    if (user is not None and user in auth.recipients) or f"client:{token.client_id}" in auth.recipients:
+        raise Refusal("A recipient named in an authorization cannot attest it")
+    if auth.status != "proposed":
+        raise Refusal(f"Only a proposed authorization is attested; this one is {auth.status}")
+    if now >= auth.end:
+        raise Refusal("The authorization has expired")
 
 
 def may_read_notes(token: AccessToken) -> bool:
+    """Scopes that permit reading notes, and never a patient-context token (164.524(a)(1)(i))."""
+    if is_patient_context(token):
+        return False
     return token.scope.allows("DocumentReference", "read") or token.scope.allows(
         "DocumentReference", "search-type")
 

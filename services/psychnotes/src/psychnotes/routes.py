@@ -8,10 +8,11 @@ A missing consent token is 403 (the caller is known but not authorized); a prese
 is forged, expired or not ours is 401 with `WWW-Authenticate: Consent-Token`. Only the exact
 `Consent-Token` header counts: look-alikes (`X-Consent-Token`, query parameters) are ignored.
 
-Authorizations: `POST Consent` records one, `GET Consent?patient=` lists a patient's for the
-patient or a treating practitioner, `GET Consent/{id}` shows it to the patient, the
-treating practitioner and the named recipients, `POST Consent/{id}/$revoke` revokes it (status
-inactive, effective at once). A Consent is never edited (PUT/PATCH/DELETE: 405).
+Authorizations: `POST Consent` records one (the patient, or a care-team member: then it stays
+`proposed`), `POST Consent/{id}/$attest` (a second person, compliance role) puts a proposed one in
+force, `GET Consent?patient=` and `GET Consent/{id}` show one to its patient, recorder, attester,
+named recipients and the compliance role (policy.consent_reader), `POST Consent/{id}/$revoke`
+revokes it (status inactive, effective at once). A Consent is never edited (PUT/PATCH/DELETE: 405).
 Tokens: `POST Consent/{id}/$consent-token`, `POST $consent-token` (164.508(a)(2) exceptions);
 `POST $revoke-consent-token` (Parameters `jti` or `token`) ends an exception grant at once, for
 its grantee or the compliance role (service.revoke_exception).
@@ -46,7 +47,8 @@ async def context(request: Request) -> service.Context:
     return service.Context(db=state.db, audit_log=state.audit_log, keyring=state.keyring,
                            signing_key=state.signing_key,
                            settings=state.settings, token=token,
-                           request_id=asgi.request_id_of(request.scope))
+                           request_id=asgi.request_id_of(request.scope),
+                           care_teams=state.care_teams)
 
 
 ContextDep = Annotated[service.Context, Depends(context)]
@@ -142,6 +144,11 @@ async def read_consent(consent_id: str, ctx: ContextDep) -> Response:
 @router.post("/Consent/{consent_id}/$revoke")
 async def revoke_consent(consent_id: str, ctx: ContextDep) -> Response:
     return await consents.revoke_consent(ctx, consent_id)
+
+
+@router.post("/Consent/{consent_id}/$attest")
+async def attest_consent(consent_id: str, ctx: ContextDep) -> Response:
+    return await consents.attest_consent(ctx, consent_id)
 
 
 @router.api_route("/Consent/{consent_id}", methods=["PUT", "PATCH", "DELETE"])

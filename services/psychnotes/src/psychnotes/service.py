@@ -23,7 +23,7 @@ from joserfc.jwk import ECKey
 
 from mindchart_core import audit, metrics
 from mindchart_core.tokens import AccessToken
-from psychnotes import consent_token, store
+from psychnotes import careteam, consent_token, store
 from psychnotes.audit_log import AuditLog
 from psychnotes.keys import Keyring
 from psychnotes.settings import PsychnotesSettings
@@ -43,6 +43,7 @@ class Context:
     settings: PsychnotesSettings
     token: AccessToken
     request_id: str
+    care_teams: careteam.CareTeams
 
     @property
     def base(self) -> str:

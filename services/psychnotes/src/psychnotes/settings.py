@@ -3,8 +3,10 @@
 Key material (keys.py): `KEK_FILE` holds the key-encryption key (base64 of 32 bytes, one line),
 `PREVIOUS_KEK_FILES` (comma-separated paths) the retired ones still needed to unwrap data keys
 until `mindchart psychnotes rotate-key` has re-wrapped them, `SIGNING_KEY_FILE` the PEM private
-key (EC P-256) that signs consent tokens. Production refuses to start without the first and last;
-development generates them under `<MINDCHART_DATA_DIR>/keys/` (mode 0600) on first start.
+key (EC P-256) that signs consent tokens, `RECORDS_CLIENT_KEY_FILE` the EC P-384 key psychnotes
+authenticates with as the backend client `RECORDS_CLIENT_ID` to ask records who is on a patient's
+care team (careteam.py). Production refuses to start without them; development generates them
+under `<MINDCHART_DATA_DIR>/keys/` (mode 0600) on first start.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class PsychnotesSettings(ServiceSettings):
     consent_token_minutes: int = 10  # DESIGN.md "Consent token": exp in minutes
     exception_token_minutes: int = 10
     min_justification_chars: int = 20
+    # Care teams (careteam.py): records through the gateway, with psychnotes' own credentials.
+    token_url: str = "http://127.0.0.1:8000/oauth/token"
+    records_base_url: str = "http://127.0.0.1:8000/fhir"
+    records_client_id: str = "mindchart-psychnotes"
+    records_client_key_file: Path | None = None
+    care_team_cache_seconds: float = 30.0
 
     @property
     def base_url(self) -> str:
@@ -44,6 +52,8 @@ class PsychnotesSettings(ServiceSettings):
                             "after a redeploy)")
         if self.signing_key_file is None:
             problems.append("MINDCHART_PSYCHNOTES_SIGNING_KEY_FILE is not set")
+        if self.records_client_key_file is None:
+            problems.append("MINDCHART_PSYCHNOTES_RECORDS_CLIENT_KEY_FILE is not set")
         return problems
 
     def previous_kek_paths(self) -> list[Path]:

@@ -166,6 +166,24 @@ RESOURCES: dict[str, ResourceDef] = {
             profiles=(f"{US_CORE}/us-core-provenance",),
             compartment_from_targets=("target",),
         ),
+        # Who treats whom: psychnotes lets only a member of a patient's active care team write
+        # their psychotherapy notes (asked over HTTP through the gateway). R4 CareTeam search
+        # parameters patient, subject, participant, status, category, date; Patient compartment
+        # `patient | participant` (R4 compartmentdefinition-patient).
+        ResourceDef(
+            "CareTeam",
+            (
+                _p("patient", "reference", "subject", target="Patient", base="clinical-patient"),
+                _p("subject", "reference", "subject", target="Patient", base="CareTeam-subject"),
+                _p("participant", "reference", "participant.member", target="Practitioner",
+                   base="CareTeam-participant"),
+                _p("status", "token", "status", base="CareTeam-status"),
+                _p("category", "token", "category", base="CareTeam-category"),
+                _p("date", "date", "period", base="clinical-date"),
+            ),
+            patient_compartment=("subject", "participant.member"),
+            profiles=(f"{US_CORE}/us-core-careteam",),
+        ),
         # Insurer member lists for Bulk Data group export. A Group is in the Patient compartment
         # of each member (R4 compartmentdefinition-patient: `member`).
         ResourceDef(
