@@ -38,6 +38,7 @@ def settings_for(live: RunningStack, db_name: str, data_dir: Path, **changes: An
         "mongo_url": live.config.mongo_url("psychnotes"), "db_name": db_name, "data_dir": data_dir,
         "public_base_url": live.psychnotes, "issuer": live.gateway_url,
         "jwks_url": f"{live.gateway_url}/oauth/jwks",
+        "revocations_url": f"{live.gateway_url}/oauth/revocations",
         # the stack's own psychnotes client (registered at the gateway) asks for care teams
         "token_url": f"{live.gateway_url}/oauth/token", "records_base_url": live.fhir,
         "records_client_key_file": live.config.data_dir / "keys" / "psychnotes-records-client.pem"}

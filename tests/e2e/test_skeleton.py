@@ -15,6 +15,7 @@ from joserfc import jwt
 
 from tests.actors import BackendClient, mint_token, register_backend, run_cli, sensitive
 from tests.conftest import RunningStack
+from tests.e2e.test_psychnotes import care_team
 
 NOTE_TEXT = sensitive("S: sleeping poorly. O: PHQ-9 14. A: moderate depression. P: weekly CBT.")
 
@@ -242,6 +243,7 @@ def test_psychotherapy_note_is_labelled_by_the_server(live: RunningStack, tmp_pa
     token = mint_token(live, audience=live.psychnotes, sub="therapist", client_id="app",
                        scope="user/DocumentReference.c", fhirUser=f"{live.fhir}/Practitioner/p1")
     note = progress_note("p9", meta={"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "N"}]})
+    care_team(live, "p9", "Practitioner/p1")  # only the patient's care team writes their notes
     response = httpx.post(f"{live.psychnotes}/DocumentReference", json=note,
                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"})
     assert response.status_code == 201, response.text

@@ -359,10 +359,19 @@ def introspect(live: RunningStack, token: str, auth_token: str) -> httpx.Respons
                       headers={"Authorization": f"Bearer {auth_token}"})
 
 
-def test_introspection(live: RunningStack, world: World, writer: BackendClient) -> None:
+def resource_server_token(live: RunningStack, tmp_path: Any) -> str:
+    """A backend registered with the resource-server role: RFC 7662 §4, it may introspect any
+    token (every other caller only its own client's)."""
+    server = BackendClient(f"rs-{uuid.uuid4().hex[:6]}", live.gateway_url)
+    register_backend(live.cli_env, server, "system/Patient.rs", tmp=tmp_path,
+                     roles=("resource-server",))
+    return server.token("system/Patient.rs")
+
+
+def test_introspection(live: RunningStack, world: World, writer: BackendClient, tmp_path: Any) -> None:
     body = world.login(world.clinician, "launch/patient openid fhirUser patient/*.rs online_access",
                        patient=world.patient_id)
-    resource_server = writer.token("system/Patient.rs")
+    resource_server = resource_server_token(live, tmp_path)
     active = introspect(live, body["access_token"], resource_server)
     assert active.status_code == 200 and active.headers["cache-control"] == "no-store"
     info = active.json()
@@ -371,17 +380,21 @@ def test_introspection(live: RunningStack, world: World, writer: BackendClient) 
     assert info["exp"] > time.time() and info["patient"] == world.patient_id
     assert info["sub"] == world.clinician and info["iss"] == live.gateway_url
     assert info["fhirUser"] == f"{live.fhir}/Practitioner/{world.practitioner_id}"
-    # Client authentication works as well as a bearer token.
+    # Client authentication works as well as a bearer token, but another client learns nothing
+    # about this app's tokens (RFC 7662 §2.2: not allowed to introspect = not active).
     by_secret = httpx.post(f"{live.gateway_url}/oauth/introspect", data={"token": body["refresh_token"]},
                            auth=(world.secret_app, world.secret))
-    assert by_secret.json()["active"] is True and by_secret.json()["client_id"] == world.app
+    assert by_secret.status_code == 200 and by_secret.json() == {"active": False}
+    assert introspect(live, body["refresh_token"], resource_server).json()["active"] is True
+    assert introspect(live, body["access_token"], writer.token("system/Patient.rs")).json() == {
+        "active": False}  # a backend without the resource-server role
     for junk in ("", "not-a-token", body["access_token"][:-4] + "AAAA", body["id_token"]):
         assert introspect(live, junk, resource_server).json() == {"active": False}
     unauthenticated = httpx.post(f"{live.gateway_url}/oauth/introspect", data={"token": body["access_token"]})
     assert unauthenticated.status_code == 401
 
 
-def test_revocation(live: RunningStack, world: World, writer: BackendClient) -> None:
+def test_revocation(live: RunningStack, world: World, writer: BackendClient, tmp_path: Any) -> None:
     body = world.login(world.patient_user, "offline_access patient/*.rs")
     url = f"{live.fhir}/Patient/{world.patient_id}"
     assert fhir_get(url, body["access_token"]).status_code == 200
@@ -389,7 +402,7 @@ def test_revocation(live: RunningStack, world: World, writer: BackendClient) -> 
                          data={"token": body["access_token"], "client_id": world.app})
     assert revoked.status_code == 200
     assert fhir_get(url, body["access_token"]).status_code == 401
-    rs = writer.token("system/Patient.rs")
+    rs = resource_server_token(live, tmp_path)
     assert introspect(live, body["access_token"], rs).json() == {"active": False}
     # Revoked refresh token: refused at the token endpoint.
     assert httpx.post(f"{live.gateway_url}/oauth/revoke", data={

@@ -154,10 +154,11 @@ class StackConfig:
                 f"{prefix}PUBLIC_BASE_URL": base,
                 f"{prefix}ISSUER": gw,
                 f"{prefix}JWKS_URL": f"{self.gateway_url}/oauth/jwks",
+                f"{prefix}REVOCATIONS_URL": f"{self.gateway_url}/oauth/revocations",
             })
         if name == "psychnotes":  # it asks records (through the gateway) who treats whom
-            env.update({f"{prefix}TOKEN_URL": f"{gw}/oauth/token",
-                        f"{prefix}RECORDS_BASE_URL": f"{gw}/fhir"})
+            env.update({f"{prefix}TOKEN_URL": f"{self.gateway_url}/oauth/token",
+                        f"{prefix}RECORDS_BASE_URL": f"{self.gateway_url}/fhir"})
         return env
 
 
@@ -203,6 +204,7 @@ class Stack:
             sys.executable, "-m", "uvicorn", "--factory", f"{name}.app:create_app",
             "--host", self.config.host, "--port", str(self.config.http_ports[name]),
             "--no-access-log", "--log-level", "warning",
+            "--no-proxy-headers",  # the gateway trusts forwarded headers itself (forwarded.py)
         ], self.config.service_env(name))
 
     def start_services(self) -> None:

@@ -6,6 +6,7 @@ equals our own base URL. Keys come from the gateway's JWKS, cached and refreshed
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -98,11 +99,80 @@ class RemoteJwks:
         return self._keyset
 
 
+class RevocationFeed:
+    """The gateway's revoked access tokens, as every backend keeps them (zero trust includes
+    revocation: RFC 7009 §2 says a revoked token must no longer be usable, and a backend that only
+    checks signatures would keep honouring it until it expires).
+
+    Every `refresh_seconds` (the gateway's `revocation_refresh_seconds`) the feed asks the
+    gateway's `GET /oauth/revocations?since=<stamp>` for what was revoked since the newest stamp
+    it has seen (with the gateway's few seconds of overlap), so a revoked token is refused by a
+    backend within one interval of the gateway learning of it. The feed knows token ids and grant
+    ids only (`jti:<jti>`, `family:<sid>`), never tokens. Fail closed: if it has not refreshed
+    for `stale_after` seconds, `check` answers 503 rather than accept a token it cannot vouch for.
+    """
+
+    def __init__(self, url: str, *, refresh_seconds: float = 1.0) -> None:
+        self.url = url
+        self.refresh_seconds = refresh_seconds
+        self.stale_after = max(10 * refresh_seconds, 30.0)
+        self._expires: dict[str, int] = {}
+        self._since: str | None = None
+        self._fresh_at = float("-inf")
+
+    async def refresh(self, http: httpx.AsyncClient) -> None:
+        started = time.monotonic()
+        response = await http.get(self.url, params={"since": self._since} if self._since else None)
+        response.raise_for_status()
+        body = response.json()
+        now = int(time.time())
+        for entry in body["revoked"]:
+            self._expires[str(entry["id"])] = int(entry["expires"])
+        self._expires = {k: v for k, v in self._expires.items() if v > now}
+        self._since = body.get("newest") or self._since
+        self._fresh_at = started
+
+    async def start(self, *, wait: float = 15.0) -> asyncio.Task[None]:
+        """First refresh (retried for up to `wait` seconds, so a service is not ready before it
+        knows the revocations: the gateway may still be starting), then the loop as a task."""
+        deadline = time.monotonic() + wait
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            while True:
+                try:
+                    await self.refresh(http)
+                    break
+                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                    if time.monotonic() > deadline:
+                        log.warning("revocation_feed_not_ready", error_type=type(exc).__name__)
+                        break
+                    await asyncio.sleep(0.2)
+        return asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        """The refresh loop (a lifespan task)."""
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            while True:
+                try:
+                    await self.refresh(http)
+                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("revocation_refresh_failed", error_type=type(exc).__name__)
+                await asyncio.sleep(self.refresh_seconds)
+
+    def check(self, token: AccessToken) -> None:
+        if time.monotonic() - self._fresh_at > self.stale_after:
+            raise errors.Unavailable("Token revocations cannot be checked right now")
+        if f"jti:{token.jti}" in self._expires or (
+                token.session_id is not None and f"family:{token.session_id}" in self._expires):
+            raise errors.Unauthorized("The access token has been revoked")
+
+
 class TokenVerifier:
-    def __init__(self, *, issuer: str, audience: str, keys: KeySource) -> None:
+    def __init__(self, *, issuer: str, audience: str, keys: KeySource,
+                 revocations: RevocationFeed | None = None) -> None:
         self.issuer = issuer.rstrip("/")
         self.audience = audience.rstrip("/")
         self.keys = keys
+        self.revocations = revocations
 
     async def _decode(self, token: str) -> jwt.Token:
         keyset = await self.keys.keyset()
@@ -132,7 +202,10 @@ class TokenVerifier:
                 "The access token is invalid, expired or not for this server") from None
         if decoded.header.get("typ") not in (None, "JWT", "at+jwt"):
             raise errors.Unauthorized("The access token is invalid, expired or not for this server")
-        return claims_to_token(decoded.claims)
+        verified = claims_to_token(decoded.claims)
+        if self.revocations is not None:
+            self.revocations.check(verified)
+        return verified
 
 
 def claims_to_token(claims: dict[str, Any]) -> AccessToken:

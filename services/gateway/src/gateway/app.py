@@ -10,7 +10,19 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from gateway import audit, bodylimit, chain, checkpoints, cors, proxy, ratelimit, revocations, routes, store
+from gateway import (
+    audit,
+    bodylimit,
+    chain,
+    checkpoints,
+    cors,
+    forwarded,
+    proxy,
+    ratelimit,
+    revocations,
+    routes,
+    store,
+)
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_core import service_app, tokens
@@ -76,4 +88,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(cors.CorsMiddleware)
     app.add_middleware(bodylimit.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(audit.AuditMiddleware, observer=settings.issuer)
+    # Outside audit and rate limiting: both see the address forwarded.py vouches for.
+    app.add_middleware(forwarded.ForwardedForMiddleware,
+                       trusted=forwarded.parse_networks(settings.trusted_proxies))
     return service_app.finish(app, "gateway")

@@ -1,9 +1,13 @@
 """Token introspection (RFC 7662 + SMART App Launch 2.2 §token-introspection) and revocation
 (RFC 7009), over the gateway's own access tokens (JWTs) and refresh tokens (opaque).
 
-Introspection is access-controlled: the caller authenticates as a confidential client or presents
-a valid SMART bearer token. Anything invalid, expired, revoked or unknown is `{"active": false}`
-and nothing more.
+Introspection is access-controlled (RFC 7662 §2.1: "the endpoint MUST also require some form of
+authorization ... to prevent token scanning attacks"): the caller authenticates as a confidential
+client or presents a valid SMART bearer token. What it may learn (§4, "the authorization server
+SHOULD ... limit the information returned to the protected resource"): a client registered with
+the `resource-server` role introspects any token; any other caller only the tokens of its own
+client (and with a bearer token, of its own user too). Anything else, and anything invalid,
+expired, revoked or unknown, is `{"active": false}` and nothing more (§2.2).
 """
 
 from __future__ import annotations
@@ -77,19 +81,38 @@ async def introspect(db: store.Db, keys: Keyring, settings: GatewaySettings, tok
     return body
 
 
+RESOURCE_SERVER_ROLE = "resource-server"
+
+
 async def introspection_caller(
     db: store.Db, keys: Keyring, settings: GatewaySettings, form: dict[str, str], authorization: str | None,
-) -> str:
-    """Who asks: a client id, or raises OAuthError(invalid_client, 401)."""
+) -> dict[str, Any]:
+    """Who asks: `client_id`, `subject` (bearer callers), `resource_server`; or raises
+    OAuthError(invalid_client, 401)."""
     if authorization and authorization.lower().startswith("bearer "):
         claims = await access_claims(db, keys, settings, authorization[7:].strip())
         if claims is None:
             raise oauth.OAuthError("invalid_token", "The bearer token is not valid", 401)
-        return str(claims["client_id"])
+        client = await store.get_client(db, str(claims["client_id"]))
+        return {"client_id": str(claims["client_id"]), "subject": str(claims["sub"]),
+                "resource_server": client is not None and str(claims["sub"]) == client["_id"]
+                and RESOURCE_SERVER_ROLE in (client.get("roles") or [])}
     if not oauth.presents_credentials(form, authorization):
         raise oauth.OAuthError("invalid_client", "Authenticate as a client or with a bearer token", 401)
     client = await oauth.authenticate_client(db, settings, form, authorization)
-    return str(client["_id"])
+    return {"client_id": str(client["_id"]), "subject": None,
+            "resource_server": RESOURCE_SERVER_ROLE in (client.get("roles") or [])}
+
+
+def may_see(caller: dict[str, Any], body: dict[str, Any]) -> bool:
+    """RFC 7662 §4: whether this caller may learn about the token described by `body`."""
+    if not body.get("active"):
+        return True
+    if caller["resource_server"]:
+        return True
+    if body.get("client_id") != caller["client_id"]:
+        return False
+    return caller["subject"] is None or body.get("sub") == caller["subject"]
 
 
 async def revoke(db: store.Db, keys: Keyring, settings: GatewaySettings, form: dict[str, str],

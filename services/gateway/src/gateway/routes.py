@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +21,8 @@ from gateway import (
     pages,
     proxy,
     ratelimit,
+    revocations,
+    store,
     subscribers,
 )
 from gateway.settings import GatewaySettings
@@ -129,8 +132,9 @@ async def introspect(request: Request) -> Response:
     db, keys = request.app.state.db, request.app.state.keys
     try:
         form = await _form(request)
-        request.state.oauth_client_id = await introspection.introspection_caller(
+        caller = await introspection.introspection_caller(
             db, keys, settings, form, request.headers.get("authorization"))
+        request.state.oauth_client_id = caller["client_id"]
     except oauth.OAuthError as exc:
         request.state.refusal = exc.error
         response = oauth_error(exc)
@@ -138,6 +142,8 @@ async def introspect(request: Request) -> Response:
             response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
         return response
     body = await introspection.introspect(db, keys, settings, form.get("token", ""))
+    if not introspection.may_see(caller, body):
+        body = dict(introspection.INACTIVE)  # RFC 7662 §2.2: not allowed = not active
     return JSONResponse(body, headers=NO_STORE)
 
 
@@ -233,6 +239,32 @@ async def create_launch(request: Request) -> Response:
 async def smart_style(_: Request) -> Response:
     """What `smart_style_url` points at: JSON, readable from any origin (apps fetch it)."""
     return JSONResponse(grants.SMART_STYLE, headers=CORS)
+
+
+@router.get("/oauth/revocations")
+async def revocations_feed(request: Request) -> Response:
+    """What records and psychnotes poll (mindchart_core.tokens.RevocationFeed) to refuse revoked
+    access tokens themselves: the revocations stamped since `since` (an instant this endpoint
+    gave as `newest`, minus a few seconds of overlap for writes that commit out of order), or
+    every unexpired one. Ids only (`jti:<jti>`, `family:<sid>`) with their expiry: nothing here
+    is usable as a credential, so the feed needs none."""
+    since_text = request.query_params.get("since")
+    since = None
+    if since_text:
+        try:
+            since = datetime.fromisoformat(since_text) - revocations.OVERLAP
+        except ValueError:
+            raise errors.Invalid("since must be an instant this endpoint returned") from None
+        if since.tzinfo is None:
+            raise errors.Invalid("since must carry a time zone")
+    found = await store.revocations_since(request.app.state.db, since)
+    stamps = [d["revoked_at"] for d in found if d.get("revoked_at") is not None]
+    newest = max(stamps).replace(tzinfo=UTC) if stamps else None
+    return JSONResponse({
+        "revoked": [{"id": d["_id"], "expires": int(d["expires"].replace(tzinfo=UTC).timestamp())}
+                    for d in found],
+        "newest": newest.isoformat() if newest else since_text,
+    }, headers=NO_STORE)
 
 
 @router.get("/oauth/jwks")

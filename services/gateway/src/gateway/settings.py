@@ -49,6 +49,9 @@ class GatewaySettings(ServiceSettings):
     # records' calls to /internal/subscriber, where it learns a subscriber's current grant.
     # Development: generated under <data dir>/keys/ when unset; production: unset = no Subscriptions.
     internal_secret: str = ""
+    # Proxies whose X-Forwarded-For is believed (comma-separated addresses or CIDR blocks);
+    # empty: the TCP peer is the client (forwarded.py).
+    trusted_proxies: str = ""
 
     @property
     def issuer(self) -> str:
@@ -71,6 +74,7 @@ class GatewaySettings(ServiceSettings):
         if self.signing_key_file is None:
             problems.append("MINDCHART_GATEWAY_SIGNING_KEY_FILE is not set (a key generated at start-up "
                             "is a development convenience)")
+
         return problems
 
     def internal_secret_value(self) -> str:

@@ -30,10 +30,14 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
         app.state.audit_log = audit_log.AuditLog(app.state.db)
+        revocation_task = await revocations.start()  # backends refuse revoked tokens too
         yield
+        revocation_task.cancel()
         await care_teams.close()
         await client.close()
 
+    revocations = tokens.RevocationFeed(settings.revocations_url,
+                                        refresh_seconds=settings.revocation_refresh_seconds)
     app = service_app.create("psychnotes", "Mindchart psychnotes", settings, lifespan)
     app.state.keyring = keyring
     app.state.signing_key = signing_key
@@ -41,6 +45,7 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     app.state.verifier = tokens.TokenVerifier(
         issuer=settings.issuer, audience=settings.public_base_url,
         keys=tokens.RemoteJwks(settings.jwks_url),
+        revocations=revocations,
     )
 
     app.include_router(routes.router)

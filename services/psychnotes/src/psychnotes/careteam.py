@@ -52,7 +52,8 @@ class CareTeams:
         """SMART Backend Services §authentication JWT: iss = sub = client id, aud = token URL."""
         now = int(time.time())
         claims = {"iss": self.settings.records_client_id, "sub": self.settings.records_client_id,
-                  "aud": self.settings.token_url, "iat": now, "exp": now + 120,
+                  "aud": f"{self.settings.issuer.rstrip('/')}/oauth/token",  # the issuer's token URL
+                  "iat": now, "exp": now + 120,
                   "jti": uuid.uuid4().hex}
         return jwt.encode({"alg": "ES384", "kid": self.key.kid, "typ": "JWT"}, claims, self.key,
                           algorithms=["ES384"])
@@ -62,7 +63,7 @@ class CareTeams:
             return self._token[0]
         response = await self._http.post(self.settings.token_url, data={
             "grant_type": "client_credentials", "scope": SCOPE,
-            "aud": self.settings.records_base_url.rstrip("/"),
+            "aud": f"{self.settings.issuer.rstrip('/')}/fhir",  # records' public base
             "client_assertion_type": JWT_BEARER, "client_assertion": self._assertion()})
         if response.status_code != 200:
             raise httpx.HTTPError(f"token endpoint answered {response.status_code}")

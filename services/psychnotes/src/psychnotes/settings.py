@@ -28,6 +28,9 @@ class PsychnotesSettings(ServiceSettings):
     public_base_url: str = "http://127.0.0.1:8000/psychnotes/fhir"
     issuer: str = "http://127.0.0.1:8000"
     jwks_url: str = "http://127.0.0.1:8000/oauth/jwks"
+    # The gateway's revocations (mindchart_core.tokens.RevocationFeed), polled this often.
+    revocations_url: str = "http://127.0.0.1:8000/oauth/revocations"
+    revocation_refresh_seconds: float = 1.0
     kek_file: Path | None = None
     previous_kek_files: str = ""  # comma-separated; retired KEKs kept until re-wrapped
     signing_key_file: Path | None = None

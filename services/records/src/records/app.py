@@ -22,19 +22,24 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
+        revocation_task = await revocations.start()  # backends refuse revoked tokens too
         await export.start(app)
         await cdex.start(app)
         await subscriptions.start(app)
         yield
+        revocation_task.cancel()
         await subscriptions.stop(app)
         await cdex.stop(app)
         await export.stop(app)
         await client.close()
 
+    revocations = tokens.RevocationFeed(settings.revocations_url,
+                                        refresh_seconds=settings.revocation_refresh_seconds)
     app = service_app.create("records", "Mindchart records", settings, lifespan)
     app.state.verifier = tokens.TokenVerifier(
         issuer=settings.issuer, audience=settings.public_base_url,
         keys=tokens.RemoteJwks(settings.jwks_url),
+        revocations=revocations,
     )
 
     export.install(app)  # before routes.router: its /{type}/{id} would match $export URLs

@@ -88,6 +88,21 @@ class AccessPolicy:
             return {}
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
+    def confined_patient(self, definition: ResourceDef, interaction: str) -> str | None:
+        """The patient this caller's `interaction` is confined to, when every scope granting it
+        is confined to that one patient (patient/ scopes, a patient user); else None.
+
+        A write by such a caller must fall entirely inside that patient's compartment: the
+        resource's own compartment is that patient alone, and every reference it carries points
+        inside it (store._inside_compartment). 45 CFR 164.524 gives a patient access to their own
+        designated record set, not the power to file into another's."""
+        confinements = {self._compartment_of_caller(s)
+                        for s in self.token.scope.matching(definition.type, interaction)}
+        if len(confinements) == 1:
+            only = confinements.pop()
+            return only if isinstance(only, str) else None
+        return None
+
     def filter_for(self, definition: ResourceDef, interaction: str) -> dict[str, Any]:
         """The filter this caller's data access is confined to, or 403 if no scope covers it."""
         matching = self.token.scope.matching(definition.type, interaction)

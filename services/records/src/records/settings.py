@@ -19,6 +19,9 @@ class RecordsSettings(ServiceSettings):
     public_base_url: str = "http://127.0.0.1:8000/fhir"
     issuer: str = "http://127.0.0.1:8000"
     jwks_url: str = "http://127.0.0.1:8000/oauth/jwks"
+    # The gateway's revocations (mindchart_core.tokens.RevocationFeed), polled this often.
+    revocations_url: str = "http://127.0.0.1:8000/oauth/revocations"
+    revocation_refresh_seconds: float = 1.0
     # records' own document-signing key (PEM, EC P-256) for signed notes (records/lifecycle);
     # development: generated under the data dir. Retired keys stay published for verification.
     signing_key_file: Path | None = None

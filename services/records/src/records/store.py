@@ -607,13 +607,18 @@ class ResourceStore:
     ) -> tuple[StoredResource, bool]:
         """Update, or create with the client's id (update-as-create). Returns (stored, created).
         `transition` names a lifecycle step (records/lifecycle) that may change a locked note;
-        plain writes leave it None and meet the lock (lifecycle/rules.py)."""
+        plain writes leave it None and meet the lock (lifecycle/rules.py).
+
+        A patient-confined caller never creates by PUT: a free id and another patient's id both
+        answer 404, so ids cannot be probed for existence nor squatted (R4 http.html#upsert
+        leaves update-as-create to the server)."""
         scope = self.policy.filter_for(definition, "update")
         collection = self.db[definition.type]
         current = await collection.find_one({"_id": resource_id}, {"vid": 1}, session=session)
-        if current is not None and scope and await self._find_one(
-            definition, _and({"_id": resource_id}, scope), session=session
-        ) is None:
+        confined = self.policy.confined_patient(definition, "update")
+        if (current is None and confined is not None) or (
+                current is not None and scope and await self._find_one(
+                    definition, _and({"_id": resource_id}, scope), session=session) is None):
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
         if if_match is not None and (current is None or int(current["vid"]) != if_match):
             raise errors.PreconditionFailed("If-Match does not match the current version")
@@ -693,6 +698,30 @@ class ResourceStore:
                 targets[target_id] = orjson.loads(bytes(raw)) if raw is not None else None
             lifecycle_rules.check_relations(body, targets)
 
+    async def _inside_compartment(self, definition: ResourceDef, body: dict[str, Any],
+                                  compartment: list[str], patient: str, session: Session) -> None:
+        """A patient-confined write stays inside `patient`'s compartment (policy.confined_patient):
+        the resource belongs to that patient alone (a Group naming another member, a Provenance
+        targeting another's resource are refused), and each reference it holds is to this
+        patient or to a resource in their compartment. A reference to another's resource and to
+        one that does not exist get the same answer."""
+        refused = errors.Forbidden(f"The granted scopes do not permit writing this {definition.type}")
+        if definition.patient_compartment and compartment != [patient]:
+            raise refused
+        for ref in _references(body, self.policy.base_url):
+            kind, _, ident = ref.partition("/")
+            target = RESOURCES.get(kind)
+            if target is None or not target.patient_compartment:
+                continue  # Practitioner, Organization...: not patient data
+            if kind == "Patient":
+                if ident != patient:
+                    raise refused
+                continue
+            found = await self.db[kind].find_one({"_id": ident, "c": patient}, {"_id": 1},
+                                                 session=session)
+            if found is None:
+                raise refused
+
     async def _write(
         self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],
         *, expected: int | None, create: bool, session: Session, transition: str | None = None,
@@ -703,6 +732,9 @@ class ResourceStore:
         moment = now()
         body = {**resource, "id": resource_id}
         compartment = await self._compartment(definition, body, session)
+        confined = self.policy.confined_patient(definition, interaction)
+        if confined is not None:
+            await self._inside_compartment(definition, body, compartment, confined, session)
         try:
             stored = stored_document(definition, body, self.policy.base_url, moment, version,
                                      compartment=compartment)
@@ -754,6 +786,22 @@ class ResourceStore:
             await self.atomically(run)
         return StoredResource(definition.type, resource_id, version, moment, raw, sp,
                               "POST" if expected is None else "PUT"), create
+
+
+def _references(node: Any, base_url: str) -> list[str]:
+    """Every `Reference.reference` in a resource (contained resources included), relative
+    (`Type/id`); local (`#x`) and `urn:` references are left out."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and not ref.startswith(("#", "urn:")):
+            found.append(extract.relative_reference(ref, base_url))
+        for value in node.values():
+            found.extend(_references(value, base_url))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_references(item, base_url))
+    return found
 
 
 __all__ = ["CONFLICT_RETRY_SECONDS", "HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES",
