@@ -75,7 +75,7 @@ write records-signing-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_p
 write records-cdex-client-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-384
 # psychnotes' backend-client key (ES384, P-384): it asks records for care teams through the
 # gateway; register its public half as client mindchart-psychnotes (README, the mindchart CLI).
-write psychnotes-records-client.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-384
+write psychnotes-careteam-client.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-384
 # Key-encryption key for psychotherapy-note bodies: 32 random bytes, base64 text on one line.
 write psychnotes-kek openssl rand -base64 32
 

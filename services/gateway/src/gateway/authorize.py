@@ -1,6 +1,16 @@
 """The authorization endpoint: SMART App Launch 2.2 §authorization-code (standalone and EHR launch).
 
-Steps, each a plain form post carrying the flow's unguessable session id:
+Steps, each a plain form post. The flow's session is bound to the browser that started it: its id
+travels only in an HttpOnly, SameSite=Strict cookie (`COOKIE`, path /oauth/authorize), and every
+form carries a CSRF token of that session (hidden field `session`), compared in constant time.
+A step without the cookie, or whose token is not the session's, is refused ("sign-in expired").
+Signing in rotates both (a new session id and a new token): whatever id or token anyone saw
+before the sign-in is dead after it. This closes session fixation (OWASP Session Management
+Cheat Sheet: "renew the session ID after any privilege level change", and bind it to a cookie
+with HttpOnly and SameSite): an attacker who starts a flow cannot make a victim sign in to it,
+nor approve a victim's from their own browser.
+
+Steps:
   1. `GET|POST /oauth/authorize` checks the request. An unknown client or an unregistered
      `redirect_uri` gets an error page and is never redirected to (RFC 6749 §4.1.2.1); every other
      problem is redirected to the registered URI with `error` and `state`.
@@ -47,6 +57,21 @@ def _redirect(uri: str, **params: str | None) -> RedirectResponse:
     query = urlencode({k: v for k, v in params.items() if v is not None})
     return RedirectResponse(f"{uri}{'&' if '?' in uri else '?'}{query}", status_code=303,
                             headers=pages.PAGE_HEADERS)
+
+
+COOKIE = "mindchart_authorize"
+
+
+def _with_cookie(request: Request, response: Response, session_id: str | None) -> Response:
+    """Bind (or with None, unbind) the flow's session to this browser."""
+    secure = _settings(request).issuer.startswith("https://")
+    if session_id is None:
+        response.delete_cookie(COOKIE, path="/oauth/authorize", secure=secure, httponly=True,
+                               samesite="strict")
+    else:
+        response.set_cookie(COOKIE, session_id, max_age=_settings(request).authorization_session_seconds,
+                            path="/oauth/authorize", secure=secure, httponly=True, samesite="strict")
+    return response
 
 
 def _settings(request: Request) -> GatewaySettings:
@@ -101,13 +126,15 @@ async def start(request: Request, params: dict[str, str]) -> Response:
         return refuse("invalid_scope", "None of the requested scopes is allowed for this app")
     now = datetime.now(UTC)
     session = {
-        "_id": secrets.token_urlsafe(32), "client_id": client["_id"], "redirect_uri": redirect_uri,
+        "_id": secrets.token_urlsafe(32), "csrf": secrets.token_urlsafe(32),
+        "client_id": client["_id"], "redirect_uri": redirect_uri,
         "state": state, "audience": audience, "code_challenge": challenge, "scope": str(granted),
         "nonce": params.get("nonce"), "launch": launch_context, "created": now,
         "expires": now + timedelta(seconds=settings.authorization_session_seconds),
     }
     await store.put_session(db, session)
-    return pages.sign_in(session["_id"], client_label(client), action=LOGIN)
+    return _with_cookie(request, pages.sign_in(session["csrf"], client_label(client), action=LOGIN),
+                        session["_id"])
 
 
 def client_label(client: dict[str, Any]) -> str:
@@ -122,12 +149,17 @@ def audience_name(settings: GatewaySettings, aud: str) -> str | None:
 
 
 async def _session(request: Request, form: dict[str, str]) -> dict[str, Any] | None:
-    session_id = form.get("session", "")
-    if not session_id:
+    """This browser's flow (cookie) if the form's CSRF token is that flow's; else None."""
+    session_id = request.cookies.get(COOKIE, "")
+    token = form.get("session", "")
+    if not session_id or not token:
+        request.state.refusal = "authorization step without the flow's cookie or CSRF token"
         return None
     session = await store.get_session(request.app.state.db, session_id)
-    if session is not None:
-        request.state.oauth_client_id = session["client_id"]
+    if session is None or not secrets.compare_digest(str(session.get("csrf", "")), token):
+        request.state.refusal = "authorization step with a foreign or stale session"
+        return None
+    request.state.oauth_client_id = session["client_id"]
     return session
 
 
@@ -150,7 +182,7 @@ async def login(request: Request, form: dict[str, str]) -> Response:
     if locked:
         wait = int((user["locked_until"] - datetime.now(UTC)).total_seconds()) + 1  # type: ignore[index]
         request.state.refusal = "account locked after repeated failed sign-ins"
-        return pages.sign_in(session["_id"], client_label(client), action=LOGIN, username=username,
+        return pages.sign_in(session["csrf"], client_label(client), action=LOGIN, username=username,
                              error="Too many failed sign-ins. Try again in a few minutes.",
                              status=429, headers={"Retry-After": str(wait)})
     valid = oauth.verify_secret(user["password_hash"] if user else _DUMMY_HASH, form.get("password", ""))
@@ -160,7 +192,7 @@ async def login(request: Request, form: dict[str, str]) -> Response:
                                              lockout_seconds=settings.login_lockout_seconds)
         request.state.refusal = "sign-in failed"
         log.info("login_failed")
-        return pages.sign_in(session["_id"], client_label(client), action=LOGIN, username=username,
+        return pages.sign_in(session["csrf"], client_label(client), action=LOGIN, username=username,
                              error="The username or password is not correct.", status=401)
     await store.record_login_success(db, username)
     launch_user = session["launch"].get("launch_user")
@@ -177,9 +209,13 @@ async def login(request: Request, form: dict[str, str]) -> Response:
         patient = own
     changes["patient"] = patient
     changes["need_patient_banner"] = not session["launch"]  # an EHR already shows its banner
-    await store.update_session(db, session["_id"], changes)
-    session.update(changes)
-    return await _next_page(request, session, client)
+    # Signed in: a new session id and CSRF token; the ones seen before are void from now on.
+    rotated = {**session, **changes, "_id": secrets.token_urlsafe(32),
+               "csrf": secrets.token_urlsafe(32)}
+    if not await store.end_session(db, session["_id"]):
+        return _expired()  # signed in twice at once: the other one won
+    await store.put_session(db, rotated)
+    return _with_cookie(request, await _next_page(request, rotated, client), rotated["_id"])
 
 
 def _needs_patient(session: dict[str, Any]) -> bool:
@@ -192,12 +228,12 @@ async def _next_page(request: Request, session: dict[str, Any], client: dict[str
                      query: str = "", error: str | None = None) -> Response:
     if _needs_patient(session):
         patients = await find_patients(request, session, query)
-        return pages.patient_picker(session["_id"], client_label(client), patients, action=PICK,
+        return pages.patient_picker(session["csrf"], client_label(client), patients, action=PICK,
                                     query=query, error=error)
     words = session["scope"].split()
     user_label = session["username"] + (f" ({session['fhir_user']})" if session.get("fhir_user") else "")
     patient = f"Patient/{session['patient']}" if session.get("patient") else None
-    return pages.approve(session["_id"], client_label(client), words, action=APPROVE,
+    return pages.approve(session["csrf"], client_label(client), words, action=APPROVE,
                          user_label=user_label, patient_label=patient)
 
 
@@ -279,8 +315,9 @@ async def decide(request: Request, form: dict[str, str], approved_words: list[st
     redirect_uri, state = session["redirect_uri"], session.get("state")
     if form.get("decision") != "approve":
         request.state.refusal = "access_denied: the user denied the request"
-        return _redirect(redirect_uri, error="access_denied", error_description="The user denied access",
-                         state=state)
+        return _with_cookie(request, _redirect(
+            redirect_uri, error="access_denied", error_description="The user denied access",
+            state=state), None)
     offered = session["scope"].split()
     chosen = [w for w in offered if w in set(approved_words)]
     granted = scopes.parse(" ".join(chosen))
@@ -306,4 +343,4 @@ async def decide(request: Request, form: dict[str, str], approved_words: list[st
         "code_challenge": session["code_challenge"], "used": False, "created": now,
         "expires": now + timedelta(seconds=settings.authorization_code_seconds)})
     log.info("authorization_code_issued", client_id=session["client_id"])
-    return _redirect(redirect_uri, code=code, state=state)
+    return _with_cookie(request, _redirect(redirect_uri, code=code, state=state), None)

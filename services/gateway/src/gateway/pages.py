@@ -11,7 +11,8 @@ from typing import Any
 
 from starlette.responses import HTMLResponse
 
-# Pages carry a one-flow secret (the session id): never cache them, never frame them.
+# Pages carry a one-form secret (the CSRF token of the flow, whose id is only in an HttpOnly
+# cookie): never cache them, never frame them.
 PAGE_HEADERS = {
     "Cache-Control": "no-store", "Pragma": "no-cache", "X-Frame-Options": "DENY",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
@@ -67,14 +68,14 @@ def error_page(title: str, message: str, status: int = 400) -> HTMLResponse:
                         "<p>Return to the app you came from and start again.</p>", status)
 
 
-def sign_in(session_id: str, client_name: str, *, action: str, error: str | None = None,
+def sign_in(csrf: str, client_name: str, *, action: str, error: str | None = None,
             username: str = "", status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
     described = ' aria-describedby="error"' if error else ""
     body = f"""<h1>Sign in to Mindchart</h1>
 <p><strong>{escape(client_name)}</strong> is asking to use your Mindchart account.</p>
 {_error(error)}
 <form method="post" action="{escape(action)}">
-<input type="hidden" name="session" value="{escape(session_id)}">
+<input type="hidden" name="session" value="{escape(csrf)}">
 <label for="username">Username</label>
 <input type="text" id="username" name="username" autocomplete="username" required
  value="{escape(username)}"{described}>
@@ -85,7 +86,7 @@ def sign_in(session_id: str, client_name: str, *, action: str, error: str | None
     return _page("Sign in", body, status, headers)
 
 
-def patient_picker(session_id: str, client_name: str, patients: list[dict[str, str]], *, action: str,
+def patient_picker(csrf: str, client_name: str, patients: list[dict[str, str]], *, action: str,
                    query: str = "", error: str | None = None) -> HTMLResponse:
     if patients:
         options = "\n".join(
@@ -94,7 +95,7 @@ def patient_picker(session_id: str, client_name: str, patients: list[dict[str, s
             f'<label for="p-{escape(p["id"])}">{escape(p["label"])}</label></div>'
             for i, p in enumerate(patients))
         choose = f"""<form method="post" action="{escape(action)}">
-<input type="hidden" name="session" value="{escape(session_id)}">
+<input type="hidden" name="session" value="{escape(csrf)}">
 <fieldset><legend>Patients</legend>
 {options}
 </fieldset>
@@ -106,7 +107,7 @@ def patient_picker(session_id: str, client_name: str, patients: list[dict[str, s
 <p><strong>{escape(client_name)}</strong> will work with the record of the patient you choose.</p>
 {_error(error)}
 <form method="post" action="{escape(action)}" role="search">
-<input type="hidden" name="session" value="{escape(session_id)}">
+<input type="hidden" name="session" value="{escape(csrf)}">
 <label for="name">Find by name</label>
 <input type="search" id="name" name="name" value="{escape(query)}">
 <button type="submit" name="search" value="1">Search</button>
@@ -115,7 +116,7 @@ def patient_picker(session_id: str, client_name: str, patients: list[dict[str, s
     return _page("Choose a patient", body)
 
 
-def approve(session_id: str, client_name: str, requested: list[str], *, action: str,
+def approve(csrf: str, client_name: str, requested: list[str], *, action: str,
             user_label: str, patient_label: str | None) -> HTMLResponse:
     rows = "\n".join(
         f'<div class="scope"><input type="checkbox" name="scope" id="s-{i}" value="{escape(w)}" checked>'
@@ -128,7 +129,7 @@ def approve(session_id: str, client_name: str, requested: list[str], *, action: 
 Untick anything you do not want to allow.</p>
 {patient}
 <form method="post" action="{escape(action)}">
-<input type="hidden" name="session" value="{escape(session_id)}">
+<input type="hidden" name="session" value="{escape(csrf)}">
 <fieldset><legend>Requested access</legend>
 {rows}
 </fieldset>
