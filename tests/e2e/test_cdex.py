@@ -18,8 +18,8 @@ from mindchart_core import signatures
 from tests.actors import (
     BackendAuth,
     BackendClient,
+    auditor_token,
     create_user,
-    mint_token,
     records_client,
     register_app,
     register_backend,
@@ -160,7 +160,7 @@ def file(cdex: Cdex, task: dict[str, Any]) -> str:
 
 
 def accounting(live: RunningStack, patient: str) -> list[dict[str, Any]]:
-    token = mint_token(live, scope="system/AuditEvent.rs", sub="auditor", client_id="auditor")
+    token = auditor_token(live, "auditor")  # a registered compliance backend (issue 12)
     response = httpx.get(f"{live.gateway_url}/audit/Patient/{patient}/$disclosures",
                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert response.status_code == 200, response.text
