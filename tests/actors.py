@@ -279,12 +279,16 @@ def smart_authorize(gateway_url: str, *, client_id: str, username: str, password
         if 'action="/oauth/authorize/patient"' in page.text:
             choice = patient or re.findall(r'name="patient" id="[^"]+" value="([^"]+)"', page.text)[0]
             page = http.post("/oauth/authorize/patient",
-                             data={"session": session, "choose": "1", "patient": choice})
+                             data={"session": _hidden(page.text, "session"), "choose": "1",
+                                   "patient": choice})
             assert page.status_code == 200, page.text
         offered = re.findall(r'name="scope" id="[^"]+" value="([^"]+)"', page.text)
         chosen = offered if approve is None else [w for w in offered if w in approve]
+        # Each page carries the flow's current CSRF token (renewed at sign-in); the session id
+        # itself travels only in the cookie this client keeps.
         done = http.post("/oauth/authorize/approve",
-                         data={"session": session, "decision": decision, "scope": chosen})
+                         data={"session": _hidden(page.text, "session"), "decision": decision,
+                               "scope": chosen})
         assert done.status_code == 303, done.text
         return AuthorizationResult(done.headers["location"], verifier, redirect_uri, state)
 

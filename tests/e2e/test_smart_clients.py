@@ -30,7 +30,8 @@ def walk_pages(authorize_url: str, username: str) -> str:
         page = http.post(f"{base}/oauth/authorize/login", data={"session": session, "username": username,
                                                                 "password": PASSWORD})
         scopes = re.findall(r'name="scope" id="[^"]+" value="([^"]+)"', page.text)
-        done = http.post(f"{base}/oauth/authorize/approve",
+        session = re.search(r'name="session" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        done = http.post(f"{base}/oauth/authorize/approve",  # the token renewed at sign-in
                          data={"session": session, "decision": "approve", "scope": scopes})
         assert done.status_code == 303, done.text
         return str(done.headers["location"])

@@ -212,6 +212,7 @@ def test_picker_lists_patients_and_searches_by_name(live: RunningStack, world: W
                                                            "password": PASSWORD})
         assert picker.status_code == 200 and "Choose a patient" in picker.text
         assert "Okafor" in picker.text and "<label" in picker.text
+        session = picker.text.split('name="session" value="')[1].split('"')[0]  # renewed at sign-in
         found = http.post("/oauth/authorize/patient", data={"session": session, "name": "Lindqvist",
                                                             "search": "1"})
         assert "Bo Lindqvist" in found.text and "Ada Okafor" not in found.text, found.text

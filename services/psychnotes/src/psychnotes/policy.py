@@ -1,6 +1,23 @@
-"""The consent gate: who may mint a consent token, and what a presented token releases.
+"""The consent gate: who may record, attest, receive and read, and what a token releases.
 
-Every rule cites its source. A refusal is a `Refusal` carrying the reason that is audited (the
+Every rule cites its source (45 CFR Part 164 as digested in shared/STANDARDS.md §6):
+- 164.508(a)(2): any use or disclosure of psychotherapy notes needs the patient's authorization,
+  except the listed grounds (`EXCEPTIONS`); a disclosure for treatment to *another* provider
+  still needs one. So a token is minted only from an authorization in force or an exception.
+- 164.508(c)(1)(iii): the authorization names who may receive: a person matched by `fhirUser`,
+  an app (client id) only through its own backend tokens (`is_recipient`).
+- 164.508(b)(2): a covered entity may not rely on a defective authorization (expired, revoked,
+  known false): one recorded by anyone but the patient is attested by a second person with the
+  compliance role before it takes effect (`check_attestation`), and nobody receives under an
+  authorization they recorded.
+- 164.508(b)(5): the patient may revoke at any time; revocation takes effect at once (`may_revoke`,
+  `check_token_in_force` reads the live Consent).
+- 164.524(a)(1)(i): the right of access excludes psychotherapy notes: a patient-context token
+  never reads them and a Consent cannot name its own patient (`is_patient_context`).
+- 164.501: the notes are the treating professional's; who treats whom is records' CareTeam
+  (careteam.py), never inferred from having written a note.
+
+A refusal is a `Refusal` carrying the reason that is audited (the
 client sees the same text: reasons never mention notes the caller cannot see).
 
 Minting (shared/DESIGN.md "Consent token"):
