@@ -20,7 +20,7 @@ import typer
 from gateway import admin
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_cli import gateway_commands, psychnotes_commands, seed, stack
+from mindchart_cli import gateway_commands, psychnotes_commands, seed, stack, supervisor
 from mindchart_cli.datastores import on_db
 
 app = typer.Typer(help="Mindchart administration", no_args_is_help=True, add_completion=False)
@@ -102,14 +102,13 @@ def run() -> None:
             db, config.public_gateway_url, creds["secret_client_id"]))
         created += seed.seed_lifecycle(config.gateway_url, tokens)
         print_welcome(config, creds, created)
-        while all(p.poll() is None for p in runner.processes.values()):
+        watcher = supervisor.Supervisor(runner, log=lambda line: typer.echo(line, err=True))
+        while True:
             time.sleep(1)
-        dead = [k for k, p in runner.processes.items() if p.poll() is not None]
-        typer.echo(f"stopping: {', '.join(dead)} exited", err=True)
-        raise typer.Exit(1)
+            watcher.check()
     except KeyboardInterrupt:
         typer.echo("\nstopping…", err=True)
-    except stack.StackError as exc:
+    except stack.StackError as exc:  # could not start, or something kept dying
         typer.echo(f"error: {exc}", err=True)
         runner.stop()
         raise typer.Exit(1) from None

@@ -3,8 +3,9 @@ then the therapists' workspace app (registered at the gateway as a confidential 
 
 Used by `mindchart run` (the README's `make run`) and by the end-to-end tests. A datastore whose
 MongoDB URL is set in the environment (MINDCHART_<SERVICE>_MONGO_URL) is used as is, and no
-embedded server is started for it. Children run in their own process groups and are stopped
-together on exit, Ctrl-C or SIGTERM.
+embedded server is started for it. Embedded datastores on disk fsync every commit
+(--sync-on-commit), so what they acknowledged survives a kill. Children run in their own process
+groups and are stopped together on exit, Ctrl-C or SIGTERM; supervisor.py restarts one that dies.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class StackConfig:
     db_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_DB_PORTS))
     mongo_urls: dict[str, str] = field(default_factory=dict)  # configured, not embedded
     ephemeral: bool = False  # tests: embedded data in memory, gone on stop
+    # Fsync the datastore's log on every commit (SecantusDB --sync-on-commit): without it a killed
+    # datastore loses transactions it had acknowledged. Meaningless for in-memory data.
+    durable: bool = True
     log_to_files: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     public_url: str | None = None  # MINDCHART_GATEWAY_PUBLIC_URL; else derived from host and port
@@ -167,6 +171,7 @@ class Stack:
         self.config = config
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = config.data_dir / "logs"
+        self._argv: dict[str, list[str]] = {}  # how each datastore was started, to restart it
 
     def _spawn(self, label: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -193,11 +198,16 @@ class Stack:
             storage = ":memory:" if self.config.ephemeral else str(self.config.data_dir / "db" / name)
             if not self.config.ephemeral:
                 Path(storage).mkdir(parents=True, exist_ok=True)
-            process = self._spawn(f"datastore-{name}", [
-                secantusd(), "--host", self.config.host, "--port", str(self.config.db_ports[name]),
-                "--storage-path", storage, "--log-level", "WARNING", "--cache-size", "256M",
-            ], {})
+            process = self._spawn(f"datastore-{name}", self._datastore_argv(name, storage), {})
             wait_for_mongo(url, 60, process)
+
+    def _datastore_argv(self, name: str, storage: str) -> list[str]:
+        argv = [secantusd(), "--host", self.config.host, "--port", str(self.config.db_ports[name]),
+                "--storage-path", storage, "--log-level", "WARNING", "--cache-size", "256M"]
+        if self.config.durable and not self.config.ephemeral:
+            argv.append("--sync-on-commit")
+        self._argv[f"datastore-{name}"] = argv
+        return argv
 
     def _spawn_service(self, name: str) -> None:
         self._spawn(name, [
@@ -320,6 +330,13 @@ class Stack:
         process = self.processes.pop(label)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+    def respawn(self, label: str) -> None:
+        """Start one child again as it was started, without waiting for it (the supervisor)."""
+        if label.startswith("datastore-"):
+            self._spawn(label, self._argv[label], {})
+        else:
+            self._spawn_service(label)
 
     def restart_service(self, name: str) -> None:
         self._spawn_service(name)

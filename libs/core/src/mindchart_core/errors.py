@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pymongo.errors import ConnectionFailure, ExecutionTimeout, PyMongoError, WTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -162,6 +163,37 @@ class Unavailable(FhirError):
     status, code = 503, "transient"
 
 
+RETRY_AFTER_SECONDS = 2  # what a 503 for an unreachable datastore asks clients to wait
+
+
+def datastore_refusal(exc: PyMongoError) -> FhirError | None:
+    """The answer for a datastore failure that is not a bug, or None for one that is.
+
+    Unreachable, frozen or timed out (ConnectionFailure covers server selection, connect and
+    socket timeouts; ExecutionTimeout and WTimeoutError the server's own limits): 503 `transient`
+    with Retry-After (R4 http.html: 503 for a temporarily unavailable server). A transaction that
+    lost a write conflict to a concurrent one (the TransientTransactionError label, MongoDB
+    transactions manual) and was not retried by the store: 409, which FHIR uses for version
+    conflicts, so the client may read and retry. Checked in that order: PyMongo labels a
+    transaction that could not reach the server transient too, and that is a 503."""
+    if isinstance(exc, ConnectionFailure | ExecutionTimeout | WTimeoutError) or exc.timeout:
+        return Unavailable("The datastore is not answering; retry shortly",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if exc.has_error_label("TransientTransactionError"):
+        return Conflict("A concurrent request changed the same data; retry")
+    return None
+
+
+async def datastore_failure(_: Request, exc: Exception) -> Response:
+    """Exception handler for PyMongoError: 503/409 per datastore_refusal, else a logged 500."""
+    refusal = datastore_refusal(exc) if isinstance(exc, PyMongoError) else None
+    if refusal is None:
+        log.error("datastore_error", error_type=type(exc).__name__)
+        return FhirError("Internal server error", status=500, code="exception").response()
+    log.warning("datastore_unavailable", error_type=type(exc).__name__, status=refusal.status)
+    return refusal.response()
+
+
 _STATUS_CODES = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden"}
 
 
@@ -183,6 +215,8 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "processing")
         text = "Not found" if exc.status_code == 404 else str(exc.detail)
         return FhirError(text, status=exc.status_code, code=code).response()
+
+    app.add_exception_handler(PyMongoError, datastore_failure)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

@@ -39,10 +39,16 @@ def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifesp
 
 
 def datastore_client(settings: ServiceSettings, service: str) -> AsyncMongoClient[dict[str, Any]]:
-    """The service's MongoDB client, configured alike everywhere: UTC-aware dates, a bounded
-    server-selection wait (so /readyz answers instead of hanging) and command timing for /metrics.
+    """The service's MongoDB client, configured alike everywhere: UTC-aware dates, command timing
+    for /metrics, and every wait on the datastore bounded by `mongo_timeout_seconds`: server
+    selection, connecting, each socket read (one command or one cursor batch, so a long export
+    is not cut off) and waiting for a pooled connection. A frozen or unreachable datastore turns
+    into a 503 (errors.py) instead of a request that hangs as long as the datastore does.
     It opens no connection until first used; every query stays in the service's own store."""
-    return AsyncMongoClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000,
+    timeout_ms = max(1, int(settings.mongo_timeout_seconds * 1000))
+    return AsyncMongoClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
+                            connectTimeoutMS=timeout_ms, socketTimeoutMS=timeout_ms,
+                            waitQueueTimeoutMS=timeout_ms,
                             event_listeners=[metrics.CommandTimer(service)])
 
 

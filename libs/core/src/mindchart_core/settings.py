@@ -38,6 +38,9 @@ class ServiceSettings(BaseSettings):
     mongo_url: str = "mongodb://127.0.0.1:27017"
     db_name: str = "mindchart"
     max_body_bytes: int = 1024 * 1024
+    # Every datastore call (server selection, connect, each operation or transaction) is bounded
+    # by this: a frozen or unreachable datastore costs a request at most this long, then 503.
+    mongo_timeout_seconds: float = 5.0
 
     @model_validator(mode="before")
     @classmethod

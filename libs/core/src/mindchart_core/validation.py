@@ -7,11 +7,16 @@ those checks live here. Validation happens once, on write; reads never re-model 
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import importlib
+import types
+import typing
 from functools import cache
 from typing import Any
 
 import pydantic
+from fhir.resources.R4B import get_fhir_model_class
 
 from mindchart_core import errors
 
@@ -59,6 +64,89 @@ def model_for(resource_type: str) -> type[pydantic.BaseModel] | None:
     return model if isinstance(model, type) else None
 
 
+# -- typed primitives -------------------------------------------------------------------------
+# R4 datatypes.html, primitive types table: boolean is a JSON boolean; integer, positiveInt,
+# unsignedInt and decimal are JSON numbers;
+# every other primitive (string, code, uri, date, dateTime, instant, time ...) a
+# JSON string. The models coerce ("yes" -> True, "21" -> 21, 5 -> 1970-01-01T00:00:05Z), which
+# would store JSON that strict clients reject, so the JSON types are checked here first.
+
+_KIND_BOOLEAN, _KIND_INTEGER, _KIND_DECIMAL, _KIND_STRING = "boolean", "integer", "decimal", "string"
+_JSON_TYPE_NAMES = {_KIND_BOOLEAN: "a JSON boolean", _KIND_INTEGER: "a JSON integer",
+                    _KIND_DECIMAL: "a JSON number", _KIND_STRING: "a JSON string"}
+
+
+def _element_kind(annotation: Any) -> str | type[pydantic.BaseModel] | None:
+    """What an element of this annotation must be: a primitive kind, a model to walk, or None
+    (a contained resource, resolved by its resourceType)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _element_kind(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, typing.List):  # noqa: UP006
+        kinds = [_element_kind(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return kinds[0] if kinds else _KIND_STRING
+    if annotation is bool:
+        return _KIND_BOOLEAN
+    if annotation is int:
+        return _KIND_INTEGER
+    if annotation in (float, decimal.Decimal):
+        return _KIND_DECIMAL
+    if annotation in (str, bytes, dt.date, dt.datetime, dt.time):
+        return _KIND_STRING
+    name = getattr(annotation, "__name__", "")
+    if name == "ResourceType":
+        return None
+    if name.endswith("Type") and name != "Type":
+        try:
+            model = get_fhir_model_class(name[:-4])
+        except (KeyError, ValueError, AttributeError):
+            return _KIND_STRING
+        return model if isinstance(model, type) else _KIND_STRING
+    return _KIND_STRING
+
+
+@cache
+def _element_kinds(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    kinds: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key.startswith("_") or name.endswith("__ext") or name == "fhir_comments":
+            continue
+        kinds[key] = _element_kind(info.annotation)
+    return kinds
+
+
+def _primitive_ok(kind: str, value: Any) -> bool:
+    if kind == _KIND_BOOLEAN:
+        return isinstance(value, bool)
+    if kind == _KIND_INTEGER:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _KIND_DECIMAL:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _check_primitives(value: dict[str, Any], model: type[pydantic.BaseModel], path: str) -> None:
+    kinds = _element_kinds(model)
+    for key, child in value.items():
+        kind = kinds.get(key)
+        if key == "resourceType" or key not in kinds:
+            continue  # unknown elements are the model's to refuse
+        where = f"{path}.{key}"
+        for i, item in enumerate(child if isinstance(child, list) else [child]):
+            at = f"{where}[{i}]" if isinstance(child, list) else where
+            if kind is None:
+                if isinstance(item, dict) and isinstance(item.get("resourceType"), str):
+                    inner = model_for(item["resourceType"])
+                    if inner is not None:
+                        _check_primitives(item, inner, at)
+            elif isinstance(kind, str):
+                if not _primitive_ok(kind, item):
+                    raise errors.Structure(f"{at} must be {_JSON_TYPE_NAMES[kind]}", expression=[at])
+            elif isinstance(item, dict):
+                _check_primitives(item, kind, at)
+
+
 def _check_json_shape(value: Any, path: str, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise errors.Structure("Resource is nested too deeply", expression=[path])
@@ -95,6 +183,7 @@ def validate_resource(body: Any, expected_type: str | None = None) -> dict[str, 
     model = model_for(resource_type)
     if model is None:
         raise errors.Invalid(f"Unknown resourceType '{resource_type[:64]}'")
+    _check_primitives(body, model, resource_type)
     try:
         model.model_validate(body)
     except pydantic.ValidationError as exc:

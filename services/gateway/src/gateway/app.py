@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from pymongo.errors import PyMongoError
+from starlette.responses import JSONResponse, Response
 
 from gateway import (
     audit,
@@ -25,7 +27,20 @@ from gateway import (
 )
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_core import service_app, tokens
+from mindchart_core import errors, service_app, tokens
+
+
+async def _datastore_failure(request: Request, exc: Exception) -> Response:
+    """The gateway datastore failing: 503 + Retry-After as RFC 6749 JSON on /oauth (§5.2 gives
+    errors a JSON body; `temporarily_unavailable` is §4.1.2.1's code for exactly this), as an
+    OperationOutcome everywhere else (mindchart_core.errors)."""
+    assert isinstance(exc, PyMongoError)
+    refusal = errors.datastore_refusal(exc)
+    if refusal is None or not request.url.path.startswith("/oauth"):
+        return await errors.datastore_failure(request, exc)
+    return JSONResponse({"error": "temporarily_unavailable", "error_description": refusal.diagnostics},
+                        status_code=503, headers={"Retry-After": str(errors.RETRY_AFTER_SECONDS),
+                                                  "Cache-Control": "no-store"})
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -82,6 +97,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await client.close()
 
     app = service_app.create("gateway", "Mindchart gateway", settings, lifespan)
+    app.add_exception_handler(PyMongoError, _datastore_failure)
     app.include_router(routes.router)
     # Starlette: the last middleware added is the outermost. Request context must wrap audit,
     # and audit wraps CORS so that preflight requests are audited too.

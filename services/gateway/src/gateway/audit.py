@@ -182,16 +182,21 @@ class AuditMiddleware:
                 except Exception as exc:
                     failed = True
                     log.error("audit_write_failed", error_type=type(exc).__name__)
-                    refusal = errors.Unavailable("The request could not be audited; try again")
+                    refusal = errors.Unavailable(
+                        "The request could not be audited; try again",
+                        headers={"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
                     await refusal.response()(scope, receive, send)
                     return
             await send(message)
 
         try:
             await self.app(scope, receive, audited_send)
-        except Exception:
-            if not responded:  # the 500 that ServerErrorMiddleware is about to send
-                elapsed = (time.perf_counter() - started) * 1000
-                record = build_record(scope, 500, elapsed, self.observer)
-                await audit_chain.append(record)
-            raise
+        except Exception as exc:
+            if responded:
+                raise
+            # Answer the failure here rather than let ServerErrorMiddleware (outside this layer,
+            # outside the request id) send a 500 nobody audited: the 500 goes through
+            # audited_send like any answer, and becomes a 503 if it cannot be audited either.
+            log.error("unhandled_error", error_type=type(exc).__name__)
+            failure = errors.FhirError("Internal server error", status=500, code="exception")
+            await failure.response()(scope, receive, audited_send)

@@ -20,6 +20,7 @@ from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from mindchart_core import errors
 
@@ -55,16 +56,29 @@ async def insert_note(db: Db, doc: dict[str, Any]) -> None:
             session=session)
 
 
+def _lost_race(exc: PyMongoError, what: str) -> errors.FhirError | None:
+    """A write conflict with a concurrent transaction on the same document (MongoDB's
+    TransientTransactionError label): the other writer won, so this one answers 409 like any
+    lost version race. An unreachable datastore carries the label too; that stays a 503."""
+    if exc.has_error_label("TransientTransactionError") and not isinstance(exc, ConnectionFailure):
+        return errors.Conflict(f"The {what} changed meanwhile; retry with its new version")
+    return None
+
+
 async def replace_note(db: Db, doc: dict[str, Any], *, expected: int, method: str) -> None:
     """The next version (update or soft delete), only if `expected` is still the current one."""
     note_id = doc["_id"]
-    async with db.client.start_session() as session, await session.start_transaction():
-        result = await db.notes.replace_one({"_id": note_id, "vid": expected}, doc, session=session)
-        if result.matched_count != 1:
-            raise errors.Conflict("The note changed meanwhile; retry with its new version")
-        await db.notes_history.insert_one(
-            {**doc, "_id": f"{note_id}/{doc['vid']}", "id": note_id, "method": method},
-            session=session)
+    try:
+        async with db.client.start_session() as session, await session.start_transaction():
+            result = await db.notes.replace_one({"_id": note_id, "vid": expected}, doc,
+                                                session=session)
+            if result.matched_count != 1:
+                raise errors.Conflict("The note changed meanwhile; retry with its new version")
+            await db.notes_history.insert_one(
+                {**doc, "_id": f"{note_id}/{doc['vid']}", "id": note_id, "method": method},
+                session=session)
+    except PyMongoError as exc:
+        raise _lost_race(exc, "note") or exc from None
 
 
 async def get_note(db: Db, note_id: str) -> dict[str, Any] | None:
@@ -116,14 +130,17 @@ async def insert_consent(db: Db, doc: dict[str, Any]) -> None:
 
 async def replace_consent(db: Db, doc: dict[str, Any], *, expected: int) -> None:
     consent_id = doc["_id"]
-    async with db.client.start_session() as session, await session.start_transaction():
-        result = await db.consents.replace_one({"_id": consent_id, "vid": expected}, doc,
-                                               session=session)
-        if result.matched_count != 1:
-            raise errors.Conflict("The authorization changed meanwhile; retry")
-        await db.consents_history.insert_one(
-            {**doc, "_id": f"{consent_id}/{doc['vid']}", "id": consent_id, "method": "PUT"},
-            session=session)
+    try:
+        async with db.client.start_session() as session, await session.start_transaction():
+            result = await db.consents.replace_one({"_id": consent_id, "vid": expected}, doc,
+                                                   session=session)
+            if result.matched_count != 1:
+                raise errors.Conflict("The authorization changed meanwhile; retry")
+            await db.consents_history.insert_one(
+                {**doc, "_id": f"{consent_id}/{doc['vid']}", "id": consent_id, "method": "PUT"},
+                session=session)
+    except PyMongoError as exc:
+        raise _lost_race(exc, "authorization") or exc from None
 
 
 async def get_consent(db: Db, consent_id: str) -> dict[str, Any] | None:

@@ -80,7 +80,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from mindchart_core import errors, matcher
 from records.lifecycle import rules as lifecycle_rules
@@ -95,6 +95,16 @@ MAX_INCLUDES = 1000  # resources added to one page by _include/_revinclude
 CONFLICT_RETRY_SECONDS = 15.0  # how long a conditional interaction waits out concurrent ones
 Session = AsyncClientSession | None
 T = TypeVar("T")
+
+
+class _Raced(Exception):
+    """The version a write expected was replaced by a concurrent writer before it committed."""
+
+
+def _transient(exc: PyMongoError) -> bool:
+    """A write conflict with a concurrent transaction, worth running again (MongoDB labels it
+    TransientTransactionError). An unreachable datastore carries the label too: that is a 503."""
+    return exc.has_error_label("TransientTransactionError") and not isinstance(exc, ConnectionFailure)
 _log = logging.getLogger(__name__)
 
 
@@ -355,10 +365,31 @@ class ResourceStore:
                 async with self.transaction() as session:
                     return await work(session)
             except PyMongoError as exc:
-                if not exc.has_error_label("TransientTransactionError"):
+                if not _transient(exc):
                     raise
                 if time.monotonic() > deadline:
                     raise errors.Conflict("Concurrent requests kept conflicting; retry") from None
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, min(0.25, 0.01 * 2 ** attempt)))  # noqa: S311
+
+    async def _raced_again(self, write: Callable[[], Awaitable[T]], *,
+                           within_s: float = CONFLICT_RETRY_SECONDS) -> T:
+        """A single create, update or delete, run again from its first read when a concurrent
+        writer got there first (a write conflict, or the expected version already replaced).
+        The rerun sees the winner's version: with If-Match that is 412 (R4 http.html: version
+        conflict management), without it the write applies on top. 409 if it never settles."""
+        deadline = time.monotonic() + within_s
+        attempt = 0
+        while True:
+            try:
+                return await write()
+            except PyMongoError as exc:
+                if not _transient(exc):
+                    raise
+            except _Raced:
+                pass
+            if time.monotonic() > deadline:
+                raise errors.Conflict("Concurrent requests kept conflicting; retry") from None
             attempt += 1
             await asyncio.sleep(random.uniform(0, min(0.25, 0.01 * 2 ** attempt)))  # noqa: S311
 
@@ -597,6 +628,14 @@ class ResourceStore:
     async def create(self, definition: ResourceDef, resource: dict[str, Any], *,
                      resource_id: str | None = None, session: Session = None,
                      transition: str | None = None) -> StoredResource:
+        if session is None:  # on its own: rerun when a concurrent writer got there first
+            return await self._raced_again(
+                lambda: self._create(definition, resource, resource_id, transition=transition))
+        return await self._create(definition, resource, resource_id, session, transition=transition)
+
+    async def _create(self, definition: ResourceDef, resource: dict[str, Any],
+                      resource_id: str | None, session: Session = None, *,
+                      transition: str | None = None) -> StoredResource:
         stored, _ = await self._write(definition, resource_id or str(uuid.uuid4()), resource,
                                       expected=None, create=True, session=session, transition=transition)
         return stored
@@ -612,6 +651,16 @@ class ResourceStore:
         A patient-confined caller never creates by PUT: a free id and another patient's id both
         answer 404, so ids cannot be probed for existence nor squatted (R4 http.html#upsert
         leaves update-as-create to the server)."""
+        if session is None:  # on its own: rerun when a concurrent writer got there first
+            return await self._raced_again(lambda: self._update(
+                definition, resource_id, resource, if_match, transition=transition))
+        return await self._update(definition, resource_id, resource, if_match, session,
+                                  transition=transition)
+
+    async def _update(
+        self, definition: ResourceDef, resource_id: str, resource: dict[str, Any],
+        if_match: int | None, session: Session = None, *, transition: str | None = None,
+    ) -> tuple[StoredResource, bool]:
         scope = self.policy.filter_for(definition, "update")
         collection = self.db[definition.type]
         current = await collection.find_one({"_id": resource_id}, {"vid": 1}, session=session)
@@ -629,6 +678,12 @@ class ResourceStore:
     async def delete(self, definition: ResourceDef, resource_id: str, if_match: int | None = None,
                      *, session: Session = None) -> None:
         """Delete (a version without content). A note's lifecycle may refuse (lifecycle/rules.py)."""
+        if session is None:  # on its own: rerun when a concurrent writer got there first
+            return await self._raced_again(lambda: self._delete(definition, resource_id, if_match))
+        return await self._delete(definition, resource_id, if_match, session)
+
+    async def _delete(self, definition: ResourceDef, resource_id: str, if_match: int | None,
+                      session: Session = None) -> None:
         await self._visible(definition, resource_id, "delete", session)
         current = await self.db[definition.type].find_one(
             {"_id": resource_id}, {"vid": 1, "deleted": 1, "c": 1, "sp": 1}, session=session
@@ -650,7 +705,7 @@ class ResourceStore:
                 session=s,
             )
             if result.matched_count != 1:
-                raise errors.Conflict("The resource changed while it was being deleted")
+                raise _Raced
             await self.db[f"{definition.type}_history"].insert_one(
                 {"id": resource_id, "vid": version, "ts": moment, "raw": None, "method": "DELETE",
                  "c": current.get("c", []), "sp": current.get("sp", {})},
@@ -658,7 +713,10 @@ class ResourceStore:
             )
 
         if session is not None:
-            await run(session)
+            try:
+                await run(session)
+            except _Raced:  # inside the caller's transaction, which cannot be rerun from here
+                raise errors.Conflict("The resource changed while it was being deleted") from None
             return
         await self.atomically(run)  # a transient conflict runs it again (see `_write`)
 
@@ -758,7 +816,7 @@ class ResourceStore:
                         {"_id": resource_id, "vid": expected}, {"$set": doc}, session=s
                     )
                     if result.matched_count != 1:
-                        raise errors.Conflict("The resource changed meanwhile; retry with its new version")
+                        raise _Raced
             except DuplicateKeyError:
                 raise errors.Conflict(f"{definition.type}/{resource_id} was created meanwhile") from None
             # The written version must itself be visible to the writer: a patient-scoped client
@@ -779,7 +837,10 @@ class ResourceStore:
                                 moment=moment, sp=sp, compartment=compartment)
 
         if session is not None:
-            await run(session)
+            try:
+                await run(session)
+            except _Raced:  # inside the caller's transaction, which cannot be rerun from here
+                raise errors.Conflict("The resource changed meanwhile; retry with its new version") from None
         else:
             # A concurrent transaction (another write, subscription fan-out on the outbox) may
             # make this one conflict transiently: it aborted whole, so it simply runs again.

@@ -1,0 +1,164 @@
+"""The resilience suite's own stack: it kills and freezes processes, so it never shares the
+session's `live` stack. Datastores on disk and durable (as `make run` runs them), datastore calls
+bounded by a short timeout so a freeze costs seconds, and the same supervisor as `mindchart run`
+restarting whatever dies.
+
+Every test reports its counts (requests, errors, lost writes, unaudited answers, 5xx) with
+`report(...)`; they are printed in the terminal summary of every run (`pytest_terminal_summary`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mindchart_cli import stack, supervisor
+from tests.actors import BackendAuth, BackendClient, register_backend
+from tests.conftest import RunningStack, free_port
+
+MONGO_TIMEOUT_S = 1.5  # MINDCHART_<SERVICE>_MONGO_TIMEOUT_SECONDS in this stack
+SOAK = os.environ.get("MINDCHART_SOAK") == "1"  # `make soak`: longer loads, more fuzzing
+COUNTS: list[tuple[str, dict[str, int]]] = []
+
+
+def report(test: str, **counts: int) -> None:
+    """Record a test's counts for the terminal summary, and print them (visible with -rA)."""
+    COUNTS.append((test, counts))
+    print(f"[resilience] {test}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not COUNTS:
+        return
+    terminalreporter.section("resilience counts")
+    for test, counts in COUNTS:
+        terminalreporter.write_line(f"{test}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+class ResilientStack(RunningStack):
+    """A stack whose processes a test may kill or freeze; the supervisor brings them back."""
+
+    def __init__(self, runner: stack.Stack, watcher: supervisor.Supervisor) -> None:
+        super().__init__(runner)
+        self.watcher = watcher
+        self.events: list[str] = []
+
+    def pid(self, label: str) -> int:
+        return self.runner.processes[label].pid
+
+    def kill(self, label: str) -> int:
+        """kill -9 one child (its whole process group); the supervisor restarts it."""
+        pid = self.pid(label)
+        os.killpg(pid, signal.SIGKILL)
+        return pid
+
+    def freeze(self, label: str) -> None:
+        os.killpg(self.pid(label), signal.SIGSTOP)
+
+    def thaw(self, label: str) -> None:
+        os.killpg(self.pid(label), signal.SIGCONT)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Every service answers /readyz 200 again (after the supervisor restarted things)."""
+        deadline = time.monotonic() + timeout
+        pending = set(stack.SERVICES)
+        while pending and time.monotonic() < deadline:
+            for name in sorted(pending):
+                try:
+                    if httpx.get(f"{self.direct_url(name)}/readyz", timeout=2).status_code == 200:
+                        pending.discard(name)
+                except httpx.HTTPError:
+                    pass
+            if pending:
+                time.sleep(0.3)
+        assert not pending, f"not ready again within {timeout}s: {sorted(pending)}\n" + "\n".join(
+            self.events[-20:])
+
+
+@pytest.fixture(scope="session")
+def resilient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResilientStack]:
+    data_dir = tmp_path_factory.mktemp("mindchart-resilience")
+    timeouts = {f"MINDCHART_{name.upper()}_MONGO_TIMEOUT_SECONDS": str(MONGO_TIMEOUT_S)
+                for name in stack.SERVICES}
+    config = stack.StackConfig(
+        data_dir=data_dir,
+        http_ports={name: free_port() for name in stack.SERVICES},
+        db_ports={name: free_port() for name in stack.SERVICES},
+        ephemeral=False,  # on disk and durable, as `make run` runs it
+        log_to_files=True,
+        extra_env={"MINDCHART_LOG_LEVEL": "INFO", **timeouts,
+                   "MINDCHART_GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "20"},
+    )
+    runner = stack.Stack(config)
+    runner.start()
+    events: list[str] = []
+    watcher = supervisor.Supervisor(runner, log=events.append, first_pause_s=0.2)
+    halt = watcher.run_in_thread()
+    running = ResilientStack(runner, watcher)
+    running.events = events
+    try:
+        yield running
+    finally:
+        halt()
+        runner.stop()
+
+
+@pytest.fixture(scope="session")
+def resilient_writer(resilient: ResilientStack, tmp_path_factory: pytest.TempPathFactory) -> BackendClient:
+    client = BackendClient("resilience-writer", resilient.gateway_url)
+    register_backend(resilient.cli_env, client, "system/*.cruds",
+                     tmp=tmp_path_factory.mktemp("resilience-keys"))
+    return client
+
+
+@pytest.fixture(scope="session")
+def fhir(resilient: ResilientStack, resilient_writer: BackendClient) -> Iterator[httpx.Client]:
+    """A records client through the gateway; every request carries its own X-Request-ID."""
+    def tag(request: httpx.Request) -> None:
+        request.headers.setdefault("X-Request-ID", uuid.uuid4().hex)
+
+    with httpx.Client(base_url=resilient.fhir, timeout=60,
+                      auth=BackendAuth(resilient_writer, "system/*.cruds"),
+                      headers={"Content-Type": "application/fhir+json",
+                               "Accept": "application/fhir+json"},
+                      event_hooks={"request": [tag]}) as client:
+        yield client
+
+
+def audit_counts(running: RunningStack, request_ids: list[str]) -> Counter[str]:
+    """How many audit records the gateway holds for each of these request ids."""
+    db = running.db("gateway")
+    found: Counter[str] = Counter()
+    for start in range(0, len(request_ids), 500):
+        chunk = request_ids[start:start + 500]
+        for doc in db.audit_events.find({"request_id": {"$in": chunk}, "kind": "rest"},
+                                        {"request_id": 1}):
+            found[doc["request_id"]] += 1
+    return found
+
+
+def verify_chain(running: RunningStack) -> dict[str, Any]:
+    import json
+
+    from tests.actors import run_cli
+
+    result = run_cli(running.cli_env, "audit", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def patient(family: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "name": [{"family": family}], "active": True}
+
+
+__all__ = ["MONGO_TIMEOUT_S", "SOAK", "Path", "ResilientStack", "audit_counts", "patient", "report",
+           "verify_chain"]
