@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS ?= never
 UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 
-.PHONY: install browser run test lint bench bench-quick clean
+.PHONY: install browser run test soak lint bench bench-quick clean
 
 $(UV):
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet --user --break-system-packages uv
@@ -23,6 +23,10 @@ run: install
 
 test: install browser
 	$(UV) run --frozen python -m pytest
+
+# The resilience suite (tests/resilience, also part of `make test`) with longer loads.
+soak: install
+	MINDCHART_SOAK=1 $(UV) run --frozen python -m pytest tests/resilience -rA
 
 lint: install
 	$(UV) run --frozen ruff check .

@@ -25,7 +25,7 @@ from mindchart_cli import stack, supervisor
 from tests.actors import BackendAuth, BackendClient, register_backend
 from tests.conftest import RunningStack, free_port
 
-MONGO_TIMEOUT_S = 1.5  # MINDCHART_<SERVICE>_MONGO_TIMEOUT_SECONDS in this stack
+MONGO_TIMEOUT_S = 2.5  # MINDCHART_<SERVICE>_MONGO_TIMEOUT_SECONDS in this stack
 SOAK = os.environ.get("MINDCHART_SOAK") == "1"  # `make soak`: longer loads, more fuzzing
 COUNTS: list[tuple[str, dict[str, int]]] = []
 

@@ -114,3 +114,23 @@ def test_hostile_search_values_are_4xx_or_empty(fhir: httpx.Client, search: dict
         assert not body.get("entry"), "an operator-shaped search value matched resources"
     else:
         assert body["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(("period", "statuses"), [
+    ({"start": "2026-01-01", "end": "9999-12-31"}, {201}),  # "until revoked": the latest day there is
+    ({"start": "0001-01-01T00:00:00+14:00", "end": "2030-01-01"}, {400, 422}),  # before year 1 in UTC
+    ({"start": "2026-01-01", "end": "9999-12-31T23:59:59-14:00"}, {400, 422}),  # after 9999 in UTC
+])
+def test_psychnotes_consent_dates_at_the_edges(resilient: ResilientStack, period: dict[str, str],
+                                               statuses: set[int]) -> None:
+    from tests.e2e.test_psychnotes import authorization, headers, patient_token
+
+    patient_id = f"edge-{uuid.uuid4().hex[:8]}"
+    consent = authorization(patient_id, recipient={"reference": "Practitioner/edge"},
+                            data_period={"start": "2026-01-01"})
+    consent["provision"]["period"] = period
+    r = httpx.post(f"{resilient.psychnotes}/Consent", headers=headers(patient_token(resilient, patient_id)),
+                   json=consent, timeout=30)
+    assert r.status_code in statuses, r.text
+    assert r.json()["resourceType"] in ("Consent", "OperationOutcome")
+    assert httpx.get(f"{resilient.direct_url('psychnotes')}/readyz", timeout=10).status_code == 200

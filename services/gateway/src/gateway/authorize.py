@@ -178,17 +178,22 @@ async def login(request: Request, form: dict[str, str]) -> Response:
         return _expired()
     username = form.get("username", "")
     user = await store.get_user(db, username) if username else None
-    locked = user is not None and user.get("locked_until") and user["locked_until"] > datetime.now(UTC)
-    if locked:
-        wait = int((user["locked_until"] - datetime.now(UTC)).total_seconds()) + 1  # type: ignore[index]
+    attempt = None
+    if user is not None:
+        attempt = await store.claim_login_attempt(db, username, max_failures=settings.login_max_failures)
+    if user is not None and attempt is None:
+        until = user.get("locked_until")
+        wait = (int((until - datetime.now(UTC)).total_seconds()) + 1
+                if until and until > datetime.now(UTC) else settings.login_lockout_seconds)
         request.state.refusal = "account locked after repeated failed sign-ins"
         return pages.sign_in(session["csrf"], client_label(client), action=LOGIN, username=username,
                              error="Too many failed sign-ins. Try again in a few minutes.",
                              status=429, headers={"Retry-After": str(wait)})
     valid = oauth.verify_secret(user["password_hash"] if user else _DUMMY_HASH, form.get("password", ""))
     if not valid or user is None or user.get("disabled"):
-        if user is not None:
-            await store.record_login_failure(db, username, max_failures=settings.login_max_failures,
+        if user is not None and attempt is not None:
+            await store.record_login_failure(db, username, attempt=attempt,
+                                             max_failures=settings.login_max_failures,
                                              lockout_seconds=settings.login_lockout_seconds)
         request.state.refusal = "sign-in failed"
         log.info("login_failed")

@@ -105,10 +105,25 @@ async def remember_assertion(db: Db, client_id: str, jti: str, expires: datetime
     return True
 
 
-async def record_login_failure(db: Db, username: str, *, max_failures: int, lockout_seconds: int) -> None:
+async def claim_login_attempt(db: Db, username: str, *, max_failures: int) -> int | None:
+    """Count a sign-in attempt as a failure before its password is checked, in one atomic update
+    that only matches while the account is unlocked and has fewer than `max_failures` counted:
+    however many guesses arrive at once, at most `max_failures` are ever checked. Returns the
+    attempt's number, or None when the account is locked (or being locked)."""
+    now = datetime.now(UTC)
     user = await db.users.find_one_and_update(
-        {"_id": username}, {"$inc": {"failed_logins": 1}}, return_document=ReturnDocument.AFTER)
-    if user is not None and int(user.get("failed_logins", 0)) >= max_failures:
+        {"_id": username, "$and": [
+            {"$or": [{"locked_until": {"$exists": False}}, {"locked_until": {"$lte": now}}]},
+            {"$or": [{"failed_logins": {"$exists": False}}, {"failed_logins": {"$lt": max_failures}}]},
+        ]},
+        {"$inc": {"failed_logins": 1}}, return_document=ReturnDocument.AFTER)
+    return None if user is None else int(user["failed_logins"])
+
+
+async def record_login_failure(db: Db, username: str, *, attempt: int, max_failures: int,
+                               lockout_seconds: int) -> None:
+    """The claimed attempt failed (it is already counted); the last allowed one locks the account."""
+    if attempt >= max_failures:
         until = datetime.now(UTC) + timedelta(seconds=lockout_seconds)
         await db.users.update_one({"_id": username},
                                   {"$set": {"locked_until": until, "failed_logins": 0}})

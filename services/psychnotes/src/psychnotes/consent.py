@@ -44,14 +44,23 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def parse_instant(value: str, *, end: bool = False) -> datetime:
-    """A FHIR date or dateTime as a UTC instant; a date used as an end means the whole day."""
+    """A FHIR date or dateTime as a UTC instant; a date used as an end means the whole day.
+
+    ValueError for anything else, including instants that leave Python's year 1-9999 once put in
+    UTC (0001-01-01T00:00:00+14:00); the end of the last day, 9999-12-31, is the latest instant."""
     if _DATE.match(value):
         day = datetime.fromisoformat(value).replace(tzinfo=UTC)
-        return day + timedelta(days=1) if end else day
+        if not end:
+            return day
+        return day + timedelta(days=1) if day.date() < datetime.max.date() else datetime.max.replace(
+            tzinfo=UTC)
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         raise ValueError("a dateTime with a time needs a time zone")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the instant is outside the years 1-9999 in UTC") from None
 
 
 @dataclass(frozen=True)
