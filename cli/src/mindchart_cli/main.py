@@ -56,10 +56,10 @@ async def register_demo(db: Any, creds: dict[str, Any]) -> None:
              ("patient", "patient", f"Patient/{seed.DEMO_PATIENT}", None), ("admin", "admin", None, None),
              ("trainee", "practitioner", f"Practitioner/{seed.DEMO_TRAINEE}",
               f"Practitioner/{seed.DEMO_THERAPIST}"))
-    for username, role, fhir_user, supervisor in users:
+    for username, role, fhir_user, supervised_by in users:
         if await db.users.find_one({"_id": username}) is None:
             await admin.create_user(db, username=username, password=creds["users"][username],
-                                    role=role, fhir_user=fhir_user, supervisor=supervisor)
+                                    role=role, fhir_user=fhir_user, supervisor=supervised_by)
 
 
 async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> dict[str, str]:
@@ -70,14 +70,14 @@ async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> 
     await keys.load(force=True)
     now = int(time.time())
     tokens = {}
-    for who, supervisor in ((seed.DEMO_THERAPIST, None), (seed.DEMO_TRAINEE, seed.DEMO_THERAPIST)):
+    for who, supervised_by in ((seed.DEMO_THERAPIST, None), (seed.DEMO_TRAINEE, seed.DEMO_THERAPIST)):
         claims: dict[str, Any] = {
             "iss": public_url, "aud": f"{public_url}/fhir", "sub": f"demo-seed-{who}",
             "client_id": client_id, "scope": "user/DocumentReference.cruds user/Encounter.rs",
             "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, "roles": ["practitioner"],
             "fhirUser": f"{public_url}/fhir/Practitioner/{who}"}
-        if supervisor:
-            claims["supervisor"] = f"Practitioner/{supervisor}"
+        if supervised_by:
+            claims["supervisor"] = f"Practitioner/{supervised_by}"
         tokens[who] = await keys.sign(claims)
     return tokens
 
