@@ -10,6 +10,8 @@ groups and are stopped together on exit, Ctrl-C or SIGTERM; supervisor.py restar
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -17,8 +19,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pymongo import MongoClient
@@ -41,6 +45,19 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and where its log is."""
+
+
+def _run_to_completion(job: Coroutine[Any, Any, None]) -> None:
+    """Run `job` to its end from synchronous code: on a thread of its own when the caller is
+    itself inside an event loop (the bench starts the stack from its async main), since
+    asyncio.run refuses to nest."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(job)
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, job).result()
 
 
 def data_dir_from_env() -> Path:
@@ -228,8 +245,6 @@ class Stack:
 
     def register_workspace(self) -> None:
         """The workspace is a client like any other: registered in the gateway's datastore."""
-        import asyncio
-
         from pymongo import AsyncMongoClient
 
         from gateway.settings import GatewaySettings
@@ -247,7 +262,7 @@ class Stack:
             finally:
                 await client.close()
 
-        asyncio.run(register())
+        _run_to_completion(register())
 
     def _wait_http(self, name: str, url: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -268,8 +283,6 @@ class Stack:
         """psychnotes' own backend client at the gateway (it asks records for care teams): its
         development key is made under the data dir, and its public half registered with scope
         system/CareTeam.rs. In production an administrator registers it (README)."""
-        import asyncio
-
         from pymongo import AsyncMongoClient
 
         from gateway import admin
@@ -293,7 +306,7 @@ class Stack:
             finally:
                 await client.close()
 
-        asyncio.run(register())
+        _run_to_completion(register())
 
     def start(self) -> None:
         try:
