@@ -604,3 +604,41 @@ def test_a_consent_is_shown_only_to_its_parties(world: World, live: RunningStack
     listed = httpx.get(f"{live.psychnotes}/Consent", params={"patient": world.a},
                        headers=headers(world.therapist))
     assert_refused(listed, 403, *world.secrets)
+
+
+def test_a_practitioner_who_left_the_care_team_cannot_sign_their_draft(live: RunningStack) -> None:
+    """Signing is a write: `$sign` checks care-team membership as create, update and delete do.
+    Dr Ross drafted a note while on patient C's care team, then left it (the CareTeam became
+    inactive); once psychnotes' cached membership has lapsed their `$sign` is refused with 403,
+    audited, and the draft stays an unsigned version 1."""
+    patient = f"atk-c-{uuid.uuid4().hex[:6]}"
+    ross = user_token(live, "Practitioner/dr-ross")
+    draft_text = marker("left-team-draft")
+    team_id = care_team(live, patient, "Practitioner/dr-ross")
+    drafted = httpx.post(f"{live.psychnotes}/DocumentReference", headers=headers(ross),
+                         json=psy_note(patient, draft_text, docStatus="preliminary"))
+    assert drafted.status_code == 201, drafted.text
+    note_id = drafted.headers["location"].split("/")[-3]
+    records_admin = mint_token(live, scope="system/CareTeam.cruds")
+    left = httpx.put(f"{live.fhir}/CareTeam/{team_id}", headers=headers(records_admin), json={
+        "resourceType": "CareTeam", "id": team_id, "status": "inactive",
+        "subject": {"reference": f"Patient/{patient}"},
+        "participant": [{"member": {"reference": "Practitioner/dr-ross"}}]})
+    assert left.status_code == 200, left.text
+    # A refused create writes nothing: poll with it until the remembered membership has lapsed
+    # (MINDCHART_PSYCHNOTES_CARE_TEAM_CACHE_SECONDS, 30 s by default).
+    deadline = time.monotonic() + 60
+    while True:
+        probe = httpx.post(f"{live.psychnotes}/DocumentReference", headers=headers(ross),
+                           json=psy_note(patient, marker("probe")))
+        if probe.status_code == 403:
+            break
+        assert probe.status_code == 201 and time.monotonic() < deadline, probe.text
+        httpx.delete(f"{live.psychnotes}/DocumentReference/{probe.headers['location'].split('/')[-3]}",
+                     headers=headers(ross))
+        time.sleep(1)
+    signed = httpx.post(f"{live.psychnotes}/DocumentReference/{note_id}/$sign", headers=headers(ross))
+    assert_refused(signed, 403, draft_text)
+    assert_audited(live, signed, permit=False, reason="care team")
+    stored = live.db("psychnotes").notes.find_one({"_id": note_id})
+    assert stored["vid"] == 1 and stored["doc_status"] == "preliminary"

@@ -118,10 +118,12 @@ def _check_unlocked(current: dict[str, Any], note_id: str, action: str) -> None:
 
 async def sign_note(ctx: service.Context, note_id: str) -> Response:
     """`POST DocumentReference/{id}/$sign` by the author: docStatus final, authenticator the
-    author; from then on update and delete answer 409."""
+    author; from then on update and delete answer 409. Signing writes a version, so the author
+    must still be on the patient's care team, as for create, update and delete (careteam.py)."""
     author = _require_practitioner(ctx, "update")
     current = await _own_note(ctx, note_id, author, "sign")
     _check_unlocked(current, note_id, "signed again")
+    await _require_care_team(ctx, current["patient"], author, "sign")  # signing is a write
     resource = orjson.loads(await _open(ctx, current, note_id))
     signed = {**resource, "docStatus": "final", "authenticator": {"reference": author}}
     version, moment = int(current["vid"]) + 1, store.now()
