@@ -47,7 +47,22 @@ def test_logs_hold_no_tokens_secrets_or_note_text(live: RunningStack, writer: Ba
         assert private.strip('"') not in text
 
 
-def test_metrics_show_the_series_operators_need(live: RunningStack) -> None:
+def test_metrics_show_the_series_operators_need(live: RunningStack, writer: BackendClient) -> None:
+    """Each service exposes the series dashboards alert on, after the traffic that feeds them:
+    a token request, a records search, a psychotherapy-note read refused at the consent gate, a
+    patient listing their authorizations. The test makes that traffic itself, so it passes run
+    alone as well as after the whole suite."""
+    from tests.e2e.test_psychnotes import headers, patient_token, user_token
+
+    token = writer.token("system/Patient.rs")  # gateway: mindchart_tokens_issued_total
+    searched = httpx.get(f"{live.fhir}/Patient", params={"_count": 1}, headers=headers(token))
+    assert searched.status_code == 200, searched.text
+    therapist = user_token(live, "Practitioner/th-metrics")
+    refused = httpx.get(f"{live.psychnotes}/DocumentReference/no-such-note", headers=headers(therapist))
+    assert refused.status_code == 403, refused.text  # the gate refuses before any lookup
+    own = httpx.get(f"{live.psychnotes}/Consent", params={"patient": "metrics-pt"},
+                    headers=headers(patient_token(live, "metrics-pt")))
+    assert own.status_code == 200, own.text  # a patient lists their own authorizations
     expected = {
         "gateway": ["mindchart_http_requests_total", "mindchart_http_request_duration_seconds",
                     "mindchart_db_command_duration_seconds", "mindchart_tokens_issued_total"],
