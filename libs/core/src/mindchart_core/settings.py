@@ -23,7 +23,23 @@ class UnsafeConfiguration(RuntimeError):
     """Production start-up refused: the message lists every problem found."""
 
 
-class ServiceSettings(BaseSettings):
+class FileSecretSettings(BaseSettings):
+    """Settings whose every field may come from a `<PREFIX><NAME>_FILE` twin (a secret mount)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, values: Any) -> Any:
+        prefix = cls.model_config.get("env_prefix", "")
+        if not isinstance(values, dict):
+            return values
+        for name in cls.model_fields:
+            path = os.environ.get(f"{prefix}{name.upper()}_FILE")
+            if path and name not in values:
+                values[name] = Path(path).read_text().strip()
+        return values
+
+
+class ServiceSettings(FileSecretSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
     env: Literal["development", "production"] = Field(
@@ -41,18 +57,6 @@ class ServiceSettings(BaseSettings):
     # Every datastore call (server selection, connect, each operation or transaction) is bounded
     # by this: a frozen or unreachable datastore costs a request at most this long, then 503.
     mongo_timeout_seconds: float = 5.0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _read_secret_files(cls, values: Any) -> Any:
-        prefix = cls.model_config.get("env_prefix", "")
-        if not isinstance(values, dict):
-            return values
-        for name in cls.model_fields:
-            path = os.environ.get(f"{prefix}{name.upper()}_FILE")
-            if path and name not in values:
-                values[name] = Path(path).read_text().strip()
-        return values
 
     @property
     def is_production(self) -> bool:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import uuid
 from typing import Any
 
 import httpx
@@ -37,6 +35,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure
 
 from mindchart_core import errors
+from records import background
 from records.cdex import keys, requests, store
 from records.cdex.settings import CdexSettings
 from records.resources import RESOURCES
@@ -132,25 +131,17 @@ async def deliver(http: httpx.AsyncClient, key: ECKey, target: dict[str, Any],
                                 response=response)
 
 
-class Workers:
+class Workers(background.Workers):
     """The delivery worker and the overdue sweeper of one records replica."""
 
     def __init__(self, app: Any, settings: CdexSettings, key: ECKey, internal: ResourceStore) -> None:
+        super().__init__()
         self.app, self.settings, self.key, self.internal = app, settings, key, internal
         self.db = app.state.db
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._deliveries(), name="cdex-delivery"),
-                       asyncio.create_task(self._sweeper(), name="cdex-overdue")]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self.spawn("cdex-delivery", self._deliveries())
+        self.spawn("cdex-overdue", self._sweeper())
 
     async def _deliveries(self) -> None:
         async with httpx.AsyncClient(timeout=self.settings.request_timeout_seconds,

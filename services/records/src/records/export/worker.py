@@ -11,45 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import uuid
 from typing import Any
 
 import structlog
 from pymongo.errors import ConnectionFailure
 
 from mindchart_core import metrics
+from records import background
 from records.export import exporter, store
 from records.export.settings import ExportSettings
 
 log = structlog.get_logger(__name__)
 
 
-class Workers:
+class Workers(background.Workers):
     def __init__(self, db: store.Db, settings: ExportSettings, base_url: str) -> None:
+        super().__init__()
         self.db, self.settings, self.base_url = db, settings, base_url
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-        self.wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
 
     def start(self) -> None:
         for index in range(max(0, self.settings.workers)):
-            self._tasks.append(asyncio.create_task(self._loop(index), name=f"export-worker-{index}"))
+            self.spawn(f"export-worker-{index}", self._loop(index))
         if self.settings.workers:
-            self._tasks.append(asyncio.create_task(self._sweeper(), name="export-sweeper"))
-
-    async def stop(self) -> None:
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-
-    def nudge(self) -> None:
-        self.wake.set()
+            self.spawn("export-sweeper", self._sweeper())
 
     async def _loop(self, index: int) -> None:
         while not self._stopping:
@@ -60,9 +44,7 @@ class Workers:
             if job is not None:
                 await self._run(job)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.poll_seconds)
-            self.wake.clear()
+            await self.idle(self.settings.poll_seconds)
 
     async def _run(self, job: dict[str, Any]) -> None:
         attempt = int(job["attempt"])

@@ -35,10 +35,7 @@ configured); channel headers are decrypted only to be sent and are never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import time
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +47,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from mindchart_core import errors, matcher, scopes
+from records import background
 from records.resources import RESOURCES
 from records.store import ResourceStore
 from records.subscriptions import channel_headers, endpoints, grants, notifications, profile, store, topics
@@ -58,7 +56,7 @@ from records.subscriptions.settings import SubscriptionSettings
 log = structlog.get_logger(__name__)
 
 
-class Workers:
+class Workers(background.Workers):
     def __init__(
         self,
         client: AsyncMongoClient[dict[str, Any]],
@@ -67,37 +65,26 @@ class Workers:
         base_url: str,
         grant_source: grants.Grants,
     ) -> None:
+        super().__init__()
         self.client, self.db, self.settings, self.base_url = client, db, settings, base_url
         self.grants = grant_source
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self.development = not settings.is_production
         self.allowed = endpoints.networks(settings.allow_networks)
         self.key = settings.header_key_bytes() if settings.enabled else b""
-        self.wake = asyncio.Event()
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        self._tasks: list[asyncio.Task[None]] = []
         self._filters: dict[tuple[str, int], dict[str, Any]] = {}
-        self._stopping = False
 
     def start(self) -> None:
         if self.settings.workers <= 0 or not self.settings.enabled:
             return
-        self._tasks.append(asyncio.create_task(self._fan_out_loop(), name="subscription-fan-out"))
+        self.spawn("subscription-fan-out", self._fan_out_loop())
         for index in range(self.settings.workers):
-            self._tasks.append(asyncio.create_task(self._loop(index), name=f"subscription-worker-{index}"))
+            self.spawn(f"subscription-worker-{index}", self._loop(index))
 
     async def stop(self) -> None:
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await super().stop()
         await self.http.aclose()
         await self.grants.close()
-
-    def nudge(self) -> None:
-        self.wake.set()
 
     # -- fan-out --------------------------------------------------------------------------
 
@@ -173,9 +160,7 @@ class Workers:
                         error_type=type(exc).__name__, where=_where(exc),
                     )
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.poll_seconds)
-            self.wake.clear()
+            await self.idle(self.settings.poll_seconds)
 
     def _pause(self, failures: int) -> float:
         return float(

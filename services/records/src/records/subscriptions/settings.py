@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
 
-from mindchart_core.settings import development_secret
-
-PREFIX = "MINDCHART_RECORDS_SUBSCRIPTION_"
-SECRETS = ("header_key", "gateway_secret")  # each also read from a *_FILE twin
+from mindchart_core.settings import FileSecretSettings, development_secret
 
 
-class SubscriptionSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True)
+class SubscriptionSettings(FileSecretSettings):
+    """Secrets (header_key, gateway_secret) may come from `*_FILE` twins, as every setting may."""
+
+    model_config = SettingsConfigDict(env_prefix="MINDCHART_RECORDS_SUBSCRIPTION_", extra="ignore",
+                                      populate_by_name=True)
 
     env: Literal["development", "production"] = Field(
         "development", validation_alias=AliasChoices("MINDCHART_ENV", "env"))
@@ -51,16 +50,6 @@ class SubscriptionSettings(BaseSettings):
     header_key: str = ""
     # Shared with the gateway's MINDCHART_GATEWAY_INTERNAL_SECRET (see gateway/subscribers.py).
     gateway_secret: str = ""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _read_secret_files(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            for name in SECRETS:
-                path = os.environ.get(f"{PREFIX}{name.upper()}_FILE")
-                if path and name not in values:
-                    values[name] = Path(path).read_text().strip()
-        return values
 
     @property
     def is_production(self) -> bool:
