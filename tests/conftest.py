@@ -13,7 +13,7 @@ import pytest
 from pymongo import MongoClient
 
 from mindchart_cli import stack
-from tests.actors import BackendAuth, BackendClient, register_backend
+from tests.actors import BackendAuth, BackendClient, records_client, register_backend
 
 
 def free_port() -> int:
@@ -77,6 +77,13 @@ def writer(live: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Back
     client = BackendClient("test-writer", live.gateway_url)
     register_backend(live.cli_env, client, "system/*.cruds", tmp=tmp_path_factory.mktemp("keys"))
     return client
+
+
+@pytest.fixture(scope="module")
+def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
+    """Records through the gateway as `writer`, every answer checked against the R4 schema."""
+    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

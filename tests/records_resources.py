@@ -64,6 +64,12 @@ def outcome(response: httpx.Response, status: int, code: str | None = None) -> d
     return dict(body)
 
 
+def created_id(response: httpx.Response) -> str:
+    """The id of the resource a create answered 201 for."""
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
 def ids_of(bundle: dict[str, Any], mode: str | None = "match") -> list[str]:
     return [e["resource"]["id"] for e in bundle.get("entry", [])
             if mode is None or e.get("search", {}).get("mode") == mode]

@@ -5,16 +5,16 @@ compartment, also through _include, _revinclude, history and Bundles; another pa
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.actors import BackendAuth, BackendClient, mint_token, records_client
+from tests.actors import mint_token, records_client
 from tests.conftest import RunningStack
 from tests.records_resources import (
     OBS_CATEGORY,
+    created_id,
     ids_of,
     outcome,
     patient,
@@ -36,36 +36,25 @@ class Two:
 
 
 @pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
-
-
-def _id(response: httpx.Response) -> str:
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-@pytest.fixture(scope="module")
 def two(fhir: httpx.Client) -> Two:
-    mine = _id(fhir.post("/Patient", json=patient("Mine")))
-    theirs = _id(fhir.post("/Patient", json=patient("Theirs")))
-    their_encounter = _id(fhir.post("/Encounter", json={
+    mine = created_id(fhir.post("/Patient", json=patient("Mine")))
+    theirs = created_id(fhir.post("/Patient", json=patient("Theirs")))
+    their_encounter = created_id(fhir.post("/Encounter", json={
         "resourceType": "Encounter", "status": "finished",
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
         "subject": {"reference": f"Patient/{theirs}"}}))
     # A (mis-filed) reference from my note to their encounter must not leak it through _include.
-    my_note = _id(fhir.post("/DocumentReference", json=progress_note(
+    my_note = created_id(fhir.post("/DocumentReference", json=progress_note(
         mine, context={"encounter": [{"reference": f"Encounter/{their_encounter}"}]})))
-    their_note = _id(fhir.post("/DocumentReference", json=progress_note(theirs)))
+    their_note = created_id(fhir.post("/DocumentReference", json=progress_note(theirs)))
     provenance = {"resourceType": "Provenance", "recorded": "2026-11-20T10:00:00Z",
                   "agent": [{"who": {"display": "Dr Chen"}}]}
-    my_provenance = _id(fhir.post("/Provenance", json={
+    my_provenance = created_id(fhir.post("/Provenance", json={
         **provenance, "target": [{"reference": f"DocumentReference/{my_note}"}]}))
-    their_provenance = _id(fhir.post("/Provenance", json={
+    their_provenance = created_id(fhir.post("/Provenance", json={
         **provenance, "target": [{"reference": f"DocumentReference/{their_note}"}]}))
     fhir.post("/Observation", json=phq9_total(mine))
-    vitals = _id(fhir.post("/Observation", json=phq9_total(mine, code="8867-4", category=[
+    vitals = created_id(fhir.post("/Observation", json=phq9_total(mine, code="8867-4", category=[
         {"coding": [{"system": OBS_CATEGORY, "code": "vital-signs"}]}])))
     note = fhir.get(f"/DocumentReference/{my_note}").json()
     assert fhir.put(f"/DocumentReference/{my_note}", json={**note, "description": "v2"}).status_code == 200

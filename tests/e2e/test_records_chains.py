@@ -6,16 +6,23 @@ what the caller may not see did not exist (no existence oracle)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.actors import BackendAuth, BackendClient, mint_token, records_client
+from tests.actors import mint_token, records_client
 from tests.conftest import RunningStack
-from tests.records_resources import OBS_CATEGORY, ids_of, outcome, patient, phq9_total, progress_note
+from tests.records_resources import (
+    OBS_CATEGORY,
+    created_id,
+    ids_of,
+    outcome,
+    patient,
+    phq9_total,
+    progress_note,
+)
 
 MRN = "urn:mindchart:mrn"
 LAB = [{"coding": [{"system": OBS_CATEGORY, "code": "laboratory"}]}]
@@ -35,36 +42,25 @@ class Family:
 
 
 @pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
-
-
-def _id(response: httpx.Response) -> str:
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-@pytest.fixture(scope="module")
 def family(fhir: httpx.Client) -> Family:
     tag = uuid.uuid4().hex[:8]
-    a = _id(fhir.post("/Patient", json=patient(f"Chainfam{tag}", birthDate="1984-03-09",
+    a = created_id(fhir.post("/Patient", json=patient(f"Chainfam{tag}", birthDate="1984-03-09",
                                                 identifier=[{"system": MRN, "value": f"a-{tag}"}])))
-    b = _id(fhir.post("/Patient", json=patient(f"Otherfam{tag}", birthDate="1984-03-09",
+    b = created_id(fhir.post("/Patient", json=patient(f"Otherfam{tag}", birthDate="1984-03-09",
                                                 identifier=[{"system": MRN, "value": f"b-{tag}"}])))
-    c = _id(fhir.post("/Patient", json=patient(f"Labfam{tag}", identifier=[{"system": MRN, "value": f"c-{tag}"}])))
-    note_a = _id(fhir.post("/DocumentReference", json=progress_note(a)))
-    note_b = _id(fhir.post("/DocumentReference", json=progress_note(b)))
+    c = created_id(fhir.post("/Patient", json=patient(f"Labfam{tag}", identifier=[{"system": MRN, "value": f"c-{tag}"}])))
+    note_a = created_id(fhir.post("/DocumentReference", json=progress_note(a)))
+    note_b = created_id(fhir.post("/DocumentReference", json=progress_note(b)))
     provenance = {"resourceType": "Provenance", "recorded": "2026-11-20T10:00:00Z",
                   "agent": [{"who": {"display": "Dr Chen"}}]}
-    provenance_a = _id(fhir.post("/Provenance", json={
+    provenance_a = created_id(fhir.post("/Provenance", json={
         **provenance, "target": [{"reference": f"DocumentReference/{note_a}"}]}))
-    provenance_b = _id(fhir.post("/Provenance", json={
+    provenance_b = created_id(fhir.post("/Provenance", json={
         **provenance, "target": [{"reference": f"DocumentReference/{note_b}"}]}))
-    _id(fhir.post("/Observation", json=phq9_total(a)))
-    _id(fhir.post("/Observation", json=phq9_total(b)))
+    created_id(fhir.post("/Observation", json=phq9_total(a)))
+    created_id(fhir.post("/Observation", json=phq9_total(b)))
     # C's only PHQ-9-coded Observation is filed as laboratory: invisible to a survey-only scope.
-    _id(fhir.post("/Observation", json=phq9_total(c, category=LAB)))
+    created_id(fhir.post("/Observation", json=phq9_total(c, category=LAB)))
     return Family(tag, a, b, c, note_a, note_b, provenance_a, provenance_b)
 
 

@@ -5,33 +5,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
-import pytest
 
-from tests.actors import BackendAuth, BackendClient, mint_token, records_client
+from tests.actors import mint_token, records_client
 from tests.conftest import RunningStack
-from tests.records_resources import outcome, patient, phq9_total
+from tests.records_resources import created_id, outcome, patient, phq9_total
 
 PATCH = {"Content-Type": "application/json-patch+json"}
 
 
-@pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
-
-
-def _id(response: httpx.Response) -> str:
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
 def test_conditional_delete(fhir: httpx.Client) -> None:
     tag = uuid.uuid4().hex[:8]
-    one = _id(fhir.post("/Patient", json=patient(f"Delone{tag}", identifier=[{"system": "urn:t", "value": tag}])))
+    one = created_id(fhir.post("/Patient", json=patient(f"Delone{tag}", identifier=[{"system": "urn:t", "value": tag}])))
     fhir.post("/Patient", json=patient(f"Deltwo{tag}"))
     fhir.post("/Patient", json=patient(f"Deltwo{tag}"))
     assert fhir.delete("/Patient", params={"identifier": f"urn:t|{tag}"}).status_code == 204
@@ -47,9 +34,9 @@ def test_conditional_delete(fhir: httpx.Client) -> None:
 
 def test_conditional_delete_sees_only_what_the_caller_may(live: RunningStack, fhir: httpx.Client) -> None:
     tag = uuid.uuid4().hex[:8]
-    mine = _id(fhir.post("/Patient", json=patient(f"Mine{tag}")))
-    theirs = _id(fhir.post("/Patient", json=patient(f"Theirs{tag}")))
-    their_obs = _id(fhir.post("/Observation", json=phq9_total(theirs)))
+    mine = created_id(fhir.post("/Patient", json=patient(f"Mine{tag}")))
+    theirs = created_id(fhir.post("/Patient", json=patient(f"Theirs{tag}")))
+    their_obs = created_id(fhir.post("/Observation", json=phq9_total(theirs)))
     token = mint_token(live, scope="patient/*.cruds", patient=mine, sub="cd-app", client_id="cd-app")
     with records_client(live, token=token) as app:
         deleted = app.delete("/Observation", params={"_id": their_obs})
@@ -59,7 +46,7 @@ def test_conditional_delete_sees_only_what_the_caller_may(live: RunningStack, fh
 
 def test_conditional_patch(fhir: httpx.Client) -> None:
     tag = uuid.uuid4().hex[:8]
-    pid = _id(fhir.post("/Patient", json=patient(f"Patchme{tag}", identifier=[{"system": "urn:t", "value": tag}])))
+    pid = created_id(fhir.post("/Patient", json=patient(f"Patchme{tag}", identifier=[{"system": "urn:t", "value": tag}])))
     ops = [{"op": "replace", "path": "/gender", "value": "female"}]
     patched = fhir.patch("/Patient", params={"identifier": f"urn:t|{tag}"}, json=ops, headers=PATCH)
     assert patched.status_code == 200, patched.text
@@ -74,8 +61,8 @@ def test_system_history_and_since(live: RunningStack, fhir: httpx.Client) -> Non
     time.sleep(0.01)
     since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     tag = uuid.uuid4().hex[:8]
-    pid = _id(fhir.post("/Patient", json=patient(f"Hist{tag}")))
-    obs = _id(fhir.post("/Observation", json=phq9_total(pid)))
+    pid = created_id(fhir.post("/Patient", json=patient(f"Hist{tag}")))
+    obs = created_id(fhir.post("/Observation", json=phq9_total(pid)))
     assert fhir.delete(f"/Observation/{obs}").status_code in (200, 204)
     recent = fhir.get("/_history", params={"_since": since, "_count": 100}).json()
     assert recent["type"] == "history"
@@ -94,7 +81,7 @@ def test_system_history_and_since(live: RunningStack, fhir: httpx.Client) -> Non
     assert walked == [e["fullUrl"] + e["response"]["etag"] for e in recent["entry"]]
     # A patient-scoped token sees only its compartment in the system history.
     token = mint_token(live, scope="patient/*.rs", patient=pid, sub="h-app", client_id="h-app")
-    other = _id(fhir.post("/Patient", json=patient(f"Histother{tag}")))
+    other = created_id(fhir.post("/Patient", json=patient(f"Histother{tag}")))
     with records_client(live, token=token) as app:
         theirs = app.get("/_history", params={"_since": since, "_count": 100}).json()
     urls = {e["fullUrl"] for e in theirs.get("entry", [])}

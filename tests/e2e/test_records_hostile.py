@@ -4,22 +4,15 @@ OperationOutcome, nothing stored, nothing leaked, the service still healthy."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.actors import BackendAuth, BackendClient, mint_token, records_client
+from tests.actors import mint_token, records_client
 from tests.conftest import RunningStack
 from tests.records_resources import outcome, patient, phq9_total
 
 TYPES = ("Patient", "Observation", "DocumentReference", "Provenance")
-
-
-@pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,6 @@ from tests.records_resources import (
 
 
 @pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def direct(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
     """Records without the gateway, for what the gateway does not route yet (see each test)."""
     with records_client(live, auth=BackendAuth(writer, "system/*.cruds"), direct=True) as client:

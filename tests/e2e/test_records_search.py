@@ -4,14 +4,12 @@ modifiers, includes, sorting, paging, result shaping. Every answer is schema-che
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.actors import BackendAuth, BackendClient, records_client
 from tests.conftest import RunningStack
 from tests.records_resources import (
     LOINC,
@@ -35,12 +33,6 @@ class World:
     provenance: str
     practitioner: str
     family: str
-
-
-@pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
 
 
 def _make(fhir: httpx.Client, body: dict[str, Any]) -> str:
