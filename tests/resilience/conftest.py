@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ import httpx
 import pytest
 
 from mindchart_cli import stack, supervisor
-from tests.actors import BackendAuth, BackendClient, register_backend
+from tests.actors import (
+    BackendAuth,
+    BackendClient,
+    create_user,
+    register_app,
+    register_backend,
+    smart_login,
+)
 from tests.conftest import RunningStack, free_port
 
 MONGO_TIMEOUT_S = 2.5  # MINDCHART_<SERVICE>_MONGO_TIMEOUT_SECONDS in this stack
@@ -134,6 +142,82 @@ def fhir(resilient: ResilientStack, resilient_writer: BackendClient) -> Iterator
         yield client
 
 
+# -- people signed in through the real SMART launch (the load and the faults tests act as them) ----
+
+APP = "resilience-app"
+APP_SCOPE = ("launch/patient openid fhirUser offline_access patient/*.rs user/*.rs "
+             "user/DocumentReference.cruds")
+PASSWORD = "resilience horse battery staple"
+
+
+@dataclass
+class SmartSession:
+    """A user's tokens from the authorization-code flow; a refresh is a token request (SMART App
+    Launch 2.2 §refresh-access-token; the gateway rotates the refresh token on every use)."""
+
+    access_token: str
+    refresh_token: str
+    fhir_user: str
+
+    def refresh_form(self) -> dict[str, str]:
+        return {"grant_type": "refresh_token", "client_id": APP, "refresh_token": self.refresh_token}
+
+    def refreshed(self, response: httpx.Response | None) -> None:
+        """Keep the new pair from a refresh answered 200 (the old refresh token is spent)."""
+        if response is not None and response.status_code == 200:
+            body = response.json()
+            self.access_token, self.refresh_token = body["access_token"], body["refresh_token"]
+
+    def headers(self, consent: str | None = None) -> dict[str, str]:
+        out = {"Authorization": f"Bearer {self.access_token}", "Accept": "application/fhir+json",
+               "Content-Type": "application/fhir+json"}
+        if consent:
+            out["Consent-Token"] = consent
+        return out
+
+
+@dataclass
+class People:
+    """One practice: a patient (with a user account), a clinician reading records, and a
+    therapist on the patient's care team writing psychotherapy notes; each signed in once."""
+
+    patient_id: str
+    practitioner_id: str
+    patient: SmartSession
+    clinician: SmartSession
+    therapist: SmartSession  # audience: psychnotes
+
+
+@pytest.fixture(scope="session")
+def people(resilient: ResilientStack, fhir: httpx.Client) -> People:
+    suffix = uuid.uuid4().hex[:6]
+    patient_id = fhir.post("/Patient", json=patient(f"Loadpatient-{suffix}")).json()["id"]
+    practitioner = fhir.post("/Practitioner", json={"resourceType": "Practitioner",
+                                                    "name": [{"family": f"Loaddoc-{suffix}"}]})
+    assert practitioner.status_code == 201, practitioner.text
+    practitioner_id = practitioner.json()["id"]
+    team = fhir.post("/CareTeam", json={
+        "resourceType": "CareTeam", "status": "active", "subject": {"reference": f"Patient/{patient_id}"},
+        "participant": [{"member": {"reference": f"Practitioner/{practitioner_id}"}}]})
+    assert team.status_code == 201, team.text
+    env = resilient.cli_env
+    create_user(env, f"pt-{suffix}", PASSWORD, "patient", f"Patient/{patient_id}")
+    create_user(env, f"dr-{suffix}", PASSWORD, "practitioner", f"Practitioner/{practitioner_id}")
+    register_app(env, APP, APP_SCOPE, audiences=("records", "psychnotes"))
+
+    def login(user: str, scope: str, aud: str) -> SmartSession:
+        body = smart_login(resilient.gateway_url, client_id=APP, username=user, password=PASSWORD,
+                           scope=scope, aud=aud)
+        return SmartSession(body["access_token"], body["refresh_token"], user)
+
+    return People(
+        patient_id=patient_id, practitioner_id=practitioner_id,
+        patient=login(f"pt-{suffix}", "launch/patient patient/*.rs offline_access", resilient.fhir),
+        clinician=login(f"dr-{suffix}", "user/*.rs offline_access", resilient.fhir),
+        therapist=login(f"dr-{suffix}", "user/DocumentReference.cruds offline_access",
+                        resilient.psychnotes))
+
+
 def audit_counts(running: RunningStack, request_ids: list[str]) -> Counter[str]:
     """How many audit records the gateway holds for each of these request ids."""
     db = running.db("gateway")
@@ -160,5 +244,5 @@ def patient(family: str) -> dict[str, Any]:
     return {"resourceType": "Patient", "name": [{"family": family}], "active": True}
 
 
-__all__ = ["MONGO_TIMEOUT_S", "SOAK", "Path", "ResilientStack", "audit_counts", "patient", "report",
-           "verify_chain"]
+__all__ = ["MONGO_TIMEOUT_S", "SOAK", "Path", "People", "ResilientStack", "SmartSession", "audit_counts",
+           "patient", "report", "verify_chain"]
