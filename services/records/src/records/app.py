@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
 from records import cdex, export, routes, store, subscriptions
+from records.amendments import routes as amendments
 from records.lifecycle import routes as lifecycle
 from records.settings import RecordsSettings
 
@@ -45,6 +46,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     export.install(app)  # before routes.router: its /{type}/{id} would match $export URLs
     cdex.install(app)  # likewise: Task writes and the review operations
     lifecycle.install(app)  # $sign, $verify-signature, signing JWKS (same reason)
+    app.include_router(amendments.router)  # Task/{id}/$deny ... (same reason)
     subscriptions.install(app)  # before routes.router too: Subscription and Basic are its own
     app.include_router(routes.router)
     return service_app.finish(app, "records")

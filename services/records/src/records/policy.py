@@ -9,11 +9,14 @@ repo.ts, HAPI IConsentService). A resource outside the filter does not exist for
   every patient of this (single) practice.
 - `system/` scopes: what the client was registered for (capped when the token was issued).
 - Granular scopes (`?category=...`) narrow each scope to resources matching their parameters.
-- `Task` (Da Vinci CDex requests, records/cdex): a payer client (role `payer`) sees only the
-  Tasks it posted (tagged with its client id when records stored them); practitioner and admin
-  users see all of them (the review queue); nobody else sees any. Tasks are written only by
-  records' own CDex code (token `CDEX_CLIENT`), never by a REST create, update, patch, delete or
-  transaction entry, so a Task's status and output change only through the review.
+- `Task` (Da Vinci CDex requests, records/cdex; amendment requests, records/amendments): a payer
+  client (role `payer`) sees only the Tasks it posted (tagged with its client id when records
+  stored them); practitioner and admin users see all of them (the review queue); a patient
+  (patient-context token, or a patient user) sees only the amendment requests whose `for` is
+  them (45 CFR 164.526); nobody else sees any. Tasks are written only by records' own CDex and
+  amendment code (tokens `CDEX_CLIENT`, `AMENDMENTS_CLIENT`), never by a REST create, update,
+  patch, delete or transaction entry, so a Task's status and output change only through the
+  review or the amendment operations.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ PAYER_ROLE = "payer"
 # Records' own CDex code acts under this client id, which no registration can take (the gateway
 # allows only letters, digits, '.', '_' and '-' in client ids).
 CDEX_CLIENT = "urn:mindchart:records:cdex"
+AMENDMENTS_CLIENT = "urn:mindchart:records:amendments"  # records/amendments, likewise
+INTERNAL_TASK_WRITERS = frozenset({CDEX_CLIENT, AMENDMENTS_CLIENT})
+# Task.code of a patient's amendment request (records/amendments/requests.py documents it).
+AMENDMENT_REQUEST = "https://mindchart.dev/fhir/CodeSystem/amendment|amendment-request"
 # meta.tag naming the payer client that posted a Task (set by records, never by the payer).
 TASK_CLIENT_TAG = "https://mindchart.dev/fhir/CodeSystem/cdex-requester-client"
 TASK_WRITES = frozenset({"create", "update", "patch", "delete"})
@@ -56,10 +63,15 @@ class AccessPolicy:
         return None
 
     def _task_filter(self, scope: ClinicalScope, interaction: str) -> dict[str, Any] | None:
-        if self.token.client_id == CDEX_CLIENT:
+        if self.token.client_id in INTERNAL_TASK_WRITERS:
             return {}
         if interaction in TASK_WRITES:
             return None
+        confinement = self._compartment_of_caller(scope)
+        if isinstance(confinement, str) and (scope.context == "patient" or (
+                self.token.fhir_user_ref or "").startswith("Patient/")):
+            return {"$and": [{"sp.patient": {"$in": [f"Patient/{confinement}"]}},
+                             {"sp.code": {"$in": [AMENDMENT_REQUEST]}}]}
         if scope.context == "system" and PAYER_ROLE in self.token.roles:
             return {"sp._tag": f"{TASK_CLIENT_TAG}|{self.token.client_id}"}
         user = self.token.fhir_user_ref or ""

@@ -13,6 +13,7 @@ ParamType = Literal["token", "reference", "date", "string", "quantity"]
 
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition"
 SEARCH_PARAM_BASE = "http://hl7.org/fhir/SearchParameter"
+MINDCHART_SEARCH_PARAM_BASE = "https://mindchart.dev/fhir/SearchParameter"
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,11 @@ RESOURCES: dict[str, ResourceDef] = {
             ),
             patient_compartment=("member.entity",),
         ),
-        # Da Vinci CDex 2.1 data and attachment requests from payers (records/cdex). Outside
-        # every Patient compartment here: the member is usually a contained Patient, and who sees
-        # a Task is decided by records.policy (its payer, and reviewers), never by patient scopes.
+        # Da Vinci CDex 2.1 data and attachment requests from payers (records/cdex), and patients'
+        # amendment requests (records/amendments). Outside every Patient compartment, as in R4
+        # (task.html: "not linked to any defined compartments"; the CDex member is usually a
+        # contained Patient): who sees a Task is decided by records.policy (its payer, reviewers,
+        # the patient who filed an amendment request), never by patient scopes.
         ResourceDef(
             "Task",
             (
@@ -212,6 +215,15 @@ RESOURCES: dict[str, ResourceDef] = {
                 _p("owner", "reference", "owner", base="Task-owner"),
                 _p("authored-on", "date", "authoredOn", base="Task-authored-on"),
                 _p("modified", "date", "lastModified", base="Task-modified"),
+                # Amendment requests (records/amendments): R4 Task-patient/-subject/-focus, and
+                # `restriction-period`, Mindchart's own (R4's `period` is Task.executionPeriod;
+                # nothing in R4 searches Task.restriction.period, the 45 CFR 164.526 deadline).
+                _p("patient", "reference", "for", target="Patient", base="Task-patient"),
+                _p("subject", "reference", "for", base="Task-subject"),
+                _p("focus", "reference", "focus", base="Task-focus"),
+                _p("period", "date", "executionPeriod", base="Task-period"),
+                SearchParam("restriction-period", "date", ("restriction.period",), None,
+                            f"{MINDCHART_SEARCH_PARAM_BASE}/Task-restriction-period"),
             ),
             patient_compartment=(),
             profiles=("http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-data-request",

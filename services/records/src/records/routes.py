@@ -13,6 +13,8 @@ from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
 from records import bundles, cdex, patch, service, subscriptions
+from records.amendments import appended
+from records.amendments import routes as amendments
 from records.export import declare as declare_bulk_export
 from records.lifecycle.operations import declare as declare_lifecycle
 from records.policy import AccessPolicy
@@ -64,6 +66,7 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
     declare_bulk_export(statement)  # Bulk Data operations (records/export)
     cdex.declare(statement, settings.public_base_url)  # Da Vinci CDex parts (records/cdex)
     declare_lifecycle(statement, settings.public_base_url)  # $sign, $verify-signature
+    amendments.declare(statement, settings.public_base_url)  # 164.526 requests (records/amendments)
     subscriptions.declare(statement)  # topic-based Subscription (records/subscriptions)
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})
 
@@ -177,7 +180,9 @@ async def vread(resource_type: str, resource_id: str, version: str, store: Store
     if not version.isdigit() or len(version) > 12:
         raise errors.NotFound("Unknown version")
     stored = await store.vread(definition, resource_id, int(version))
-    return service.resource_response(stored, settings.public_base_url)
+    return service.resource_response(stored, settings.public_base_url,
+                                     links=await appended.link_header(store, stored,
+                                                                      settings.public_base_url))
 
 
 @router.get("/{resource_type}/{resource_id}")
@@ -188,7 +193,9 @@ async def read(resource_type: str, resource_id: str, request: Request, store: St
                                        if k in ("_summary", "_elements")], base_url="")
     stored = await store.read(definition, resource_id)
     return service.resource_response(stored, settings.public_base_url, summary=shaping.summary,
-                                     elements=shaping.elements)
+                                     elements=shaping.elements,
+                                     links=await appended.link_header(store, stored,
+                                                                      settings.public_base_url))
 
 
 @router.get("/{resource_type}")

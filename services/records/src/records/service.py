@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, validation
 from records import subsetting
+from records.amendments import appended
 from records.resources import RESOURCES, ResourceDef
 from records.search import chain, extract, query
 from records.store import MAX_INCLUDES, ResourceStore, Session, StoredResource, instant
@@ -36,9 +37,11 @@ def resource_headers(stored: StoredResource, base_url: str, *, location: bool = 
 def resource_response(
     stored: StoredResource, base_url: str, *, status: int = 200, location: bool = False,
     prefer: str | None = None, summary: str | None = None, elements: list[str] | None = None,
+    links: dict[str, str] | None = None,
 ) -> Response:
-    """R4 http.html §Prefer: return=minimal | representation | OperationOutcome."""
-    headers = resource_headers(stored, base_url, location=location)
+    """R4 http.html §Prefer: return=minimal | representation | OperationOutcome. `links`: a
+    `Link` header (a note's appended amendment documents, records/amendments/appended.py)."""
+    headers = {**resource_headers(stored, base_url, location=location), **(links or {})}
     wanted = (prefer or "").replace(" ", "").lower()
     if "return=minimal" in wanted:
         return Response(status_code=status, headers=headers)
@@ -120,7 +123,12 @@ async def search_bundle(
                     search=b'{"mode":"match"}')
         for s in page.resources
     ]
-    for s in await included(store, request.includes, page.resources):
+    extra = await included(store, request.includes, page.resources)
+    # 45 CFR 164.526(d)(5): a note's statement of disagreement and rebuttal go wherever it goes.
+    listed = {(r.resource_type, r.id) for r in [*page.resources, *extra]}
+    extra += [d for d in await appended.material(store, page.resources)
+              if (d.resource_type, d.id) not in listed]
+    for s in extra:
         entries.append(entry_bytes(f"{base_url}/{s.resource_type}/{s.id}", s.raw or b"{}",
                                    search=b'{"mode":"include"}'))
     return bundle_bytes(head, entries)

@@ -26,6 +26,9 @@ from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, scopes, tokens, validation
 from records import service
+from records.amendments import appended
+from records.amendments import requests as amendment_requests
+from records.amendments import routes as amendment_routes
 from records.cdex import keys, match, requests, review, store
 from records.lifecycle.operations import JWKS_PATH
 from records.policy import CDEX_CLIENT, PAYER_ROLE, AccessPolicy
@@ -81,11 +84,14 @@ def _reviewer(token: tokens.AccessToken, interaction: str) -> None:
 
 @router.post("/Task")
 async def file_request(request: Request) -> Response:
-    """Da Vinci CDex 2.1 task-based request: the payer POSTs the Task to the data source."""
+    """Da Vinci CDex 2.1 task-based request: the payer POSTs the Task to the data source. A Task
+    with the amendment-request code is a patient's 45 CFR 164.526 request (records/amendments)."""
     token = await _caller(request)
-    _payer(token)
     settings = request.app.state.settings
     body = await fhirjson.read_json_body(request, settings.max_body_bytes)
+    if isinstance(body, dict) and amendment_requests.is_amendment_request(body):
+        return await amendment_routes.file_request(request, body)
+    _payer(token)
     task = validation.validate_resource(body, "Task")
     parsed = requests.parse(task)
     if parsed.kind == "attachment" and (parsed.payer_url not in token.payer_endpoints
@@ -116,7 +122,9 @@ async def file_request(request: Request) -> Response:
 @router.delete("/Task/{task_id}")
 async def task_changes_through_review(task_id: str, request: Request) -> Response:
     await _caller(request)
-    raise errors.MethodNotAllowed("A CDex Task changes only through its review ($approve, $refuse)")
+    raise errors.MethodNotAllowed("A Task changes only through its operations: a CDex request's "
+                                  "review ($approve, $refuse), an amendment request's $deny, "
+                                  "$extend, $disagree, $rebut or a signed correction")
 
 
 @router.get("/.well-known/cdex-client-jwks.json")
@@ -168,6 +176,10 @@ async def approve(task_id: str, request: Request) -> Response:
     parsed = requests.parse(task)
     released = review.select(await review.candidates(reviewer, task, base_url), chosen,
                              include_restricted)
+    # 45 CFR 164.526(d)(5): a released note takes its statement of disagreement and rebuttal along.
+    chosen_refs = {c.reference for c in released}
+    released += [review.Candidate(d, False) for d in await appended.material(
+        reviewer, [c.stored for c in released]) if f"DocumentReference/{d.id}" not in chosen_refs]
     moment = instant(now())
     answer = review.signed(review.answer_bundle(released, base_url),
                            request.app.state.signing_keys.current,

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from mindchart_core import errors, fhirjson
 from records import routes as fhir_routes
 from records import service as fhir_service
+from records.amendments import routes as amendment_routes
 from records.cdex import capability as cdex_capability
 from records.lifecycle import keys, service
 from records.lifecycle.operations import JWKS_PATH, operation_definitions
@@ -54,7 +55,8 @@ async def operation_definition(definition_id: str, request: Request,
                                settings: fhir_routes.SettingsDep) -> Response:
     fhirjson.negotiate(request)
     found = operation_definitions(settings.public_base_url).get(definition_id) or \
-        cdex_capability.operation_definitions(settings.public_base_url).get(definition_id)
+        cdex_capability.operation_definitions(settings.public_base_url).get(definition_id) or \
+        amendment_routes.operation_definitions(settings.public_base_url).get(definition_id)
     if found is None:
         raise errors.NotFound("Unknown OperationDefinition")
     return fhirjson.FhirResponse(found)

@@ -25,6 +25,7 @@ from typing import Any
 
 from mindchart_core import errors
 from mindchart_core.tokens import AccessToken
+from records.amendments import requests as amendment_requests
 
 GUARDED_TYPES = frozenset({"DocumentReference", "Provenance"})
 DRAFT = "preliminary"
@@ -183,10 +184,24 @@ def carries_system_signature(provenance: dict[str, Any]) -> bool:
                for s in provenance.get("signature") or [])
 
 
+def is_amendment_document(note: dict[str, Any]) -> bool:
+    """A statement of disagreement or rebuttal (records/amendments/appended.py): written only
+    by records' amendment operations, so none can be forged or altered by a plain write."""
+    return any(isinstance(c, dict) and c.get("system") == amendment_requests.SYSTEM
+               for category in note.get("category") or [] if isinstance(category, dict)
+               for c in category.get("coding") or [])
+
+
 def check_write(resource_type: str, current: dict[str, Any] | None, new: dict[str, Any] | None,
                 token: AccessToken) -> None:
     """Every plain write of a guarded type: `current` the version it replaces (None for a
     create), `new` what is written (None for a delete)."""
+    if resource_type == "DocumentReference" and new is not None and is_amendment_document(new) \
+            and not (current is not None and is_amendment_document(current)):  # else: locked
+        raise errors.Unprocessable(
+            "Statements of disagreement and rebuttals are filed with POST Task/{id}/$disagree and "
+            "Task/{id}/$rebut (45 CFR 164.526(d)), never written directly",
+            expression=["DocumentReference.category"])
     if resource_type == "Provenance":
         # The JWS signatures of notes are records' own (lifecycle/signing.py): a client can
         # neither file one (it would make $verify-signature report a forgery) nor alter one.

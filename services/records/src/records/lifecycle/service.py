@@ -22,6 +22,7 @@ import orjson
 
 from mindchart_core import errors, scopes
 from mindchart_core.tokens import AccessToken
+from records.amendments import service as amendments
 from records.lifecycle import rules, sessions, signing
 from records.lifecycle.keys import SigningKeys
 from records.policy import AccessPolicy
@@ -130,6 +131,9 @@ async def sign(store: ResourceStore, keys: SigningKeys, note_id: str,
             writer = own if cosigner is not None else store
             signed, _ = await writer.update(NOTE, note_id, body, current.version, session=session,
                                             transition="sign")
+            # A correction answering a patient's amendment request completes it (164.526(c)).
+            await amendments.complete_on_correction(store, note, note_id, rules.authors(note),
+                                                    replaced, session)
         record = signing.provenance(signed, signer, role, keys, now(), jwks_url)
         return signed, await own.create(PROVENANCE, record, session=session, transition="sign")
 
