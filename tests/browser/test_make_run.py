@@ -176,6 +176,15 @@ def test_make_run_as_a_developer_meets_it(env: dict[str, str], browser: Any) -> 
         with_addendum = notes(_id="demo-note-5", _revinclude="DocumentReference:relatesto")
         assert [n["id"] for n in with_addendum] == ["demo-note-5", "demo-note-6"]
         assert with_addendum[1]["docStatus"] == "final"
+        # One open amendment request (45 CFR 164.526), the patient's own, owned by the author.
+        requests = httpx.get(f"{fhir}/Task", timeout=30, params={
+            "code": "https://mindchart.dev/fhir/CodeSystem/amendment|amendment-request"},
+            headers={"Authorization": f"Bearer {tokens['access_token']}"})
+        assert requests.status_code == 200, requests.text
+        (request,) = [e["resource"] for e in requests.json()["entry"]]
+        assert request["status"] == "requested" and request["for"] == {"reference": f"Patient/{tokens['patient']}"}
+        assert request["focus"] == {"reference": "DocumentReference/demo-note-5"}
+        assert request["owner"] == {"reference": "Practitioner/demo-therapist"}
     finally:
         assert first.interrupt() == 0, "\n".join(first.output)
     ports = [v for k, v in env.items() if k.endswith("PORT")]

@@ -1,7 +1,8 @@
 """Amendment requests (45 CFR 164.526, issue 14), through the gateway: the patient files a Task
 about one of their progress notes; the note's author accepts (a signed correction completes it)
 or denies in writing; after a denial the patient files a statement of disagreement, which then
-travels with every disclosure of the note (read, search, $everything, bulk $export); one 30-day
+travels with every disclosure of the note (read, search, $everything, bulk $export, a CDex
+release); one 30-day
 extension; overdue requests found with one search; refusals that reveal nothing."""
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ import pytest
 
 from tests.actors import auditor_token, mint_token, records_client
 from tests.conftest import RunningStack
+from tests.e2e import test_cdex
+from tests.e2e.test_cdex import Cdex, data_request, params, release
+from tests.e2e.test_cdex import file as cdex_file
 from tests.e2e.test_export import download, export
 from tests.records_resources import outcome, patient, progress_note
+
+payer_world = test_cdex.cdex  # test_cdex's fixture (a payer, a reviewer, a member), by this name
 
 AUTHOR = "Practitioner/amend-author"
 OTHER = "Practitioner/amend-other"
@@ -290,3 +296,25 @@ def test_the_capability_statement_declares_amendment_requests(live: RunningStack
     assert "amendment-request" in task["documentation"]
     definition = httpx.get(f"{live.fhir}/OperationDefinition/Task-deny", timeout=30)
     assert definition.status_code == 200 and definition.json()["code"] == "deny"
+
+
+def test_a_cdex_release_of_the_note_carries_the_statement_of_disagreement(
+        live: RunningStack, world: dict[str, Any], payer_world: Cdex) -> None:
+    """Da Vinci CDex: a payer's reviewed request that releases the note gets the statement too."""
+    author, cdex = world["author"], payer_world
+    note = signed_note(author, cdex.patient)
+    with patient_app(live, cdex.patient) as member:
+        task = file(member, cdex.patient, note["id"])
+        denied = author.post(f"/Task/{task['id']}/$deny", json=parameters(
+            basis="accurate-and-complete", reason="The note matches the session recording."))
+        assert denied.status_code == 200, denied.text
+        statement = member.post(f"/Task/{task['id']}/$disagree",
+                                json=parameters(statement="The recording starts late."))
+        assert statement.status_code == 201, statement.text
+    request_id = cdex_file(cdex, data_request(cdex.member_id))
+    approved = cdex.reviewer.post(f"/Task/{request_id}/$approve",
+                                  json=params(release(f"DocumentReference/{note['id']}")))
+    assert approved.status_code == 200, approved.text
+    answer = next(r for r in cdex.payer.get(f"/Task/{request_id}").json()["contained"]
+                  if r["resourceType"] == "Bundle")
+    assert [e["resource"]["id"] for e in answer["entry"]] == [note["id"], statement.json()["id"]]

@@ -34,7 +34,7 @@ app.add_typer(psychnotes_commands.psychnotes_app, name="psychnotes")
 
 # A public SMART app (PKCE, no secret) to try the sign-in and approval pages with `make run`.
 DEMO_APP = "demo-smart-app"
-DEMO_APP_SCOPE = "openid fhirUser launch/patient patient/*.rs"
+DEMO_APP_SCOPE = "openid fhirUser launch/patient patient/*.rs patient/Task.c"  # + amendment requests
 DEMO_APP_REDIRECT = "http://localhost:8765/callback"  # nothing listens: the code is read off the URL
 
 
@@ -79,6 +79,12 @@ async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> 
         if supervised_by:
             claims["supervisor"] = f"Practitioner/{supervised_by}"
         tokens[who] = await keys.sign(claims)
+    # The demo patient, as a patient-context SMART token, files the demo amendment request.
+    tokens[seed.DEMO_PATIENT] = await keys.sign({
+        "iss": public_url, "aud": f"{public_url}/fhir", "sub": "demo-seed-patient",
+        "client_id": client_id, "scope": "patient/Task.crs patient/DocumentReference.rs",
+        "patient": seed.DEMO_PATIENT, "fhirUser": f"{public_url}/fhir/Patient/{seed.DEMO_PATIENT}",
+        "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, "roles": ["patient"]})
     return tokens
 
 
@@ -101,6 +107,7 @@ def run() -> None:
         tokens = on_db("gateway", GatewaySettings().db_name, lambda db: demo_practitioner_tokens(
             db, config.public_gateway_url, creds["secret_client_id"]))
         created += seed.seed_lifecycle(config.gateway_url, tokens)
+        created += seed.seed_amendment(config.gateway_url, tokens)
         print_welcome(config, creds, created)
         watcher = supervisor.Supervisor(runner, log=lambda line: typer.echo(line, err=True))
         while True:

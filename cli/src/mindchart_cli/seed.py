@@ -219,3 +219,27 @@ def seed_lifecycle(gateway_url: str, tokens: dict[str, str]) -> int:
                 therapist.post(f"{url}/$sign").raise_for_status()
             created += 1
     return created
+
+
+AMENDMENT = "https://mindchart.dev/fhir/CodeSystem/amendment"
+
+
+def seed_amendment(gateway_url: str, tokens: dict[str, str]) -> int:
+    """One open amendment request (README "Progress notes"): the demo patient asks the therapist
+    to amend the signed demo-note-5. Idempotent: filed once, whatever its state since."""
+    with httpx.Client(base_url=f"{gateway_url}/fhir", timeout=30, headers={
+            "Authorization": f"Bearer {tokens[DEMO_PATIENT]}",
+            "Content-Type": "application/fhir+json"}) as patient:
+        filed = patient.get("/Task", params={"code": f"{AMENDMENT}|amendment-request",
+                                             "focus": "DocumentReference/demo-note-5"})
+        filed.raise_for_status()
+        if filed.json().get("entry"):
+            return 0
+        patient.post("/Task", content=json.dumps({
+            "resourceType": "Task", "status": "requested", "intent": "order",
+            "code": {"coding": [{"system": AMENDMENT, "code": "amendment-request"}]},
+            "focus": {"reference": "DocumentReference/demo-note-5"},
+            "for": {"reference": f"Patient/{DEMO_PATIENT}"},
+            "description": "I returned to work part-time, not full-time; please correct the note.",
+        })).raise_for_status()
+    return 1
