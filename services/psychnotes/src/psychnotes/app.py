@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
-from psychnotes import audit_log, careteam, keys, routes, store
+from psychnotes import audit_log, careteam, gate_cache, keys, routes, store
 from psychnotes.settings import PsychnotesSettings
 
 
@@ -42,6 +42,8 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     app.state.keyring = keyring
     app.state.signing_key = signing_key
     app.state.care_teams = care_teams
+    app.state.consent_tokens = gate_cache.VerifiedConsentTokens()
+    app.state.bases = gate_cache.Bases(settings.gate_cache_seconds)
     app.state.verifier = tokens.TokenVerifier(
         issuer=settings.issuer, audience=settings.public_base_url,
         keys=tokens.RemoteJwks(settings.jwks_url),

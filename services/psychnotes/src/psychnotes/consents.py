@@ -27,7 +27,7 @@ import orjson
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, validation
-from psychnotes import policy, service, store, vault
+from psychnotes import gate_cache, policy, service, store, vault
 from psychnotes.consent import Authorization, check_authorization, with_defaults
 
 
@@ -154,6 +154,7 @@ async def _new_status(ctx: service.Context, doc: dict[str, Any], status: str,
         if kept in doc and kept not in new:
             new[kept] = doc[kept]
     await store.replace_consent(ctx.db, new, expected=int(doc["vid"]))
+    ctx.bases.forget(gate_cache.consent_key(str(doc["_id"])))  # the next read checks this version
     return new
 
 

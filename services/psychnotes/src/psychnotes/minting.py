@@ -11,7 +11,7 @@ from typing import Any
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, validation
-from psychnotes import consent_token, policy, service, store
+from psychnotes import consent_token, gate_cache, policy, service, store
 from psychnotes.consent import Authorization, parse_instant
 
 
@@ -178,7 +178,9 @@ async def revoke_exception(ctx: service.Context, body: Any) -> Response:
         raise
     if not grant.get("revoked"):
         by = ctx.user or ctx.token.client_id
-        if await store.revoke_exception_grant(ctx.db, jti, by=by, at=store.now()):
+        revoked = await store.revoke_exception_grant(ctx.db, jti, by=by, at=store.now())
+        ctx.bases.forget(gate_cache.grant_key(jti))  # the next read of its token is refused
+        if revoked:
             grant = await store.get_exception_grant(ctx.db, jti) or grant
     await service.record_decision(ctx, permit=True, action="exception-revoke", patient=grant["patient"],
                                   basis=basis, purposes=[grant["purpose"]], jti=jti,

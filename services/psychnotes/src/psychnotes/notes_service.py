@@ -207,12 +207,13 @@ async def gate(ctx: service.Context, presented: list[str], action: str) -> conse
         await service.record_decision(ctx, permit=False, action=action, reason="several consent tokens")
         raise policy.TokenRefusal("Send exactly one Consent-Token header")
     try:
-        token = consent_token.verify(presented[0].strip(), ctx.signing_key, base_url=ctx.base)
+        token = ctx.consent_tokens.verify(presented[0].strip(), lambda raw: consent_token.verify(
+            raw, ctx.signing_key, base_url=ctx.base))
     except consent_token.InvalidConsentToken as exc:
         await service.record_decision(ctx, permit=False, action=action, reason=str(exc))
         raise policy.TokenRefusal(f"The consent token is refused: {exc}") from None
     try:
-        await policy.check_token_in_force(ctx.db, token, ctx.token, datetime.now(UTC))
+        await policy.check_token_in_force(ctx.db, token, ctx.token, datetime.now(UTC), ctx.bases)
     except policy.Refusal as exc:
         await _deny(ctx, token, action, exc.diagnostics)
         raise

@@ -10,8 +10,9 @@ Every rule cites its source (45 CFR Part 164 as digested in shared/STANDARDS.md 
   known false): one recorded by anyone but the patient is attested by a second person with the
   compliance role before it takes effect (`check_attestation`), and nobody receives under an
   authorization they recorded.
-- 164.508(b)(5): the patient may revoke at any time; revocation takes effect at once (`may_revoke`,
-  `check_token_in_force` reads the live Consent).
+- 164.508(b)(5): the patient may revoke at any time; revocation takes effect at once on the replica
+  that records it and within `gate_cache_seconds` (1 s) on the others (`may_revoke`;
+  `check_token_in_force` reads the stored Consent through gate_cache.Bases).
 - 164.524(a)(1)(i): the right of access excludes psychotherapy notes: a patient-context token
   never reads them and a Consent cannot name its own patient (`is_patient_context`).
 - 164.501: the notes are the treating professional's; who treats whom is records' CareTeam
@@ -29,11 +30,12 @@ Minting (shared/DESIGN.md "Consent token"):
   author and only their own notes (scope `author`); every other basis needs the `compliance` role
   in the access token and a written justification, kept in `exception_grants`.
 
-Reading: the token verifies (consent_token.verify), its grantee is this request's caller (client_id
-and fhirUser of the verified access token), its basis is still in force now (the Consent is read
-live on every request: revocation is immediate; an exception grant must still exist and not
-be revoked, `$revoke-consent-token`), and each
-note returned is the token's patient's and inside the token's note scope.
+Reading: the token verifies (consent_token.verify, remembered per token until its exp), its
+grantee is this request's caller (client_id and fhirUser of the verified access token), its basis
+is still in force now (the stored Consent, at most `gate_cache_seconds` old and re-read at once
+after this replica changes it; an exception grant must still exist and not be revoked,
+`$revoke-consent-token`; gate_cache.py), and each note returned is the token's patient's and
+inside the token's note scope.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any
 
 from mindchart_core import errors
 from mindchart_core.tokens import AccessToken
-from psychnotes import store
+from psychnotes import gate_cache, store
 from psychnotes.consent import Authorization
 from psychnotes.consent_token import ConsentToken, NoteScope
 
@@ -251,13 +253,16 @@ def check_exception_mint(basis: str, token: AccessToken, purpose: str | None,
 
 
 async def check_token_in_force(db: store.Db, consent_token: ConsentToken, token: AccessToken,
-                               now: datetime) -> None:
-    """Grantee = caller, and the basis still holds right now (revocation is immediate)."""
+                               now: datetime, bases: gate_cache.Bases) -> None:
+    """Grantee = caller, and the basis still holds right now: the Consent or exception grant as
+    stored, at most `bases.ttl` seconds old (gate_cache.py: a revocation by this process is seen
+    at the next read, one by another replica within that interval)."""
     if consent_token.client_id != token.client_id or consent_token.fhir_user != caller_user(token):
         raise Refusal("The consent token was issued to another caller")
     consent_id = consent_token.consent_id
     if consent_id is not None:
-        doc = await store.get_consent(db, consent_id)
+        doc = await bases.get(gate_cache.consent_key(consent_id),
+                              lambda: store.get_consent(db, consent_id))
         if doc is None:
             raise Refusal("The authorization behind this consent token no longer exists")
         auth = Authorization.from_index(doc)
@@ -268,7 +273,8 @@ async def check_token_in_force(db: store.Db, consent_token: ConsentToken, token:
                 set(consent_token.purpose_of_use) <= auth.purposes):
             raise Refusal("The consent token does not match its authorization")
         return
-    grant = await store.get_exception_grant(db, consent_token.jti)
+    grant = await bases.get(gate_cache.grant_key(consent_token.jti),
+                            lambda: store.get_exception_grant(db, consent_token.jti))
     if grant is not None and grant.get("revoked"):
         raise Refusal("The exception grant behind this consent token was revoked")
     if grant is None or grant["patient"] != consent_token.patient or (

@@ -48,7 +48,8 @@ async def context(request: Request) -> service.Context:
                            signing_key=state.signing_key,
                            settings=state.settings, token=token,
                            request_id=asgi.request_id_of(request.scope),
-                           care_teams=state.care_teams)
+                           care_teams=state.care_teams, consent_tokens=state.consent_tokens,
+                           bases=state.bases)
 
 
 ContextDep = Annotated[service.Context, Depends(context)]

@@ -23,7 +23,7 @@ from joserfc.jwk import ECKey
 
 from mindchart_core import audit, metrics
 from mindchart_core.tokens import AccessToken
-from psychnotes import careteam, consent_token, store
+from psychnotes import careteam, consent_token, gate_cache, store
 from psychnotes.audit_log import AuditLog
 from psychnotes.keys import Keyring
 from psychnotes.settings import PsychnotesSettings
@@ -44,6 +44,8 @@ class Context:
     token: AccessToken
     request_id: str
     care_teams: careteam.CareTeams
+    consent_tokens: gate_cache.VerifiedConsentTokens
+    bases: gate_cache.Bases
 
     @property
     def base(self) -> str:

@@ -43,6 +43,9 @@ class PsychnotesSettings(ServiceSettings):
     records_client_id: str = "mindchart-psychnotes"
     records_client_key_file: Path | None = None
     care_team_cache_seconds: float = 30.0
+    # How old the Consent or exception grant behind a consent token may be when a read is
+    # checked against it (gate_cache.py): a revocation by another replica is seen within this.
+    gate_cache_seconds: float = 1.0
 
     @property
     def base_url(self) -> str:
