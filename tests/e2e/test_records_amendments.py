@@ -233,6 +233,10 @@ def test_denial_disagreement_and_rebuttal_travel_with_every_disclosure(
     everything = writer_http.get(f"/Patient/{pid}/$everything", params={"_type": "DocumentReference"})
     assert everything.status_code == 200, everything.text
     assert appended | {note["id"]} <= {e["resource"]["id"] for e in everything.json()["entry"]}
+    # Filed later than the note's date, they still follow it into a date-bounded $everything.
+    bounded = writer_http.get(f"/Patient/{pid}/$everything", params={
+        "_type": "DocumentReference", "end": note["date"][:10]}).json()
+    assert appended | {note["id"]} <= {e["resource"]["id"] for e in bounded["entry"]}
     group = writer_http.post("/Group", json={"resourceType": "Group", "type": "person", "actual": True,
                                              "member": [{"entity": {"reference": f"Patient/{pid}"}}]})
     assert group.status_code == 201, group.text

@@ -4,7 +4,8 @@ records, type by type, paged with opaque cursors.
 Every type's query is the caller's access filter (AccessPolicy.filter_for) AND `c = id`, so it
 returns no more than searches on each type would; types the token does not cover are skipped.
 `start`/`end` narrow resources that carry a clinical date (those without one stay in, per the
-operation definition); `_since` narrows by `meta.lastUpdated`; `_type` picks types; `_count` pages.
+operation definition, and so do statements of disagreement and rebuttals, which follow their
+note); `_since` narrows by `meta.lastUpdated`; `_type` picks types; `_count` pages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens
+from records.amendments import appended
 from records.export import store
 from records.policy import AccessPolicy
 from records.resources import RESOURCES, ResourceDef
@@ -48,7 +50,11 @@ def _care_clause(definition: ResourceDef, start: tuple[datetime, datetime] | Non
     param = CARE_DATE.get(definition.type)
     if param is None or (start is None and end is None):
         return {}
-    undated = {f"sp.{param}_lo": {"$exists": False}}
+    undated: dict[str, Any] = {f"sp.{param}_lo": {"$exists": False}}
+    if definition.type == "DocumentReference":
+        # A statement of disagreement or rebuttal is dated when filed but goes wherever its note
+        # goes (45 CFR 164.526(d)(5), records/amendments/appended.py): never cut off by start/end.
+        undated = {"$or": [undated, {"sp.category": {"$in": appended.CATEGORY_TOKENS}}]}
     clauses = []
     if start is not None:
         clauses.append({"$or": [{f"sp.{param}_hi": {"$gt": start[0]}}, undated]})

@@ -41,6 +41,7 @@ US_CORE_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentrefer
 STATEMENT = "statement-of-disagreement"
 REBUTTAL = "rebuttal"
 KINDS = frozenset({STATEMENT, REBUTTAL})
+CATEGORY_TOKENS = sorted(f"{requests.SYSTEM}|{kind}" for kind in KINDS)  # sp.category values
 TYPES = {STATEMENT: {"system": "http://loinc.org", "code": "51855-5", "display": "Patient Note"},
          REBUTTAL: {"system": "http://loinc.org", "code": "34109-9", "display": "Note"}}
 TITLES = {STATEMENT: "Statement of disagreement (45 CFR 164.526(d)(2))",
@@ -109,4 +110,5 @@ async def link_header(store: ResourceStore, note: StoredResource, base_url: str)
     return {"Link": ", ".join(links)} if links else {}
 
 
-__all__ = ["KINDS", "REBUTTAL", "STATEMENT", "document", "kind_of", "link_header", "material"]
+__all__ = ["CATEGORY_TOKENS", "KINDS", "REBUTTAL", "STATEMENT", "document", "kind_of", "link_header",
+           "material"]
