@@ -69,6 +69,39 @@ def if_match_version(request: Request) -> int | None:
     return int(match.group(1))
 
 
+async def _read_bounded(request: Request, max_bytes: int) -> bytes:
+    """The whole body, never holding more than max_bytes of it."""
+    from mindchart_core import errors
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_no_input(request: Request, operation: str, max_bytes: int = DEFAULT_MAX_BODY) -> None:
+    """An operation without input parameters (e.g. `$sign`) takes no body or an empty
+    `Parameters` (R4 operations.html: POST with a Parameters resource); anything else is 400."""
+    from mindchart_core import errors
+
+    raw = await _read_bounded(request, max_bytes)
+    if not raw.strip():
+        return
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters" or body.get("parameter"):
+        raise errors.Invalid(f"{operation} takes no body or an empty Parameters resource")
+
+
 async def read_json_body(
     request: Request, max_bytes: int = DEFAULT_MAX_BODY, *, media_types: frozenset[str] | None = None
 ) -> Any:
@@ -83,17 +116,7 @@ async def read_json_body(
     accepted = media_types or _JSON_TYPES
     if media not in accepted:
         raise errors.UnsupportedMediaType(f"Send the body as {' or '.join(sorted(accepted))}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise errors.PayloadTooLarge(f"Body exceeds the {max_bytes}-byte limit")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await _read_bounded(request, max_bytes)
     if not raw.strip():
         raise errors.Structure("Request body is empty")
     try:

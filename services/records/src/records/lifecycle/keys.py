@@ -9,15 +9,14 @@ keep verifying after a rotation.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc.jwk import ECKey
 
 from mindchart_core import signatures
+from mindchart_core.signatures import SigningKeys
 from records.settings import RecordsSettings
 
 DEV_SIGNING_KEY_NAME = "records-document-signing.pem"
@@ -25,19 +24,6 @@ DEV_SIGNING_KEY_NAME = "records-document-signing.pem"
 
 class KeyConfigError(RuntimeError):
     """The signing key is missing or unusable: records refuses to start."""
-
-
-@dataclass(frozen=True)
-class SigningKeys:
-    current: ECKey
-    retired: tuple[ECKey, ...] = ()
-
-    @property
-    def all(self) -> list[ECKey]:
-        return [self.current, *self.retired]
-
-    def jwks(self) -> dict[str, Any]:
-        return signatures.public_jwks(self.all)
 
 
 def _write_new(path: Path) -> None:

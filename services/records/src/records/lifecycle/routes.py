@@ -33,15 +33,6 @@ def _keys(request: Request) -> keys.SigningKeys:
     return loaded
 
 
-async def _empty_parameters(request: Request, settings: RecordsSettings) -> None:
-    """$sign takes no input: no body, or a Parameters without parameters."""
-    if not (await request.body()).strip():
-        return
-    body = await fhirjson.read_json_body(request, settings.max_body_bytes)
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters" or body.get("parameter"):
-        raise errors.Invalid("$sign takes no body or an empty Parameters resource")
-
-
 @router.get(JWKS_PATH)
 async def signing_jwks(request: Request) -> Response:
     """Records' document-signing public keys (JWK Set, RFC 7517 §5), public like /metadata."""
@@ -65,7 +56,7 @@ async def operation_definition(definition_id: str, request: Request,
 @router.post("/DocumentReference/{note_id}/$sign")
 async def sign(note_id: str, request: Request, store: fhir_routes.StoreDep,
                settings: fhir_routes.SettingsDep) -> Response:
-    await _empty_parameters(request, settings)
+    await fhirjson.read_no_input(request, "$sign", settings.max_body_bytes)
     signed, _ = await service.sign(store, _keys(request), note_id,
                                    settings.public_base_url + JWKS_PATH)
     return fhir_service.resource_response(signed, settings.public_base_url,

@@ -24,44 +24,28 @@ from __future__ import annotations
 from typing import Any
 
 from mindchart_core import errors
+from mindchart_core.note_lifecycle import (
+    AMEND_HINT,
+    AWAITING_COSIGNATURE,
+    DRAFT,
+    SIGNED_STATES,
+    Locked,
+    amended_ids,
+    awaiting_cosigner,
+    check_not_awaiting,
+    check_relations,
+    check_retractable,
+    is_draft,
+    is_locked,
+    relations,
+    replaced_ids,
+)
 from mindchart_core.tokens import AccessToken
 from records.amendments import requests as amendment_requests
 
 GUARDED_TYPES = frozenset({"DocumentReference", "Provenance"})
-DRAFT = "preliminary"
 JOSE = "application/jose"
-# A supervisee's signed draft waits for its supervisor: this meta.tag names them (code =
-# Practitioner/ID), so the note shows it and `_tag=<system>|Practitioner/ID` lists what awaits one.
-AWAITING_COSIGNATURE = "https://mindchart.dev/fhir/CodeSystem/awaiting-cosignature"
 ADMIN_ROLE = "admin"  # the gateway's administrator role (mindchart user create --role admin)
-SIGNED_STATES = frozenset({"final", "amended", "entered-in-error"})
-AMEND_HINT = ("add an addendum (a new DocumentReference with relatesTo code 'appends') or a "
-              "correction (relatesTo code 'replaces') instead")
-
-
-class Locked(errors.FhirError):
-    """409: the note is signed; R4 http.html lets a server refuse an update as a conflict."""
-
-    status = 409
-    code = "business-rule"
-
-
-def awaiting_cosigner(note: dict[str, Any]) -> str | None:
-    """The supervisor a note waits for, when its author (a supervisee) has signed it."""
-    for tag in (note.get("meta") or {}).get("tag") or []:
-        if isinstance(tag, dict) and tag.get("system") == AWAITING_COSIGNATURE:
-            return str(tag.get("code"))
-    return None
-
-
-def is_locked(note: dict[str, Any]) -> bool:
-    """Signed (or arrived signed). `status` alone locks nothing: without `docStatus` a note is
-    outside the lifecycle, whatever its status says."""
-    return note.get("docStatus") in SIGNED_STATES
-
-
-def is_draft(note: dict[str, Any]) -> bool:
-    return note.get("docStatus") == DRAFT and not is_locked(note)
 
 
 def authors(note: dict[str, Any]) -> list[str]:
@@ -114,61 +98,13 @@ def check_delete(current: dict[str, Any], token: AccessToken) -> None:
         raise errors.Forbidden(f"Only the author of the draft {note} may delete it")
 
 
-AMENDING_CODES = frozenset({"appends", "replaces"})  # R4 document-relationship-type
-
-
-def relations(note: dict[str, Any]) -> list[tuple[str, str]]:
-    """(code, note id) of each note this one appends to or replaces (relatesTo, R4
-    document-relationship-type); a versioned target reference names its note."""
-    found = []
-    for relation in note.get("relatesTo") or []:
-        if not isinstance(relation, dict) or relation.get("code") not in AMENDING_CODES:
-            continue
-        parts = str((relation.get("target") or {}).get("reference", "")).rstrip("/").split("/")
-        if "_history" in parts:
-            parts = parts[: parts.index("_history")]
-        found.append((str(relation["code"]), parts[-1]))
-    return found
-
-
-def amended_ids(note: dict[str, Any]) -> list[str]:
-    return [target for _, target in relations(note)]
-
-
-def replaced_ids(note: dict[str, Any]) -> list[str]:
-    return [target for code, target in relations(note) if code == "replaces"]
-
-
-def _subject(note: dict[str, Any]) -> Any:
-    return (note.get("subject") or {}).get("reference")
-
-
-def check_relations(new: dict[str, Any], targets: dict[str, dict[str, Any] | None]) -> None:
-    """An addendum (`appends`) or a correction (`replaces`) points at a signed, current note of
-    the same patient; `targets` holds each pointed-at note as the writer may see it (or None)."""
-    for target_id in amended_ids(new):
-        target = targets.get(target_id)
-        fine = (target is not None and is_locked(target)
-                and target.get("docStatus") != "entered-in-error"
-                and target.get("status", "current") == "current"
-                and _subject(target) == _subject(new))
-        if not fine:
-            raise errors.Unprocessable(
-                f"relatesTo DocumentReference/{target_id[:64]} must be a signed, current note of the "
-                "same patient (an addendum or a correction amends a signed note)",
-                expression=["DocumentReference.relatesTo"])
-
-
 def check_entered_in_error(current: dict[str, Any], token: AccessToken) -> None:
     """45 CFR and R4 alike keep the record: entered-in-error marks a signed note, never deletes
     it. Its author or an administrator (`admin` role) may."""
     note = f"DocumentReference/{current.get('id')}"
     if not (is_author(current, token) or ADMIN_ROLE in token.roles):
         raise errors.Forbidden(f"Only the author of {note} or an administrator may mark it entered-in-error")
-    if current.get("docStatus") == "entered-in-error":
-        raise Locked(f"{note} is already marked entered-in-error")
-    if not is_locked(current):
-        raise errors.Unprocessable(f"{note} is not signed: change or delete the draft instead")
+    check_retractable(current, note)
 
 
 def hidden_from_search(resource_type: str, applied: list[tuple[str, str]]) -> dict[str, Any]:
@@ -213,6 +149,8 @@ def check_write(resource_type: str, current: dict[str, Any] | None, new: dict[st
                 "itself when a note is signed (POST DocumentReference/{id}/$sign)",
                 expression=["Provenance.signature"])
         return
+    if new is not None:
+        check_not_awaiting(new)
     if current is None:
         return
     if new is None:
@@ -223,16 +161,22 @@ def check_write(resource_type: str, current: dict[str, Any] | None, new: dict[st
 
 __all__ = [
     "AMEND_HINT",
+    "AWAITING_COSIGNATURE",
     "DRAFT",
     "GUARDED_TYPES",
     "SIGNED_STATES",
     "Locked",
+    "amended_ids",
     "authors",
+    "awaiting_cosigner",
     "carries_system_signature",
     "check_delete",
+    "check_relations",
     "check_update",
     "check_write",
     "is_author",
     "is_draft",
     "is_locked",
+    "relations",
+    "replaced_ids",
 ]

@@ -3,8 +3,11 @@ store write path (so whatever follows a write, such as an outbox, sees them too)
 
 - `sign`: `POST DocumentReference/{id}/$sign`. The author's draft becomes `docStatus: final` with
   `authenticator` the signer, and a Provenance with records' JWS over that exact version is
-  written in the same transaction (lifecycle/signing.py). From then on the note is locked
-  (lifecycle/rules.py).
+  written in the same transaction (mindchart_core.note_lifecycle: the rules and the Provenance
+  psychnotes shares). The JWS covers the RFC 8785 canonical form of that version's stored JSON,
+  exactly as records serves it (id and meta included), signed by records' own key
+  (lifecycle/keys.py) whose kid names it in the JWK Set at `[base]/.well-known/jwks.json`. From
+  then on the note is locked (lifecycle/rules.py).
 - `verify_signature`: `DocumentReference/{id}/$verify-signature`. Every signature recorded for the
   note is checked against the stored bytes of the version it covers (the history entry, and the
   current copy while that version is current): a `Parameters` with `result` true only when each
@@ -20,10 +23,10 @@ from typing import Any
 
 import orjson
 
-from mindchart_core import errors, scopes
+from mindchart_core import errors, note_lifecycle, scopes
 from mindchart_core.tokens import AccessToken
 from records.amendments import service as amendments
-from records.lifecycle import rules, sessions, signing
+from records.lifecycle import rules, sessions
 from records.lifecycle.keys import SigningKeys
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
@@ -67,13 +70,6 @@ async def _check_session(own: ResourceStore, note: dict[str, Any], session: Any)
         sessions.check(orjson.loads(encounter.raw or b"{}"), f"Encounter/{parts[-1]}")
 
 
-def _without_awaiting(meta: dict[str, Any]) -> dict[str, Any]:
-    tags = [t for t in meta.get("tag") or [] if not (
-        isinstance(t, dict) and t.get("system") == rules.AWAITING_COSIGNATURE)]
-    kept = {k: v for k, v in meta.items() if k not in ("tag", "versionId", "lastUpdated")}
-    return {**kept, "tag": tags} if tags else kept
-
-
 async def sign(store: ResourceStore, keys: SigningKeys, note_id: str,
                jwks_url: str) -> tuple[StoredResource, StoredResource]:
     """The signed note and the Provenance recording its signature.
@@ -89,36 +85,22 @@ async def sign(store: ResourceStore, keys: SigningKeys, note_id: str,
     signer = _signer(token)
     current = await store.read(NOTE, note_id, interaction="update")
     note = orjson.loads(current.raw or b"{}")
-    if rules.is_locked(note):
-        raise rules.Locked(f"DocumentReference/{note_id} is already signed: {rules.AMEND_HINT}")
-    cosigner = rules.awaiting_cosigner(note)
-    if cosigner is not None and signer != cosigner:
-        raise errors.Forbidden(f"DocumentReference/{note_id} awaits co-signature by its author's "
-                               "supervisor; only they may sign it now")
-    if cosigner is None and not rules.is_author(note, token):
-        raise errors.Forbidden(f"Only an author of DocumentReference/{note_id} may sign it")
-    role = "verifier" if cosigner is not None else "author"
-    supervisor = token.supervisor if cosigner is None else None
+    step = note_lifecycle.sign_step(note, f"DocumentReference/{note_id}", signer=signer,
+                                    signer_is_author=rules.is_author(note, token),
+                                    signer_supervisor=token.supervisor)
     own = records_store(store)
-    replaced = rules.replaced_ids(note)
+    replaced = rules.replaced_ids(note) if step.awaits is None else []
 
     async def once(session: Any) -> tuple[StoredResource, StoredResource]:
         await _check_session(own, note, session)
-        if supervisor is not None:  # a supervisee's signature: awaiting co-signature
-            meta = dict(note.get("meta") or {})
-            tag = {"system": rules.AWAITING_COSIGNATURE, "code": supervisor,
-                   "display": f"awaiting co-signature by {supervisor}"}
-            body = {**note, "meta": {**_without_awaiting(meta), "tag": [
-                *_without_awaiting(meta).get("tag", []), tag]}}
+        body = note_lifecycle.signed(note, step, signer)
+        if step.awaits is not None:  # a supervisee's signature: awaiting co-signature
             signed, _ = await store.update(NOTE, note_id, body, current.version, session=session,
                                            transition="sign-awaiting-cosignature")
         else:
             # A correction (relatesTo replaces) is signed as `amended`; the note it corrects
             # becomes `status: superseded` in the same transaction, its content untouched (R4
             # document-reference-status: superseded by another reference).
-            body = {**note, "meta": _without_awaiting(dict(note.get("meta") or {})),
-                    "docStatus": "amended" if replaced else "final",
-                    "authenticator": {"reference": signer}}
             for original_id in replaced:
                 original = await own.read(NOTE, original_id, session=session)
                 previous = orjson.loads(original.raw or b"{}")
@@ -128,20 +110,20 @@ async def sign(store: ResourceStore, keys: SigningKeys, note_id: str,
                 await own.update(NOTE, original_id, {**previous, "status": "superseded"},
                                  original.version, session=session, transition="supersede")
             # The supervisor co-signs with records' own identity: the note is not theirs to update.
-            writer = own if cosigner is not None else store
+            writer = own if step.role == "verifier" else store
             signed, _ = await writer.update(NOTE, note_id, body, current.version, session=session,
                                             transition="sign")
             # A correction answering a patient's amendment request completes it (164.526(c)).
             await amendments.complete_on_correction(store, note, note_id, rules.authors(note),
                                                     replaced, session)
-        record = signing.provenance(signed, signer, role, keys, now(), jwks_url)
+        if signed.raw is None:
+            raise ValueError("a deleted version cannot be signed")
+        record = note_lifecycle.signature_provenance(
+            f"DocumentReference/{note_id}/_history/{signed.version}", signed.raw, signer, step.role,
+            keys.current, instant(now()), jwks_url)
         return signed, await own.create(PROVENANCE, record, session=session, transition="sign")
 
     return await store.atomically(once)
-
-
-NULLIFY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                       "code": "NULLIFY", "display": "nullify"}]}
 
 
 async def entered_in_error(store: ResourceStore, note_id: str, reason: str) -> StoredResource:
@@ -162,21 +144,12 @@ async def entered_in_error(store: ResourceStore, note_id: str, reason: str) -> S
         marked, _ = await store.update(
             NOTE, note_id, {**note, "docStatus": "entered-in-error", "status": "entered-in-error"},
             current.version, session=session, transition="entered-in-error")
-        moment = instant(now())
-        await own.create(PROVENANCE, {
-            "resourceType": "Provenance",
-            "target": [{"reference": f"DocumentReference/{note_id}/_history/{marked.version}"}],
-            "recorded": moment, "activity": NULLIFY, "reason": [{"text": reason.strip()[:2000]}],
-            "agent": [{"type": {"coding": [{"system": signing.PARTICIPANT_TYPE, "code": "author"}]},
-                       "who": who}],
-        }, session=session, transition="entered-in-error")
+        await own.create(PROVENANCE, note_lifecycle.nullify_provenance(
+            f"DocumentReference/{note_id}/_history/{marked.version}", reason, who, instant(now())),
+            session=session, transition="entered-in-error")
         return marked
 
     return await store.atomically(once)
-
-
-def _part(name: str, **value: Any) -> dict[str, Any]:
-    return {"name": name, **value}
 
 
 async def verify_signature(store: ResourceStore, keys: SigningKeys, note_id: str) -> dict[str, Any]:
@@ -184,33 +157,18 @@ async def verify_signature(store: ResourceStore, keys: SigningKeys, note_id: str
     current = await store.read(NOTE, note_id)  # 404 for a note the caller cannot see
     own = records_store(store)
     found = [s for p in await own.referring(PROVENANCE, "target", [f"DocumentReference/{note_id}"])
-             for s in signing.signatures_in(p.raw or b"{}", p.id, note_id)]
-    parts: list[dict[str, Any]] = []
-    problems: list[str] = []
+             for s in note_lifecycle.signatures_in(orjson.loads(p.raw or b"{}"), p.id, note_id)]
+    checked: list[tuple[note_lifecycle.SignedVersion, str | None]] = []
     for signed in sorted(found, key=lambda s: (s.version, s.provenance_id)):
         try:
             version = await own.vread(NOTE, note_id, signed.version)
-            problem = signing.verify(signed, version.raw, keys)
+            problem = note_lifecycle.verify(signed, version.raw, keys.all)
         except (errors.NotFound, errors.Gone):
             problem = f"version {signed.version} is not stored"
         if problem is None and signed.version == current.version:
-            problem = signing.verify(signed, current.raw, keys)  # the copy every read serves
-        if problem is not None:
-            problems.append(problem)
-        parts.append(_part("signature", part=[
-            _part("provenance", valueReference={"reference": f"Provenance/{signed.provenance_id}"}),
-            _part("version", valueString=str(signed.version)),
-            _part("signer", valueReference={"reference": signed.signer}),
-            _part("role", valueCode=signed.role),
-            _part("valid", valueBoolean=problem is None),
-            *([_part("message", valueString=problem)] if problem else []),
-        ]))
-    if not found:
-        problems.append(f"DocumentReference/{note_id} has no signature")
-    message = "; ".join(problems) if problems else (
-        f"Every signature of DocumentReference/{note_id} matches the stored version it covers")
-    return {"resourceType": "Parameters", "parameter": [
-        _part("result", valueBoolean=not problems), _part("message", valueString=message), *parts]}
+            problem = note_lifecycle.verify(signed, current.raw, keys.all)  # the copy reads serve
+        checked.append((signed, problem))
+    return note_lifecycle.verification(f"DocumentReference/{note_id}", checked)
 
 
 __all__ = ["entered_in_error", "records_store", "sign", "verify_signature"]
