@@ -69,6 +69,8 @@ done
 write gateway-signing-key.pem openssl genpkey -quiet -algorithm RSA -pkeyopt rsa_keygen_bits:3072
 # psychnotes' own consent-token signing key, deliberately not the gateway's (ES256, P-256).
 write psychnotes-signing-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-256
+# psychnotes' note-signing key ($sign's JWS; ES256, P-256), apart from its consent-token key.
+write psychnotes-document-signing-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-256
 # records' document-signing key (signed notes, CDex answers; ES256, P-256) and its separate client
 # key for calling payers' $submit-attachment (SMART Backend Services, ES384, P-384).
 write records-signing-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-256

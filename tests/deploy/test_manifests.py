@@ -409,7 +409,8 @@ def test_each_container_gets_only_its_own_secrets(compose: dict[str, Any]) -> No
         owner = owner_of(name)
         for secret in secrets_of(service):
             assert owner_of(secret) == owner, f"{name} is given {secret}"
-    psychnotes_only = {"psychnotes-kek", "psychnotes-signing-key.pem", "psychnotes-mongo-url"}
+    psychnotes_only = {"psychnotes-kek", "psychnotes-signing-key.pem",
+                       "psychnotes-document-signing-key.pem", "psychnotes-mongo-url"}
     holders = {n for n, s in compose["services"].items() if secrets_of(s) & psychnotes_only}
     assert holders == {"psychnotes"}, holders
 
@@ -515,7 +516,8 @@ def test_make_secrets_writes_every_secret_compose_reads(
         assert url.startswith(f"mongodb://{owner}:{password}@mongo-{owner}:{MONGO_PORT}/")
         assert f"authSource=mindchart_{owner}" in url and "replicaSet=rs0" in url
     assert len(base64.b64decode((out / "psychnotes-kek").read_text())) == 32
-    for key in ("gateway-signing-key.pem", "psychnotes-signing-key.pem"):
+    for key in ("gateway-signing-key.pem", "psychnotes-signing-key.pem",
+                "psychnotes-document-signing-key.pem"):
         assert (out / key).read_text().startswith("-----BEGIN PRIVATE KEY-----")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     subprocess.run(["bash", str(script)], check=True, capture_output=True)

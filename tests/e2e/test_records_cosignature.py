@@ -137,6 +137,18 @@ def test_a_supervisees_note_is_final_only_once_the_supervisor_cosigns(
     outcome(people.trainee.put(url, json={**final, "description": "x"}), 409)
 
 
+def test_a_supervisee_cannot_name_an_accomplice_as_their_cosigner(people: People, pid: str) -> None:
+    """Only $sign puts a note in wait for a co-signer: a draft written with the awaiting tag naming
+    a colleague (who would then "co-sign" it final) is refused, on create and on update."""
+    accomplice = {"system": AWAITING, "code": "Practitioner/accomplice"}
+    created = people.trainee.post("/DocumentReference", json=progress_note(
+        pid, docStatus="preliminary", author=[{"reference": people.trainee_ref}], meta={"tag": [accomplice]}))
+    assert "awaiting-cosignature" in outcome(created, 422)["issue"][0]["diagnostics"]
+    note = _draft(people.trainee, pid, people.trainee_ref)
+    tagged = {**note, "meta": {**note.get("meta", {}), "tag": [accomplice]}}
+    outcome(people.trainee.put(f"/DocumentReference/{note['id']}", json=tagged), 422)
+
+
 def _encounter(fhir: httpx.Client, pid: str, codes: list[str], start: str, end: str | None) -> str:
     period = {"start": start, **({"end": end} if end else {})}
     created = fhir.post("/Encounter", json={

@@ -13,6 +13,8 @@ from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
 from psychnotes import audit_log, careteam, gate_cache, keys, routes, store
+from psychnotes.lifecycle import keys as lifecycle_keys
+from psychnotes.lifecycle import routes as lifecycle_routes
 from psychnotes.settings import PsychnotesSettings
 
 
@@ -41,6 +43,7 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
     app = service_app.create("psychnotes", "Mindchart psychnotes", settings, lifespan)
     app.state.keyring = keyring
     app.state.signing_key = signing_key
+    app.state.document_keys = lifecycle_keys.load(settings)
     app.state.care_teams = care_teams
     app.state.consent_tokens = gate_cache.VerifiedConsentTokens()
     app.state.bases = gate_cache.Bases(settings.gate_cache_seconds)
@@ -50,5 +53,6 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         revocations=revocations,
     )
 
+    app.include_router(lifecycle_routes.router)  # before routes.router and its catch-all
     app.include_router(routes.router)
     return service_app.finish(app, "psychnotes")

@@ -18,17 +18,18 @@ import orjson
 import structlog
 from starlette.responses import Response
 
-from mindchart_core import errors, fhirjson, validation
+from mindchart_core import errors, fhirjson, note_lifecycle, validation
 from psychnotes import consent_token, labels, notes, policy, service, store, vault
 from psychnotes.consent import parse_instant
+from psychnotes.lifecycle import amends
 
 log = structlog.get_logger(__name__)
-SEARCH_PARAMS = frozenset({"patient", "subject", "_id", "date", "author", "_count", "_cursor",
-                           "_format"})
+SEARCH_PARAMS = frozenset({"patient", "subject", "_id", "date", "author", "status", "relatesto",
+                           "_count", "_cursor", "_format"})
 MAX_COUNT = 100
 
 
-def _require_practitioner(ctx: service.Context, interaction: str) -> str:
+def require_practitioner(ctx: service.Context, interaction: str) -> str:
     if not ctx.token.scope.allows("DocumentReference", interaction):
         raise errors.InsufficientScope(
             f"The granted scopes do not permit {interaction} of psychotherapy notes")
@@ -38,7 +39,7 @@ def _require_practitioner(ctx: service.Context, interaction: str) -> str:
     return author
 
 
-async def _require_care_team(ctx: service.Context, patient: str, author: str, action: str) -> None:
+async def require_care_team(ctx: service.Context, patient: str, author: str, action: str) -> None:
     """Only a member of the patient's active CareTeam in records writes their psychotherapy notes
     (careteam.py); having written one before proves nothing."""
     if not await ctx.care_teams.is_member(patient, author):
@@ -48,7 +49,7 @@ async def _require_care_team(ctx: service.Context, patient: str, author: str, ac
                                "records) writes psychotherapy notes for them")
 
 
-def _note_document(ctx: service.Context, note_id: str, version: int, resource: dict[str, Any],
+def note_document(ctx: service.Context, note_id: str, version: int, resource: dict[str, Any],
                    *, patient: str, author: str, moment: datetime) -> dict[str, Any]:
     labelled = labels.label({**resource, "id": note_id})
     labelled["meta"].update(versionId=str(version), lastUpdated=service.instant(moment))
@@ -67,29 +68,33 @@ def _note_document(ctx: service.Context, note_id: str, version: int, resource: d
             "author": [{"reference": author}], "date": body["date"]}
     return {"_id": note_id, "vid": version, "ts": moment, "patient": patient, "author": author,
             "date": date, "status": body["status"], "doc_status": body.get("docStatus"),
+            "relates_to": note_lifecycle.amended_ids(body),
+            "awaiting": note_lifecycle.awaiting_cosigner(body),
             "deleted": False, "resource": stub,
             "sealed": sealed}
 
 
-def _write_headers(ctx: service.Context, note_id: str, version: int, moment: datetime) -> dict[str, str]:
+def write_headers(ctx: service.Context, note_id: str, version: int, moment: datetime) -> dict[str, str]:
     return {"Location": f"{ctx.base}/DocumentReference/{note_id}/_history/{version}",
             "ETag": f'W/"{version}"', "Last-Modified": format_datetime(moment, usegmt=True)}
 
 
 async def create_note(ctx: service.Context, body: Any) -> Response:
-    author = _require_practitioner(ctx, "create")
+    author = require_practitioner(ctx, "create")
     resource = validation.validate_resource(body, "DocumentReference")
     patient = notes.check_psychotherapy_note(resource)
-    await _require_care_team(ctx, patient, author, "create")
+    note_lifecycle.check_not_awaiting(resource)
+    await require_care_team(ctx, patient, author, "create")
+    await amends.check(ctx.db, resource, author)
     note_id, moment = str(uuid.uuid4()), store.now()
-    doc = _note_document(ctx, note_id, 1, resource, patient=patient, author=author, moment=moment)
+    doc = note_document(ctx, note_id, 1, resource, patient=patient, author=author, moment=moment)
     await store.insert_note(ctx.db, doc)
     await service.record_decision(ctx, permit=True, reason="note written by its author", action="create",
                                   patient=patient, entities=[f"DocumentReference/{note_id}"])
-    return Response(status_code=201, headers=_write_headers(ctx, note_id, 1, moment))
+    return Response(status_code=201, headers=write_headers(ctx, note_id, 1, moment))
 
 
-async def _own_note(ctx: service.Context, note_id: str, author: str, action: str) -> dict[str, Any]:
+async def own_note(ctx: service.Context, note_id: str, author: str, action: str) -> dict[str, Any]:
     doc = await store.get_note(ctx.db, note_id) if service.ID.match(note_id) else None
     if doc is None or doc["author"] != author:
         # Someone else's note is as invisible to a writer as a missing one.
@@ -101,77 +106,61 @@ async def _own_note(ctx: service.Context, note_id: str, author: str, action: str
     return doc
 
 
-# The note lifecycle, as in records (records/lifecycle/rules.py), minus 45 CFR 164.526: a
-# psychotherapy note is outside the right of access (164.524(a)(1)(i)) and so outside the right to
-# amend (164.526(a)(2)(iii)). Its author signs it with `$sign`; a signed note (or one that arrived
-# signed) never changes: what follows is a new note. Without `docStatus` a note keeps the
-# behaviour it had before (its author may change or delete it).
-SIGNED = frozenset({"final", "amended", "entered-in-error"})
-
-
-def _check_unlocked(current: dict[str, Any], note_id: str, action: str) -> None:
-    if current.get("doc_status") in SIGNED:
-        raise errors.FhirError(
-            f"DocumentReference/{note_id} is signed and cannot be {action}: write a new note that "
-            "appends to it (relatesTo appends) instead", status=409, code="business-rule")
-
-
-async def sign_note(ctx: service.Context, note_id: str) -> Response:
-    """`POST DocumentReference/{id}/$sign` by the author: docStatus final, authenticator the
-    author; from then on update and delete answer 409. Signing writes a version, so the author
-    must still be on the patient's care team, as for create, update and delete (careteam.py)."""
-    author = _require_practitioner(ctx, "update")
-    current = await _own_note(ctx, note_id, author, "sign")
-    _check_unlocked(current, note_id, "signed again")
-    await _require_care_team(ctx, current["patient"], author, "sign")  # signing is a write
-    resource = orjson.loads(await _open(ctx, current, note_id))
-    signed = {**resource, "docStatus": "final", "authenticator": {"reference": author}}
-    version, moment = int(current["vid"]) + 1, store.now()
-    doc = _note_document(ctx, note_id, version, signed, patient=current["patient"], author=author,
-                         moment=moment)
-    await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="PUT")
-    await service.record_decision(ctx, permit=True, reason="note signed by its author", action="sign",
-                                  patient=current["patient"], entities=[f"DocumentReference/{note_id}"])
-    headers = _write_headers(ctx, note_id, version, moment)
-    headers.pop("Location")
-    return Response(status_code=200, headers=headers)
+# The note lifecycle (psychnotes/lifecycle/, the rules in mindchart_core.note_lifecycle): a signed
+# note (or one that arrived signed, or one awaiting co-signature) never changes: what follows is a
+# new note. Without `docStatus` a note keeps the behaviour it had before (its author may change or
+# delete it).
+def check_unlocked(current: dict[str, Any], note_id: str, action: str) -> None:
+    if current.get("doc_status") in note_lifecycle.SIGNED_STATES:
+        raise note_lifecycle.Locked(
+            f"DocumentReference/{note_id} is signed and cannot be {action}: "
+            f"{note_lifecycle.AMEND_HINT}")
+    if current.get("awaiting"):
+        raise note_lifecycle.Locked(
+            f"DocumentReference/{note_id} is signed by its author and awaits co-signature: it "
+            f"cannot be {action} meanwhile")
 
 
 async def update_note(ctx: service.Context, note_id: str, body: Any, if_match: int | None) -> Response:
-    author = _require_practitioner(ctx, "update")
+    author = require_practitioner(ctx, "update")
     resource = validation.validate_resource(body, "DocumentReference")
     if resource.get("id") != note_id:
         raise errors.Invalid("The body's id must match the id in the URL")
-    current = await _own_note(ctx, note_id, author, "update")
-    _check_unlocked(current, note_id, "changed")
-    if current.get("doc_status") == "preliminary" and resource.get("docStatus") != "preliminary":
+    current = await own_note(ctx, note_id, author, "update")
+    check_unlocked(current, note_id, "changed")
+    draft = note_lifecycle.DRAFT
+    if current.get("doc_status") == draft and resource.get("docStatus") != draft:
         raise errors.Unprocessable(f"DocumentReference/{note_id} is a draft: it stays docStatus "
                                    f"'preliminary' until its author signs it with $sign",
                                    expression=["DocumentReference.docStatus"])
     patient = notes.check_psychotherapy_note(resource)
+    note_lifecycle.check_not_awaiting(resource)
+    if note_lifecycle.amended_ids(resource) != current.get("relates_to", []):
+        raise errors.Unprocessable("What a note appends to or replaces (relatesTo) is set when it "
+                                   "is written", expression=["DocumentReference.relatesTo"])
     if patient != current["patient"]:
         raise errors.Unprocessable("A note cannot be moved to another patient",
                                    expression=["DocumentReference.subject"])
-    await _require_care_team(ctx, patient, author, "update")
+    await require_care_team(ctx, patient, author, "update")
     if if_match is not None and if_match != current["vid"]:
         raise errors.PreconditionFailed("If-Match does not match the current version")
     version, moment = int(current["vid"]) + 1, store.now()
-    doc = _note_document(ctx, note_id, version, resource, patient=patient, author=author,
+    doc = note_document(ctx, note_id, version, resource, patient=patient, author=author,
                          moment=moment)
     await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="PUT")
     await service.record_decision(ctx, permit=True, reason="note updated by its author", action="update",
                                   patient=patient, entities=[f"DocumentReference/{note_id}"])
-    headers = _write_headers(ctx, note_id, version, moment)
+    headers = write_headers(ctx, note_id, version, moment)
     headers.pop("Location")
     return Response(status_code=200, headers=headers)
 
 
 async def delete_note(ctx: service.Context, note_id: str) -> Response:
     """Soft delete: the note leaves search and read (410); every version stays in history."""
-    author = _require_practitioner(ctx, "delete")
-    current = await _own_note(ctx, note_id, author, "delete")
-    _check_unlocked(current, note_id, "deleted")
-    await _require_care_team(ctx, current["patient"], author, "delete")
+    author = require_practitioner(ctx, "delete")
+    current = await own_note(ctx, note_id, author, "delete")
+    check_unlocked(current, note_id, "deleted")
+    await require_care_team(ctx, current["patient"], author, "delete")
     version, moment = int(current["vid"]) + 1, store.now()
     stub = {**current["resource"], "meta": {**current["resource"]["meta"],
                                             "versionId": str(version),
@@ -230,7 +219,7 @@ async def _deny(ctx: service.Context, token: consent_token.ConsentToken, action:
 OUTSIDE = "The requested note is not inside this consent token's scope"
 
 
-async def _open(ctx: service.Context, doc: dict[str, Any], note_id: str) -> bytes:
+async def open_note(ctx: service.Context, doc: dict[str, Any], note_id: str) -> bytes:
     try:
         return vault.open_sealed(ctx.keyring, doc["sealed"], vault.Binding(
             "DocumentReference", note_id, int(doc["vid"]), doc["patient"]))
@@ -250,7 +239,7 @@ async def read_note(ctx: service.Context, token: consent_token.ConsentToken, not
     if doc.get("deleted"):
         await _deny(ctx, token, "read", "the note has been deleted", [ref])
         raise errors.Gone(f"{ref} has been deleted")
-    raw = await _open(ctx, doc, note_id)
+    raw = await open_note(ctx, doc, note_id)
     headers = await service.release(ctx, token, "read", [ref])
     return fhirjson.FhirResponse(raw, headers={**headers, **service.resource_headers(doc)})
 
@@ -267,7 +256,7 @@ async def vread_note(ctx: service.Context, token: consent_token.ConsentToken, no
     if not doc.get("sealed"):
         await _deny(ctx, token, "vread", "that version is a deletion", [ref])
         raise errors.Gone(f"Version {version} of {ref} is a deletion")
-    raw = await _open(ctx, doc, note_id)
+    raw = await open_note(ctx, doc, note_id)
     headers = await service.release(ctx, token, "vread", [f"{ref}/_history/{version}"])
     return fhirjson.FhirResponse(raw, headers={**headers, **service.resource_headers(doc)})
 
@@ -290,7 +279,7 @@ async def note_history(ctx: service.Context, token: consent_token.ConsentToken, 
             continue
         if not policy.covers(token, doc, note_id):
             continue
-        raw = await _open(ctx, doc, note_id)
+        raw = await open_note(ctx, doc, note_id)
         method = str(doc.get("method", "PUT"))
         entries.append(b'{"fullUrl":' + orjson.dumps(f"{ctx.base}/{ref}") + b',"resource":' + raw
                        + b',"request":' + orjson.dumps({
@@ -328,7 +317,7 @@ async def search_notes(ctx: service.Context, token: consent_token.ConsentToken,
     for name, value in items:
         if name not in SEARCH_PARAMS:
             raise errors.Invalid(f"Search parameter '{name[:40]}' is not supported here "
-                                 "(supported: patient, _id, date, author, _count)")
+                                 "(supported: patient, _id, date, author, status, relatesto, _count)")
         if name in ("patient", "subject"):
             wanted = value if value.startswith("Patient/") else f"Patient/{value}"
             if wanted != token.patient:
@@ -340,6 +329,11 @@ async def search_notes(ctx: service.Context, token: consent_token.ConsentToken,
             clauses.append(_date_clause(value))
         elif name == "author":
             clauses.append({"author": value if "/" in value else f"Practitioner/{value}"})
+        elif name == "status":
+            clauses.append({"status": {"$in": value.split(",")[:MAX_COUNT]}})
+        elif name == "relatesto":  # the addenda and corrections of a note
+            targets = [v.rsplit("/", 1)[-1] for v in value.split(",")][:MAX_COUNT]
+            clauses.append({"relates_to": {"$in": targets}})
         elif name == "_count":
             if not value.isdigit():
                 raise errors.Invalid("_count must be a non-negative integer")
@@ -348,13 +342,16 @@ async def search_notes(ctx: service.Context, token: consent_token.ConsentToken,
             cursor = value
         if name not in ("_cursor", "_format"):
             applied.append((name, value))
+    if not any(name == "status" for name, _ in applied):
+        # R4 DocumentReference entered-in-error stays readable by id; a plain search leaves it out.
+        clauses.append({"status": {"$ne": "entered-in-error"}})
     docs = [d async for d in store.find_notes(ctx.db, {"$and": clauses}, after=cursor,
                                               limit=count + 1)] if count else []
     page, has_more = docs[:count], len(docs) > count
     page = [d for d in page if policy.covers(token, d, d["_id"])]  # defence in depth
     entries, refs = [], []
     for doc in page:
-        raw = await _open(ctx, doc, doc["_id"])
+        raw = await open_note(ctx, doc, doc["_id"])
         ref = f"DocumentReference/{doc['_id']}"
         entries.append(b'{"fullUrl":' + orjson.dumps(f"{ctx.base}/{ref}") + b',"resource":' + raw
                        + b',"search":{"mode":"match"}}')

@@ -16,7 +16,7 @@ from psychnotes import store, vault
 from psychnotes.keys import Keyring
 
 _TYPES = {"notes": "DocumentReference", "notes_history": "DocumentReference",
-          "consents": "Consent", "consents_history": "Consent"}
+          "consents": "Consent", "consents_history": "Consent", "provenances": "Provenance"}
 
 
 def binding_of(collection: str, doc: dict[str, Any]) -> vault.Binding:

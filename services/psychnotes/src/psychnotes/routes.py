@@ -2,7 +2,8 @@
 consents.py and minting.py, the rules in policy.py, notes.py and consent.py.
 
 Writes: the treating practitioner creates, updates (author only, history kept) and soft-deletes
-notes. Reads (read, vread, search, history) need a `Consent-Token` header on top of the access
+notes; `$sign`, `$entered-in-error` and `$verify-signature` are in lifecycle/routes.py.
+Reads (read, vread, search, history) need a `Consent-Token` header on top of the access
 token, checked for every note returned (45 CFR 164.508(a)(2); shared/DESIGN.md "Consent token").
 A missing consent token is 403 (the caller is known but not authorized); a presented token that
 is forged, expired or not ours is 401 with `WWW-Authenticate: Consent-Token`. Only the exact
@@ -113,11 +114,6 @@ async def read_note(note_id: str, request: Request, ctx: ContextDep) -> Response
 async def update_note(note_id: str, request: Request, ctx: ContextDep) -> Response:
     return await notes_service.update_note(ctx, note_id, await body_of(request, ctx),
                                      fhirjson.if_match_version(request))
-
-
-@router.post("/DocumentReference/{note_id}/$sign")
-async def sign_note(note_id: str, ctx: ContextDep) -> Response:
-    return await notes_service.sign_note(ctx, note_id)
 
 
 @router.delete("/DocumentReference/{note_id}")

@@ -3,7 +3,9 @@
 Key material (keys.py): `KEK_FILE` holds the key-encryption key (base64 of 32 bytes, one line),
 `PREVIOUS_KEK_FILES` (comma-separated paths) the retired ones still needed to unwrap data keys
 until `mindchart psychnotes rotate-key` has re-wrapped them, `SIGNING_KEY_FILE` the PEM private
-key (EC P-256) that signs consent tokens, `RECORDS_CLIENT_KEY_FILE` the EC P-384 key psychnotes
+key (EC P-256) that signs consent tokens, `DOCUMENT_SIGNING_KEY_FILE` the one (EC P-256) that signs
+note versions on `$sign` (`PREVIOUS_DOCUMENT_SIGNING_KEY_FILES` the retired ones, still published so
+older signatures keep verifying), `RECORDS_CLIENT_KEY_FILE` the EC P-384 key psychnotes
 authenticates with as the backend client `RECORDS_CLIENT_ID` to ask records who is on a patient's
 care team (careteam.py). Production refuses to start without them; development generates them
 under `<MINDCHART_DATA_DIR>/keys/` (mode 0600) on first start.
@@ -34,6 +36,9 @@ class PsychnotesSettings(ServiceSettings):
     kek_file: Path | None = None
     previous_kek_files: str = ""  # comma-separated; retired KEKs kept until re-wrapped
     signing_key_file: Path | None = None
+    # psychnotes' own document-signing key (lifecycle/keys.py), apart from the consent-token key.
+    document_signing_key_file: Path | None = None
+    previous_document_signing_key_files: str = ""  # comma-separated; retired, still published
     consent_token_minutes: int = 10  # DESIGN.md "Consent token": exp in minutes
     exception_token_minutes: int = 10
     min_justification_chars: int = 20
@@ -58,9 +63,15 @@ class PsychnotesSettings(ServiceSettings):
                             "after a redeploy)")
         if self.signing_key_file is None:
             problems.append("MINDCHART_PSYCHNOTES_SIGNING_KEY_FILE is not set")
+        if self.document_signing_key_file is None:
+            problems.append("MINDCHART_PSYCHNOTES_DOCUMENT_SIGNING_KEY_FILE is not set (signed notes "
+                            "would stop verifying after a redeploy)")
         if self.records_client_key_file is None:
             problems.append("MINDCHART_PSYCHNOTES_RECORDS_CLIENT_KEY_FILE is not set")
         return problems
 
     def previous_kek_paths(self) -> list[Path]:
         return [Path(p.strip()) for p in self.previous_kek_files.split(",") if p.strip()]
+
+    def previous_document_signing_key_paths(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.previous_document_signing_key_files.split(",") if p.strip()]

@@ -7,6 +7,10 @@ Collections:
   status, subject, author, date). Never the note's words.
 - `consents` / `consents_history`: the authorizations, sealed likewise, with the gate's summary
   (consent.Authorization.index) in clear.
+- `provenances`: the Provenance of each signature and entered-in-error mark (lifecycle/), sealed
+  like a note (its JWS covers the note's words, so a guess at them could be checked against it),
+  with the note id (`note`), its version (`note_vid`) and patient in clear; a Provenance is never
+  revised (`vid` 1).
 - `exception_grants`: each 164.508(a)(2) exception token minted, with the written justification.
 - `decisions`: every consent-gate decision (AuthZconsent AuditEvent), permit or deny, with reason.
 - `disclosures`: every release of note content (PrivacyDisclosure AuditEvent).
@@ -25,7 +29,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 from mindchart_core import errors
 
 Db = AsyncDatabase[dict[str, Any]]
-SEALED_COLLECTIONS = ("notes", "notes_history", "consents", "consents_history")
+SEALED_COLLECTIONS = ("notes", "notes_history", "consents", "consents_history", "provenances")
 
 
 def now() -> datetime:
@@ -36,6 +40,8 @@ def now() -> datetime:
 async def ensure_indexes(db: Db) -> None:
     await db.notes.create_index([("patient", ASCENDING), ("date", ASCENDING)])
     await db.notes.create_index([("author", ASCENDING)])
+    await db.notes.create_index([("relates_to", ASCENDING)])
+    await db.provenances.create_index([("note", ASCENDING)])
     await db.notes_history.create_index([("id", ASCENDING), ("vid", ASCENDING)], unique=True)
     await db.consents.create_index([("patient", ASCENDING)])
     await db.consents_history.create_index([("id", ASCENDING), ("vid", ASCENDING)], unique=True)
@@ -67,18 +73,34 @@ def _lost_race(exc: PyMongoError, what: str) -> errors.FhirError | None:
 
 async def replace_note(db: Db, doc: dict[str, Any], *, expected: int, method: str) -> None:
     """The next version (update or soft delete), only if `expected` is still the current one."""
-    note_id = doc["_id"]
+    await write_versions(db, [(doc, expected)], method=method)
+
+
+async def write_versions(db: Db, versions: list[tuple[dict[str, Any], int]], *, method: str,
+                         provenances: tuple[dict[str, Any], ...] = ()) -> None:
+    """Next versions of several notes (each only if its `expected` version is still current) and
+    the Provenances recording why, in one transaction: a signature is never stored without the
+    version it signs, nor a correction signed without its original superseded."""
     try:
         async with db.client.start_session() as session, await session.start_transaction():
-            result = await db.notes.replace_one({"_id": note_id, "vid": expected}, doc,
-                                                session=session)
-            if result.matched_count != 1:
-                raise errors.Conflict("The note changed meanwhile; retry with its new version")
-            await db.notes_history.insert_one(
-                {**doc, "_id": f"{note_id}/{doc['vid']}", "id": note_id, "method": method},
-                session=session)
+            for doc, expected in versions:
+                note_id = doc["_id"]
+                result = await db.notes.replace_one({"_id": note_id, "vid": expected}, doc,
+                                                    session=session)
+                if result.matched_count != 1:
+                    raise errors.Conflict("The note changed meanwhile; retry with its new version")
+                await db.notes_history.insert_one(
+                    {**doc, "_id": f"{note_id}/{doc['vid']}", "id": note_id, "method": method},
+                    session=session)
+            for provenance in provenances:
+                await db.provenances.insert_one(provenance, session=session)
     except PyMongoError as exc:
         raise _lost_race(exc, "note") or exc from None
+
+
+async def provenances_of(db: Db, note_id: str) -> list[dict[str, Any]]:
+    docs = await db.provenances.find({"note": note_id}).to_list()
+    return sorted(docs, key=lambda d: (int(d["note_vid"]), d["_id"]))
 
 
 async def get_note(db: Db, note_id: str) -> dict[str, Any] | None:

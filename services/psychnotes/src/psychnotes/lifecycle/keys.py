@@ -1,0 +1,40 @@
+"""Psychnotes' document-signing key: it signs the version a `$sign` makes final (service.py), and
+is neither the consent-token key nor the gateway's. A PEM EC P-256 file
+(`MINDCHART_PSYCHNOTES_DOCUMENT_SIGNING_KEY_FILE`, required in production); development generates
+one under `<data dir>/keys/` (mode 0600). Retired keys
+(`MINDCHART_PSYCHNOTES_PREVIOUS_DOCUMENT_SIGNING_KEY_FILES`) stay in the published JWK Set
+(`[base]/.well-known/jwks.json`) so older signatures keep verifying after a rotation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from joserfc.jwk import ECKey
+
+from mindchart_core import signatures
+from mindchart_core.signatures import SigningKeys
+from psychnotes.keys import KeyConfigError, dev_key_dir
+from psychnotes.settings import PsychnotesSettings
+
+DEV_DOCUMENT_SIGNING_KEY_NAME = "psychnotes-document-signing.pem"
+JWKS_PATH = "/.well-known/jwks.json"
+
+
+def _read(path: Path, *, generate: bool = False) -> ECKey:
+    try:
+        return signatures.load_key_file(path, generate=generate)
+    except ValueError as exc:
+        raise KeyConfigError(f"cannot use the document-signing key {path}: {exc}") from None
+
+
+def load(settings: PsychnotesSettings) -> SigningKeys:
+    if settings.document_signing_key_file is not None:
+        current = _read(Path(settings.document_signing_key_file))
+    elif settings.is_production:
+        raise KeyConfigError("MINDCHART_PSYCHNOTES_DOCUMENT_SIGNING_KEY_FILE is required in production")
+    else:
+        current = _read(dev_key_dir(settings) / DEV_DOCUMENT_SIGNING_KEY_NAME, generate=True)
+    retired = tuple(k for k in (_read(p) for p in settings.previous_document_signing_key_paths())
+                    if k.kid != current.kid)
+    return SigningKeys(current, retired)
