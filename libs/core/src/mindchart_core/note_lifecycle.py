@@ -304,8 +304,8 @@ def verification(note_ref: str, checked: list[tuple[SignedVersion, str | None]],
         parts.append(_part("signature", part=[
             _part("provenance", resource=given) if given else _part("provenance", valueReference=ref),
             _part("version", valueString=str(found.version)),
-            _part("signer", valueReference={"reference": found.signer}),
-            _part("role", valueCode=found.role),
+            *([_part("signer", valueReference={"reference": found.signer})] if found.signer else []),
+            *([_part("role", valueCode=found.role)] if found.role else []),
             _part("valid", valueBoolean=problem is None),
             *([_part("message", valueString=problem)] if problem else []),
         ]))

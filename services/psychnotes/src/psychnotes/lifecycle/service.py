@@ -219,7 +219,7 @@ async def verify_signature(ctx: service.Context, token: consent_token.ConsentTok
         raw = _opened(ctx, sealed, "Provenance", str(sealed["_id"]))
         if raw is None:
             unreadable = note_lifecycle.SignedVersion(str(sealed["_id"]), int(sealed["note_vid"]), "",
-                                                      "unknown", "")
+                                                      "", "")
             checked.append((unreadable, "the Provenance cannot be decrypted: its stored bytes were altered"))
             continue
         resources[str(sealed["_id"])] = orjson.loads(raw)

@@ -139,7 +139,7 @@ def check_write(resource_type: str, current: dict[str, Any] | None, new: dict[st
             "Task/{id}/$rebut (45 CFR 164.526(d)), never written directly",
             expression=["DocumentReference.category"])
     if resource_type == "Provenance":
-        # The JWS signatures of notes are records' own (lifecycle/signing.py): a client can
+        # The JWS signatures of notes are records' own (lifecycle/service.py, $sign): a client can
         # neither file one (it would make $verify-signature report a forgery) nor alter one.
         if current is not None and carries_system_signature(current):
             raise Locked(f"Provenance/{current.get('id')} records a signature and cannot be changed")
@@ -149,14 +149,15 @@ def check_write(resource_type: str, current: dict[str, Any] | None, new: dict[st
                 "itself when a note is signed (POST DocumentReference/{id}/$sign)",
                 expression=["Provenance.signature"])
         return
-    if new is not None:
-        check_not_awaiting(new)
     if current is None:
+        if new is not None:
+            check_not_awaiting(new)
         return
     if new is None:
         check_delete(current, token)
     else:
-        check_update(current, new, token)
+        check_update(current, new, token)  # a note awaiting co-signature is locked: 409 first
+        check_not_awaiting(new)
 
 
 __all__ = [
