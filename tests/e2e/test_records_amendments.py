@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.actors import auditor_token, mint_token, records_client
+from tests.actors import auditor_token, mint_token, records_client, sensitive
 from tests.conftest import RunningStack
 from tests.e2e import test_cdex
 from tests.e2e.test_cdex import Cdex, data_request, params, release
@@ -189,7 +189,7 @@ def test_denial_disagreement_and_rebuttal_travel_with_every_disclosure(
     # The statement of disagreement: the patient's token only, for their denied request.
     outcome(author.post(f"{url}/$disagree", json=parameters(statement="Not mine to file")), 403)
     outcome(pb.post(f"{url}/$disagree", json=parameters(statement="Not my request")), 404)
-    words = "I was there on October 10; my bus ticket shows it."
+    words = sensitive("I was there on October 10; my bus ticket shows it.")  # never in a log
     filed_statement = pa.post(f"{url}/$disagree", json=parameters(statement=words))
     assert filed_statement.status_code == 201, filed_statement.text
     disagreement = filed_statement.json()
