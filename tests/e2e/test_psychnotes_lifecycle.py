@@ -346,3 +346,36 @@ def test_every_write_path_refuses_a_signed_note(live: RunningStack) -> None:
                              patient={"reference": f"Patient/{patient}"})
     read = _read(live, therapist, own, note_id)
     assert read["meta"]["versionId"] == "1" and read["description"] == text
+
+
+def test_bad_input_to_the_lifecycle_operations_is_a_clear_4xx_and_stores_nothing(live: RunningStack) -> None:
+    therapist = user_token(live, "Practitioner/th-bad")
+    patient = f"w-bad-{uuid.uuid4().hex[:6]}"
+    text = marker("bad")
+    note_id = write_note(live, therapist, patient, text, docStatus="preliminary")
+    base = f"{live.psychnotes}/DocumentReference/{note_id}"
+    json_headers = headers(therapist)
+    attempts = [
+        (httpx.post(f"{base}/$sign", headers=json_headers, content=b'{"resourceType":"Patient"}'), 400),
+        (httpx.post(f"{base}/$sign", headers=json_headers, content=b"not json"), 400),
+        (httpx.post(f"{base}/$sign", headers=json_headers, json={
+            "resourceType": "Parameters", "parameter": [{"name": "x", "valueString": "y"}]}), 400),
+        (httpx.post(f"{live.psychnotes}/DocumentReference/{'x' * 200}/$sign", headers=json_headers), 404),
+        (httpx.post(f"{base}/$entered-in-error", headers=json_headers, content=b"[1,2"), 400),
+        (httpx.post(f"{base}/$entered-in-error", headers=json_headers, json={
+            "resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": " "}]}), 400),
+        (httpx.post(f"{base}/$entered-in-error", headers=json_headers, json={
+            "resourceType": "Parameters", "parameter": [{"name": "reason", "valueBoolean": True}]}), 400),
+        (httpx.post(f"{base}/$entered-in-error", headers={**json_headers, "Content-Type": "text/plain"},
+                    content=b"reason"), 415),
+        (_amending(live, therapist, patient, marker("x"), "appends", "../../Patient/x"), 422),
+        (_verify(live, therapist, None, "x" * 200), 403),
+    ]
+    for response, status in attempts:
+        assert_refused(response, status, text)
+    own = mint_consent_token(live, therapist, basis="originator-treatment",
+                             patient={"reference": f"Patient/{patient}"})
+    note = _read(live, therapist, own, note_id)
+    assert note["meta"]["versionId"] == "1" and note["docStatus"] == "preliminary"
+    assert live.db("psychnotes").provenances.count_documents({"note": note_id}) == 0
+    assert _sign(live, therapist, note_id).status_code == 200  # and the service is healthy
