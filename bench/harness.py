@@ -111,7 +111,11 @@ class BenchStack:
             doc = mongo[self.db_name("gateway")].signing_keys.find_one(sort=[("created", -1)])
         if doc is None:
             raise RuntimeError("the gateway has no signing key yet")
-        key = RSAKey.import_key(doc["jwk"])
+        from gateway import keys
+        from mindchart_core import keyfiles
+
+        kek = keyfiles.read_kek(self.config.data_dir / "keys" / keys.DEV_KEK_NAME)
+        key = RSAKey.import_key(keys.open_private_jwk(kek, doc))  # sealed under the gateway's KEK
         now = int(time.time())
         body = {"iss": self.gateway_url, "aud": audience, "sub": "bench-user", "client_id": CLIENT_ID,
                 "scope": scope, "fhirUser": f"{self.gateway_url}/fhir/{fhir_user}", "iat": now,

@@ -67,6 +67,8 @@ done
 
 # The gateway's first token-signing key (RS256 needs RSA; 3072 bits per NIST SP 800-57 beyond 2030).
 write gateway-signing-key.pem openssl genpkey -quiet -algorithm RSA -pkeyopt rsa_keygen_bits:3072
+# Key-encryption key sealing the gateway's signing keys in its datastore (32 bytes, base64).
+write gateway-signing-kek openssl rand -base64 32
 # psychnotes' own consent-token signing key, deliberately not the gateway's (ES256, P-256).
 write psychnotes-signing-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-256
 # psychnotes' note-signing key ($sign's JWS; ES256, P-256), apart from its consent-token key.

@@ -93,16 +93,31 @@ class BackendAuth(httpx.Auth):
         yield request
 
 
+def gateway_kek(live: Any) -> bytes:
+    """The development KEK the stack's gateway generated (gateway/keys.py): what an insider with
+    the secret mount holds, and what tests need to sign as the gateway."""
+    from gateway import keys
+    from mindchart_core import keyfiles
+
+    return keyfiles.read_kek(live.config.data_dir / "keys" / keys.DEV_KEK_NAME)
+
+
+def gateway_signing_key(db: Any, kek: bytes) -> Any:
+    """The gateway's newest signing key, opened from its sealed form in the datastore."""
+    from joserfc.jwk import RSAKey
+
+    from gateway import keys
+
+    return RSAKey.import_key(keys.open_private_jwk(kek, db.signing_keys.find_one(sort=[("created", -1)])))
+
+
 def mint_token(live: Any, *, audience: str | None = None, **claims: Any) -> str:
     """An access token signed with the gateway's real current key (read from its datastore).
 
     Stands in for what the gateway issues to a signed-in user (fhirUser, patient context) in tests
     that exercise a backend, not the sign-in itself; the SMART launch has its own tests.
     """
-    from joserfc.jwk import RSAKey
-
-    doc = live.db("gateway").signing_keys.find_one(sort=[("created", -1)])
-    key = RSAKey.import_key(doc["jwk"])
+    key = gateway_signing_key(live.db("gateway"), gateway_kek(live))
     now = int(time.time())
     body = {"iss": live.gateway_url, "aud": audience or live.fhir, "sub": "test-writer",
             "client_id": "test-writer", "scope": "system/*.rs", "iat": now, "exp": now + 300,

@@ -441,6 +441,19 @@ def test_services_read_credentials_from_secret_files(compose: dict[str, Any]) ->
             if key.endswith("_FILE"):
                 secret = value.removeprefix("/run/secrets/")
                 assert value.startswith("/run/secrets/") and secret in secrets_of(service), key
+        # Every key file the service refuses to start in production without is given to it.
+        for required in production_key_files(name):
+            assert required in env, f"{name} would refuse to start: {required} is not set"
+
+
+def production_key_files(service: str) -> set[str]:
+    """The `MINDCHART_*_FILE` settings a service's production check names when they are unset."""
+    import importlib
+
+    module = importlib.import_module(f"{service}.settings")
+    settings_class = getattr(module, f"{service.capitalize()}Settings")
+    bare = settings_class(env="production", mongo_url="mongodb://u:Q8v!x2LmP0rT9zK@db:27017/")
+    return set(re.findall(r"MINDCHART_[A-Z_]+_FILE", "; ".join(bare.production_problems())))
 
 
 def test_issuer_and_audiences_agree(compose: dict[str, Any]) -> None:
@@ -515,7 +528,8 @@ def test_make_secrets_writes_every_secret_compose_reads(
         url = (out / f"{owner}-mongo-url").read_text().strip()
         assert url.startswith(f"mongodb://{owner}:{password}@mongo-{owner}:{MONGO_PORT}/")
         assert f"authSource=mindchart_{owner}" in url and "replicaSet=rs0" in url
-    assert len(base64.b64decode((out / "psychnotes-kek").read_text())) == 32
+    for kek in ("psychnotes-kek", "gateway-signing-kek"):
+        assert len(base64.b64decode((out / kek).read_text())) == 32
     for key in ("gateway-signing-key.pem", "psychnotes-signing-key.pem",
                 "psychnotes-document-signing-key.pem"):
         assert (out / key).read_text().startswith("-----BEGIN PRIVATE KEY-----")
@@ -770,9 +784,20 @@ def check_secrets_are_references_only(docs: list[dict[str, Any]]) -> None:
             for source in volume.get("projected", {}).get("sources", []):
                 if "secret" in source:
                     referenced.add(source["secret"]["name"])
+        items = {volume["name"]: [item["path"] for source in volume.get("projected", {}).get("sources", [])
+                                  for item in source.get("secret", {}).get("items", [])]
+                 for volume in pod_spec.get("volumes", [])}
         for container in pod_spec["containers"]:
+            mounted = {f"{mount['mountPath']}/{path}" for mount in container.get("volumeMounts", [])
+                       for path in items.get(mount["name"], [])}
+            names = {env["name"] for env in container.get("env", [])}
+            if service in SERVICES:
+                for required in production_key_files(service):
+                    assert required in names, f"{service} would refuse to start: {required} unset"
             for env in container.get("env", []):
                 value = str(env.get("value", ""))
+                if env["name"].endswith("_FILE") and value.startswith("/run/secrets/"):
+                    assert value in mounted, f"{service}: {env['name']} names {value}, not mounted"
                 assert not re.search(r"mongodb(\+srv)?://[^/\s]*@", value), env["name"]
                 assert "PRIVATE KEY" not in value, env["name"]
                 secret_ref = env.get("valueFrom", {}).get("secretKeyRef")

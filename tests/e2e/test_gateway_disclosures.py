@@ -9,6 +9,7 @@ tests/e2e/test_export.py."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -21,12 +22,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from joserfc import jwt
-from joserfc.jwk import RSAKey
 from pymongo import MongoClient
 
 from gateway import chain_verify
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from mindchart_core import sealing
 from mindchart_core.audit import (
     ACCOUNTING_CLIENT,
     ACCOUNTING_SCOPE,
@@ -35,9 +36,11 @@ from mindchart_core.audit import (
     disclosure_audit_event,
     encode_disclosures,
 )
+from tests.actors import gateway_signing_key
 from tests.conftest import RunningStack
 
 BASE = "http://testserver"
+KEK = sealing.new_key()  # this module's gateway seals its signing keys under it
 
 
 class Upstream:
@@ -111,12 +114,16 @@ def serve_backend(upstream: Upstream) -> ThreadingHTTPServer:
 
 
 @pytest.fixture(scope="module")
-def gateway(live: RunningStack) -> Iterator[tuple[TestClient, Upstream, Any]]:
+def gateway(live: RunningStack, tmp_path_factory: pytest.TempPathFactory,
+            ) -> Iterator[tuple[TestClient, Upstream, Any]]:
     db_name = f"gw_disclosures_{uuid.uuid4().hex[:8]}"
+    kek_file = tmp_path_factory.mktemp("gw-kek") / "signing-kek"
+    kek_file.write_bytes(base64.b64encode(KEK))
     upstream = Upstream()
     backend = serve_backend(upstream)
     settings = GatewaySettings(mongo_url=live.config.mongo_url("gateway"), db_name=db_name, public_url=BASE,
-                               records_url=f"http://127.0.0.1:{backend.server_address[1]}")
+                               records_url=f"http://127.0.0.1:{backend.server_address[1]}",
+                               signing_kek_file=kek_file)
     app = create_app(settings)
     mongo: MongoClient[dict[str, Any]] = MongoClient(live.config.mongo_url("gateway"), tz_aware=True)
     # The audit routes read the caller's registration: an auditor backend with the compliance role.
@@ -132,8 +139,7 @@ def gateway(live: RunningStack) -> Iterator[tuple[TestClient, Upstream, Any]]:
 
 
 def token(db: Any, **claims: Any) -> str:
-    doc = db.signing_keys.find_one(sort=[("created", -1)])
-    key = RSAKey.import_key(doc["jwk"])
+    key = gateway_signing_key(db, KEK)
     now = int(time.time())
     body = {"iss": BASE, "aud": f"{BASE}/fhir", "sub": "app", "client_id": "app", "scope": "system/*.rs",
             "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, **claims}
@@ -259,7 +265,7 @@ def test_accounting_merges_records_export_disclosures_newest_first(
     [asked] = upstream.accounting_requests
     assert asked.url.path == f"/fhir/Patient/{patient}/$disclosures"
     assert asked.url.params.get_list("date") == [f"ge{(now - timedelta(days=1)).date()}"]
-    key = RSAKey.import_key(db.signing_keys.find_one(sort=[("created", -1)])["jwk"])
+    key = gateway_signing_key(db, KEK)
     claims = jwt.decode(asked.headers["authorization"].removeprefix("Bearer "), key).claims
     assert claims["client_id"] == claims["sub"] == ACCOUNTING_CLIENT
     assert claims["scope"] == ACCOUNTING_SCOPE

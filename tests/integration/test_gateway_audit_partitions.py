@@ -22,6 +22,7 @@ from pymongo import AsyncMongoClient
 
 from gateway import chain, chain_verify, checkpoints, partitions, store
 from gateway.keys import Keyring
+from mindchart_core import sealing
 
 ISSUER = "http://gateway.test"
 
@@ -43,7 +44,7 @@ async def db(mongo_url: str) -> AsyncIterator[Any]:
 
 
 async def keyring(db: Any) -> Keyring:
-    keys = Keyring(db)
+    keys = Keyring(db, sealing.new_key())  # checkpoints are signed: a keyring with its KEK
     await keys.ensure_key()
     return keys
 

@@ -107,6 +107,9 @@ def test_each_service_refuses_production_without_its_keys() -> None:
     url = "mongodb://svc:Q8v!x2LmP0rT9zK@mongo:27017/?replicaSet=rs0"
     with pytest.raises(UnsafeConfiguration, match="SIGNING_KEY_FILE"):
         GatewaySettings(env="production", mongo_url=url).refuse_unsafe_production()
+    with pytest.raises(UnsafeConfiguration, match="SIGNING_KEK_FILE"):  # sealing the keys at rest
+        GatewaySettings(env="production", mongo_url=url,
+                        signing_key_file="/run/secrets/key.pem").refuse_unsafe_production()
     with pytest.raises(UnsafeConfiguration, match="KEK_FILE"):
         PsychnotesSettings(env="production", mongo_url=url).refuse_unsafe_production()
 

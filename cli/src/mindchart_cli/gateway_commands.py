@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway import admin, chain_verify, checkpoints, launches
+from gateway import admin, chain_verify, checkpoints, keys, launches
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_cli import stack
@@ -75,8 +75,14 @@ def user_create(
 
 @key_app.command("rotate")
 def key_rotate() -> None:
-    """Add a new signing key; it signs from now on, the old ones still verify."""
-    emit(on_gateway_db(admin.rotate_signing_key))
+    """Add a new signing key, sealed under the gateway's KEK (MINDCHART_GATEWAY_SIGNING_KEK_FILE);
+    it signs from now on, the old ones still verify."""
+    try:
+        kek = keys.load_kek(GatewaySettings())
+    except keys.KeyConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    emit(on_gateway_db(lambda db: admin.rotate_signing_key(db, kek)))
 
 
 @launch_app.command("create")
@@ -114,7 +120,7 @@ def audit_verify(
     witnesses = [json.loads(path.read_text()) for path in witness]
 
     async def work(db: Any) -> dict[str, Any]:
-        keyset = await Keyring(db).keyset(refresh=True)
+        keyset = await Keyring(db).keyset(refresh=True)  # verifies only: no KEK
         return await chain_verify.verify(db, keyset=keyset, key=key, witnesses=witnesses)
 
     result = on_gateway_db(work)
@@ -134,7 +140,7 @@ def audit_checkpoint(
     its claims and the gateway's public keys. Give it back later as `audit verify --witness`."""
 
     async def work(db: Any) -> dict[str, Any]:
-        exported = await checkpoints.export(db, Keyring(db))
+        exported = await checkpoints.export(db, Keyring(db))  # public keys only: no KEK
         if exported is None:
             raise CommandError("no checkpoint has been written yet (the gateway writes one every "
                                "few seconds while it audits requests)")

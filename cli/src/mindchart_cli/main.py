@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import typer
 
 from gateway import admin
+from gateway import keys as gateway_keys
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_cli import gateway_commands, psychnotes_commands, seed, stack, supervisor
@@ -66,7 +67,7 @@ async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> 
     """Five-minute access tokens for the demo therapist and trainee, signed with the gateway's own
     key as its sign-in would issue them (the admin CLI holds the gateway datastore anyway), so the
     demo notes are written, signed and co-signed by practitioners through the public API."""
-    keys = Keyring(db)
+    keys = Keyring(db, gateway_keys.load_kek(GatewaySettings()))  # signs: needs the KEK
     await keys.load(force=True)
     now = int(time.time())
     tokens = {}

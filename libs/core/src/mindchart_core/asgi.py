@@ -1,4 +1,5 @@
-"""Pure-ASGI request context: request id, access log line and HTTP metrics for every request.
+"""Pure-ASGI request context: request id, access log line and HTTP metrics for every request;
+and a start-up refused for a configuration reason said in one line, not a traceback.
 
 Pure ASGI rather than BaseHTTPMiddleware, which breaks context variables (Starlette docs). The
 request id comes from `X-Request-ID` when it is well formed, else a new one; it is echoed back.
@@ -14,7 +15,9 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mindchart_core.keyfiles import KeyFileError
 from mindchart_core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from mindchart_core.settings import UnsafeConfiguration
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -78,3 +81,37 @@ class RequestContextMiddleware:
             log.info("request", method=method, route=route, status=status,
                      latency_ms=round(elapsed * 1000, 2))
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+class StartupRefusalMiddleware:
+    """A lifespan that raises KeyFileError or UnsafeConfiguration (a wrong or missing key, an
+    unsafe production setting) fails start-up with that message alone: the ASGI lifespan
+    protocol's `lifespan.startup.failed` carries it, and the server logs it and exits. Starlette
+    would send the whole traceback instead, which reads as a crash, not as a refusal."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # sent once we know why
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except (KeyFileError, UnsafeConfiguration) as exc:
+            await send({"type": "lifespan.startup.failed", "message": f"refusing to start: {exc}"})
+            return
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
+        for message in held:
+            await send(message)

@@ -56,6 +56,7 @@ def finish(app: FastAPI, service: str) -> FastAPI:
     """Add the outermost layers last (Starlette: the last middleware added runs first)."""
     tracing.instrument(app, service)
     app.add_middleware(asgi.RequestContextMiddleware, service=service)
+    app.add_middleware(asgi.StartupRefusalMiddleware)
     return app
 
 

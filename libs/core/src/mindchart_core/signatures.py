@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -82,26 +80,6 @@ class SigningKeys:
         return public_jwks(self.all)
 
 
-def load_key_file(path: Path, *, generate: bool) -> ECKey:
-    """The document-signing key in the PEM file at `path`. With `generate` (development) a new
-    one is written first when the file is missing: mode 0600, O_EXCL, so replicas starting
-    together agree on one. Raises ValueError when the file is missing or not a P-256 key."""
-    if generate and not path.exists():
-        pem = generate_key().as_pem(private=True)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(pem)
-    try:
-        return signing_key(path.read_bytes())
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {type(exc).__name__}") from None
-
-
 def public_jwks(keys: Iterable[ECKey]) -> dict[str, Any]:
     """The JWK Set to publish: public halves only."""
     return {"keys": [k.as_dict(private=False) for k in keys]}
@@ -147,5 +125,5 @@ def verify_detached(signature: str, payload: bytes, keys: KeySet | Iterable[ECKe
 
 
 __all__ = ["ALGORITHM", "SIG_FORMAT", "TARGET_FORMAT", "SignatureInvalid", "SigningKeys", "canonical",
-           "generate_key", "load_key_file", "protected_header", "public_jwks", "sign_detached", "signing_key",
+           "generate_key", "protected_header", "public_jwks", "sign_detached", "signing_key",
            "verify_detached"]

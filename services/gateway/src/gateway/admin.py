@@ -150,7 +150,7 @@ async def create_user(
     return {**answer, "supervisor": supervisor} if supervisor else answer
 
 
-async def rotate_signing_key(db: store.Db) -> dict[str, Any]:
-    kid, jwk = keys.new_private_jwk()
-    await store.add_signing_key(db, kid, jwk)
+async def rotate_signing_key(db: store.Db, kek: bytes) -> dict[str, Any]:
+    """A new signing key, sealed under the gateway's KEK (keys.py): it signs from now on."""
+    kid = await keys.add_key(db, kek)
     return {"kid": kid, "published": [d["_id"] for d in await store.signing_keys(db)]}

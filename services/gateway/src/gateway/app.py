@@ -19,6 +19,7 @@ from gateway import (
     checkpoints,
     cors,
     forwarded,
+    keys,
     proxy,
     ratelimit,
     revocations,
@@ -48,6 +49,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        kek = keys.load_kek(settings)
         client = service_app.datastore_client(settings, "gateway")
         app.state.mongo = client
         app.state.db = client[settings.db_name]
@@ -56,7 +58,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.db, settings.audit_chain_key(),
             lease_seconds=settings.audit_partition_lease_seconds)
         await app.state.audit_chain.start()
-        app.state.keys = Keyring(app.state.db)
+        # Every stored signing key opens with this KEK, or the gateway refuses to start
+        # (keys.KeyConfigError, said in one line by mindchart_core.asgi.StartupRefusalMiddleware).
+        app.state.keys = Keyring(app.state.db, kek)
         pem = settings.signing_key_file.read_bytes() if settings.signing_key_file else None
         await app.state.keys.ensure_key(pem)
         app.state.verifiers = {

@@ -1,22 +1,61 @@
-"""The gateway's token-signing keys: kept in its datastore so every replica signs alike.
+"""The gateway's token-signing keys: kept in its datastore so every replica signs alike, each
+private key sealed under a key-encryption key (KEK) that never enters the datastore.
+
+Read access to the gateway datastore must not be enough to forge tokens (issue 12, "Also
+found"). Each key document holds `public` (the public JWK, what /oauth/jwks publishes) and
+`sealed` (the private JWK's JSON sealed with AES-256-GCM under the KEK, mindchart_core.sealing,
+with the kid as associated data, so a sealed key moved onto another kid does not open). The KEK is
+`MINDCHART_GATEWAY_SIGNING_KEK_FILE` (base64 of 32 bytes, mindchart_core.keyfiles): required in
+production, generated once under `<data dir>/keys/` in development, like psychnotes' KEK. A key
+document from before the KEK (a clear `jwk`) is sealed the first time a keyring with the KEK
+loads it, and the clear field removed.
 
 The newest key signs; every unretired key is published at /oauth/jwks, so a key added by
-`mindchart key rotate` verifies alongside the old one until the old tokens expire.
+`mindchart key rotate` verifies alongside the old one until the old tokens expire. Whatever only
+verifies (chain_verify, `mindchart audit verify`) builds a Keyring without the KEK: public halves.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any, cast
 
+import orjson
+from bson.binary import Binary
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
 from gateway import store
+from gateway.settings import GatewaySettings
+from mindchart_core import keyfiles, sealing
 
 SIGNING_ALG = "RS256"  # SMART 2.2 §id_token: RS256 SHALL be supported
 SIGNING_RELOAD_SECONDS = 2.0
+SEAL_ALG = "A256GCM"
+DEV_KEK_NAME = "gateway-signing-kek"
+KEK_DOMAIN = b"mindchart-gateway-signing-kek:"
+_AAD = b"mindchart-gateway-signing-key/v1|"
+
+KeyConfigError = keyfiles.KeyFileError  # the KEK is missing, malformed or not the one keys need
+
+
+def kek_id(kek: bytes) -> str:
+    return sealing.key_id(KEK_DOMAIN, kek)
+
+
+def kek_path(settings: GatewaySettings) -> Path:
+    if settings.signing_kek_file is not None:
+        return Path(settings.signing_kek_file)
+    if settings.is_production:
+        raise KeyConfigError("MINDCHART_GATEWAY_SIGNING_KEK_FILE is required in production")
+    return Path(settings.data_dir) / "keys" / DEV_KEK_NAME
+
+
+def load_kek(settings: GatewaySettings) -> bytes:
+    """The KEK that seals the signing keys; in development generated on first use."""
+    return keyfiles.kek(kek_path(settings), create=settings.signing_kek_file is None)
 
 
 def new_private_jwk(pem: bytes | None = None) -> tuple[str, dict[str, Any]]:
@@ -26,45 +65,93 @@ def new_private_jwk(pem: bytes | None = None) -> tuple[str, dict[str, Any]]:
     return kid, key.as_dict(private=True)
 
 
-class Keyring:
-    """In-memory view of the signing keys, reloaded from the datastore every `ttl` seconds."""
+def seal_private_jwk(kek: bytes, kid: str, private_jwk: dict[str, Any]) -> dict[str, Any]:
+    """What the datastore keeps of a signing key: its public JWK and the sealed private one."""
+    nonce, ciphertext = sealing.seal(kek, orjson.dumps(private_jwk), _AAD + kid.encode())
+    public = RSAKey.import_key(private_jwk).as_dict(private=False)
+    return {"public": public, "sealed": {"alg": SEAL_ALG, "kek": kek_id(kek), "nonce": Binary(nonce),
+                                         "ct": Binary(ciphertext)}}
 
-    def __init__(self, db: store.Db, *, ttl: float = 30.0) -> None:
+
+def open_private_jwk(kek: bytes, doc: dict[str, Any]) -> dict[str, Any]:
+    """The private JWK of a stored key document, or KeyConfigError naming the KEK it needs."""
+    kid, sealed = str(doc["_id"]), doc["sealed"]
+    try:
+        opened = sealing.open_sealed(kek, bytes(sealed["nonce"]), bytes(sealed["ct"]),
+                                     _AAD + kid.encode())
+    except sealing.SealError:
+        raise KeyConfigError(
+            f"signing key {kid} is sealed under KEK {sealed.get('kek')}, but the configured KEK is "
+            f"{kek_id(kek)}: set MINDCHART_GATEWAY_SIGNING_KEK_FILE to the KEK the keys were "
+            "sealed with") from None
+    return dict(orjson.loads(opened))
+
+
+async def add_key(db: store.Db, kek: bytes, pem: bytes | None = None) -> str:
+    kid, jwk = new_private_jwk(pem)
+    await store.add_signing_key(db, kid, seal_private_jwk(kek, kid, jwk))
+    return kid
+
+
+class Keyring:
+    """In-memory view of the signing keys, reloaded from the datastore every `ttl` seconds.
+
+    With the KEK it signs (and seals legacy clear keys as it meets them); without it, it only
+    verifies: `sign` refuses, the public halves are all it ever reads."""
+
+    def __init__(self, db: store.Db, kek: bytes | None = None, *, ttl: float = 30.0) -> None:
         self.db = db
+        self.kek = kek
         self.ttl = ttl
-        self._keys: list[RSAKey] = []
-        self._imported: dict[str, RSAKey] = {}  # kid -> key: a key document never changes
+        self._kids: list[str] = []
+        self._private: dict[str, RSAKey] = {}  # kid -> key: a key document never changes
         self._public: dict[str, Any] = {"keys": []}
         self._keyset = KeySet([])
         self._loaded = 0.0
 
     async def load(self, *, force: bool = False) -> None:
-        if not force and self._keys and time.monotonic() - self._loaded < self.ttl:
+        if not force and self._kids and time.monotonic() - self._loaded < self.ttl:
             return
         docs = await store.signing_keys(self.db)
         kids = [str(d["_id"]) for d in docs]
-        if kids != [k.kid for k in self._keys] or not self._keys:
+        if kids != self._kids or not self._kids:
             # Importing an RSA private key validates it (tens of ms on a busy core): only keys
-            # not seen before are imported, and the public set is rebuilt only when keys change.
-            self._imported = {d["_id"]: self._imported.get(d["_id"]) or RSAKey.import_key(d["jwk"])
-                              for d in docs}
-            self._keys = [self._imported[kid] for kid in kids]
-            self._public = {"keys": [k.as_dict(private=False) for k in self._keys]}
-            self._keyset = KeySet.import_key_set(cast(Any, self._public)) if self._keys else KeySet([])
+            # not seen before are opened, and the public set is rebuilt only when keys change.
+            if self.kek is not None:
+                self._private = {d["_id"]: self._private.get(d["_id"]) or await self._open(d)
+                                 for d in docs}
+            self._public = {"keys": [_public_jwk(d) for d in docs]}
+            self._keyset = KeySet.import_key_set(cast(Any, self._public)) if docs else KeySet([])
+            self._kids = kids
         self._loaded = time.monotonic()
 
+    async def _open(self, doc: dict[str, Any]) -> RSAKey:
+        assert self.kek is not None
+        if "sealed" in doc:
+            return RSAKey.import_key(open_private_jwk(self.kek, doc))
+        # A key stored before the KEK: seal it now and drop the clear copy (one replica wins;
+        # the others find no clear `jwk` left to replace).
+        key = RSAKey.import_key(doc["jwk"])
+        await store.seal_signing_key(self.db, str(doc["_id"]),
+                                     seal_private_jwk(self.kek, str(doc["_id"]), doc["jwk"]))
+        return key
+
     async def ensure_key(self, pem: bytes | None = None) -> None:
+        """At least one signing key exists, and every stored one opens with this KEK."""
         await self.load(force=True)
-        if not self._keys:
-            kid, jwk = new_private_jwk(pem)
-            await store.add_signing_key(self.db, kid, jwk)
+        if not self._kids:
+            if self.kek is None:
+                raise KeyConfigError("creating a signing key needs the gateway's KEK")
+            await add_key(self.db, self.kek, pem)
             await self.load(force=True)
 
     async def sign(self, claims: dict[str, Any], *, typ: str = "JWT") -> str:
+        if self.kek is None:
+            raise KeyConfigError("this keyring has no KEK: it verifies, it does not sign")
         # Signing is rare next to verifying: look for a newly rotated key every few seconds.
         if time.monotonic() - self._loaded > SIGNING_RELOAD_SECONDS:
             await self.load(force=True)
-        key = self._keys[0]
+        key = self._private[self._kids[0]]
         header = {"alg": SIGNING_ALG, "kid": key.kid, "typ": typ}
         return jwt.encode(header, claims, key)
 
@@ -76,3 +163,13 @@ class Keyring:
         """KeySource for mindchart_core.tokens.TokenVerifier (public halves only)."""
         await self.load(force=refresh)
         return self._keyset
+
+
+def _public_jwk(doc: dict[str, Any]) -> dict[str, Any]:
+    if "public" in doc:
+        return dict(doc["public"])
+    return RSAKey.import_key(doc["jwk"]).as_dict(private=False)  # not sealed yet
+
+
+__all__ = ["KeyConfigError", "Keyring", "add_key", "kek_path", "load_kek", "open_private_jwk",
+           "seal_private_jwk"]

@@ -20,6 +20,8 @@ class GatewaySettings(ServiceSettings):
     records_url: str = "http://127.0.0.1:8001"
     psychnotes_url: str = "http://127.0.0.1:8002"
     signing_key_file: Path | None = None
+    # Key-encryption key (base64 of 32 bytes) sealing the signing keys in the datastore (keys.py).
+    signing_kek_file: Path | None = None
     # HMAC key for the audit hash chain, kept outside the datastore (a secret mount). Without it
     # the chain is plain SHA-256: still tamper-evident, but recomputable by a datastore writer.
     audit_chain_key_file: Path | None = None
@@ -74,6 +76,9 @@ class GatewaySettings(ServiceSettings):
         if self.signing_key_file is None:
             problems.append("MINDCHART_GATEWAY_SIGNING_KEY_FILE is not set (a key generated at start-up "
                             "is a development convenience)")
+        if self.signing_kek_file is None:
+            problems.append("MINDCHART_GATEWAY_SIGNING_KEK_FILE is not set (the signing keys in the "
+                            "datastore are sealed under it)")
 
         return problems
 

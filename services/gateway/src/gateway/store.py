@@ -87,10 +87,18 @@ async def signing_keys(db: Db) -> list[dict[str, Any]]:
     return await db.signing_keys.find({"retired": {"$ne": True}}).sort("created", DESCENDING).to_list()
 
 
-async def add_signing_key(db: Db, kid: str, private_jwk: dict[str, Any]) -> None:
+async def add_signing_key(db: Db, kid: str, sealed_key: dict[str, Any]) -> None:
+    """`sealed_key`: the public JWK and the sealed private one (keys.seal_private_jwk), never
+    the clear private key."""
     await db.signing_keys.insert_one(
-        {"_id": kid, "jwk": private_jwk, "created": datetime.now(UTC), "retired": False}
+        {"_id": kid, **sealed_key, "created": datetime.now(UTC), "retired": False}
     )
+
+
+async def seal_signing_key(db: Db, kid: str, sealed_key: dict[str, Any]) -> None:
+    """Replace a key stored in clear (before the KEK) by its sealed form, once."""
+    await db.signing_keys.update_one({"_id": kid, "jwk": {"$exists": True}},
+                                     {"$set": sealed_key, "$unset": {"jwk": ""}})
 
 
 # -- client-assertion replay protection (SMART Backend Services: SHALL reject a replayed jti) --

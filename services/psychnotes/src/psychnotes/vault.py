@@ -7,23 +7,21 @@ resource type, id, version and patient: a ciphertext or a wrapped key copied ont
 version or patient fails authentication instead of decrypting (issue 5, "Notes").
 
 Key rotation (`rewrap`) only unwraps and re-wraps data keys: note ciphertexts are never decrypted.
+The AES-GCM seal itself is mindchart_core.sealing, shared with the gateway's signing-key wrap.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from bson.binary import Binary
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mindchart_core import sealing
 from psychnotes.keys import Keyring
 
 ALGORITHM = "A256GCM"
-NONCE_BYTES = 12
 _DOMAIN = b"mindchart-psychnotes/v1"
 
 
@@ -46,9 +44,8 @@ class Binding:
 
 
 def _wrap(keyring: Keyring, data_key: bytes, binding: Binding) -> dict[str, Any]:
-    nonce = os.urandom(NONCE_BYTES)
     aad = binding.aad(b"dek:" + keyring.current_id.encode())
-    wrapped = AESGCM(keyring.current).encrypt(nonce, data_key, aad)
+    nonce, wrapped = sealing.seal(keyring.current, data_key, aad)
     return {"kek": keyring.current_id, "nonce": Binary(nonce), "key": Binary(wrapped)}
 
 
@@ -58,17 +55,16 @@ def _unwrap(keyring: Keyring, wrapped: dict[str, Any], binding: Binding) -> byte
     if kek is None:
         raise VaultError(f"data key is wrapped by KEK {kid}, which is not configured")
     try:
-        return AESGCM(kek).decrypt(bytes(wrapped["nonce"]), bytes(wrapped["key"]),
+        return sealing.open_sealed(kek, bytes(wrapped["nonce"]), bytes(wrapped["key"]),
                                    binding.aad(b"dek:" + kid.encode()))
-    except InvalidTag:
+    except sealing.SealError:
         raise VaultError("wrapped data key failed authentication") from None
 
 
 def seal(keyring: Keyring, resource: dict[str, Any], binding: Binding) -> dict[str, Any]:
     """The resource as an opaque, bound ciphertext with its own wrapped data key."""
-    data_key = AESGCM.generate_key(bit_length=256)
-    nonce = os.urandom(NONCE_BYTES)
-    ciphertext = AESGCM(data_key).encrypt(nonce, orjson.dumps(resource), binding.aad(b"body"))
+    data_key = sealing.new_key()
+    nonce, ciphertext = sealing.seal(data_key, orjson.dumps(resource), binding.aad(b"body"))
     return {"alg": ALGORITHM, "nonce": Binary(nonce), "ct": Binary(ciphertext),
             "dek": _wrap(keyring, data_key, binding)}
 
@@ -79,9 +75,9 @@ def open_sealed(keyring: Keyring, sealed: dict[str, Any], binding: Binding) -> b
         raise VaultError("unknown sealing algorithm")
     data_key = _unwrap(keyring, sealed["dek"], binding)
     try:
-        return AESGCM(data_key).decrypt(bytes(sealed["nonce"]), bytes(sealed["ct"]),
-                                        binding.aad(b"body"))
-    except InvalidTag:
+        return sealing.open_sealed(data_key, bytes(sealed["nonce"]), bytes(sealed["ct"]),
+                                   binding.aad(b"body"))
+    except sealing.SealError:
         raise VaultError("sealed resource failed authentication") from None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from joserfc.jwk import ECKey
 
-from mindchart_core import signatures
+from mindchart_core import keyfiles, signatures
 from mindchart_core.signatures import SigningKeys
 from psychnotes.keys import KeyConfigError, dev_key_dir
 from psychnotes.settings import PsychnotesSettings
@@ -22,10 +22,9 @@ JWKS_PATH = "/.well-known/jwks.json"
 
 
 def _read(path: Path, *, generate: bool = False) -> ECKey:
-    try:
-        return signatures.load_key_file(path, generate=generate)
-    except ValueError as exc:
-        raise KeyConfigError(f"cannot use the document-signing key {path}: {exc}") from None
+    """KeyConfigError (mindchart_core.keyfiles.KeyFileError) when missing or not a P-256 key."""
+    return keyfiles.ec_key(path, curve="P-256", alg=signatures.ALGORITHM, create=generate,
+                           what="document-signing key")
 
 
 def load(settings: PsychnotesSettings) -> SigningKeys:
