@@ -4,9 +4,10 @@ gateway datastore, each in a database of its own.
 
 - a key stored in clear before the KEK existed is sealed at start-up and keeps signing;
 - what the datastore holds decodes to no private RSA parameter;
-- a gateway given another KEK refuses to start, in one line naming the setting, no traceback;
-- restarted with the right KEK, tokens issued before still introspect as active;
-- `mindchart key rotate` seals the new key; new tokens carry it, old ones still verify.
+- restarted with the KEK, tokens issued before still introspect as active;
+- `mindchart key rotate` seals the new key; new tokens carry it, old ones still verify;
+- a gateway given another KEK refuses to start, in one line naming the setting and both KEK
+  ids, no traceback; `key rotate` without a KEK in production refuses too.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def assert_no_private_material(raw: dict[str, Any], private: dict[str, Any]) -> 
     assert "jwk" not in raw and "d" not in raw["public"]
 
 
-def test_signing_keys_are_sealed_and_a_wrong_kek_refuses_to_start(gateway: Gateway) -> None:
+def test_a_clear_key_is_sealed_at_start_up_and_tokens_survive_restart_and_rotation(
+        gateway: Gateway) -> None:
     # A key as a gateway before the KEK stored it: the private JWK in clear.
     legacy_kid, legacy = keys.new_private_jwk()
     gateway.db.signing_keys.insert_one({"_id": legacy_kid, "jwk": legacy, "created": datetime.now(UTC),
@@ -140,16 +142,9 @@ def test_signing_keys_are_sealed_and_a_wrong_kek_refuses_to_start(gateway: Gatew
     assert jwt.decode(before, gateway.jwks()).header["kid"] == legacy_kid  # the same key signs
     [raw] = gateway.db.signing_keys.find({})
     assert_no_private_material(raw, legacy)  # sealed at start-up, clear copy gone
+    RSAKey.import_key(raw["public"])  # the public half is all a datastore reader gets
 
     gateway.stop()
-    refused = gateway.start("wrong")
-    refused.wait(timeout=60)
-    said = gateway.output()
-    assert refused.returncode != 0
-    assert "refusing to start" in said and "MINDCHART_GATEWAY_SIGNING_KEK_FILE" in said, said
-    assert "Traceback" not in said, said
-    assert gateway.db.signing_keys.count_documents({}) == 1  # nothing new stored
-
     gateway.start("right")
     gateway.wait_ready()
     assert gateway.introspect(before)["active"] is True  # tokens verify across the restart
@@ -164,9 +159,25 @@ def test_signing_keys_are_sealed_and_a_wrong_kek_refuses_to_start(gateway: Gatew
     right = keyfiles.read_kek(gateway.kek_files["right"])
     for stored in gateway.db.signing_keys.find({}):
         assert_no_private_material(stored, keys.open_private_jwk(right, stored))
+
+
+def test_a_gateway_given_another_kek_refuses_to_start_in_one_line(gateway: Gateway) -> None:
+    right = keyfiles.read_kek(gateway.kek_files["right"])
+    kid, private = keys.new_private_jwk()
+    gateway.db.signing_keys.insert_one({"_id": kid, **keys.seal_private_jwk(right, kid, private),
+                                        "created": datetime.now(UTC), "retired": False})
+    refused = gateway.start("wrong")
+    refused.wait(timeout=120)
+    said = gateway.output()
+    assert refused.returncode != 0
+    assert "refusing to start" in said and "MINDCHART_GATEWAY_SIGNING_KEK_FILE" in said, said
+    wrong = keyfiles.read_kek(gateway.kek_files["wrong"])
+    assert keys.kek_id(right) in said and keys.kek_id(wrong) in said, said
+    assert "Traceback" not in said, said
+    assert gateway.db.signing_keys.count_documents({}) == 1  # nothing new stored
     without_kek = run_cli({k: v for k, v in gateway.env("right").items()
                            if k != "MINDCHART_GATEWAY_SIGNING_KEK_FILE"} | {"MINDCHART_ENV": "production"},
                           "key", "rotate")
-    assert without_kek.returncode != 0 and "Traceback" not in without_kek.stderr
-    assert gateway.db.signing_keys.count_documents({}) == 2
-    RSAKey.import_key(raw["public"])  # the public half is all a datastore reader gets
+    assert without_kek.returncode == 2, without_kek.stderr
+    assert "SIGNING_KEK_FILE" in without_kek.stderr and "Traceback" not in without_kek.stderr
+    assert gateway.db.signing_keys.count_documents({}) == 1
