@@ -34,6 +34,8 @@ from tests.actors import (
 from tests.conftest import RunningStack, free_port
 
 MONGO_TIMEOUT_S = 2.5  # MINDCHART_<SERVICE>_MONGO_TIMEOUT_SECONDS in this stack
+HEADER_TIMEOUT_S = 3.0  # MINDCHART_HTTP_HEADER_TIMEOUT_SECONDS (slow heads: test_limits.py)
+BODY_TIMEOUT_S = 4.0  # MINDCHART_HTTP_BODY_TIMEOUT_SECONDS (slow bodies)
 SOAK = os.environ.get("MINDCHART_SOAK") == "1"  # `make soak`: longer loads, more fuzzing
 COUNTS: list[tuple[str, dict[str, int]]] = []
 
@@ -104,7 +106,9 @@ def resilient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResilientSta
         ephemeral=False,  # on disk and durable, as `make run` runs it
         log_to_files=True,
         extra_env={"MINDCHART_LOG_LEVEL": "INFO", **timeouts,
-                   "MINDCHART_GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "20"},
+                   "MINDCHART_GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "20",
+                   "MINDCHART_HTTP_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT_S),
+                   "MINDCHART_HTTP_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_S)},
     )
     runner = stack.Stack(config)
     runner.start()
@@ -244,5 +248,5 @@ def patient(family: str) -> dict[str, Any]:
     return {"resourceType": "Patient", "name": [{"family": family}], "active": True}
 
 
-__all__ = ["MONGO_TIMEOUT_S", "SOAK", "Path", "People", "ResilientStack", "SmartSession", "audit_counts",
-           "patient", "report", "verify_chain"]
+__all__ = ["BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MONGO_TIMEOUT_S", "SOAK", "Path", "People",
+           "ResilientStack", "SmartSession", "audit_counts", "patient", "report", "verify_chain"]

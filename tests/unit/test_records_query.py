@@ -86,6 +86,9 @@ def test_driving_field_prefers_selective_equalities() -> None:
     assert query.driving_field({"$or": [{"c": "a"}, {"c": "b"}]}, indexed) is None
 
 
+MAX = 1024 * 1024  # records' default max_body_bytes
+
+
 def test_json_patch_operations_and_guards() -> None:
     resource = {"resourceType": "Patient", "id": "1", "meta": {"versionId": "1"}, "name": [{"family": "A"}]}
     patched = patch.apply(resource, [
@@ -95,7 +98,7 @@ def test_json_patch_operations_and_guards() -> None:
         {"op": "replace", "path": "/name/0/family", "value": "C"},
         {"op": "test", "path": "/name/1/family", "value": "B"},
         {"op": "remove", "path": "/name/2"},
-    ])
+    ], max_bytes=MAX)
     assert patched["name"] == [{"family": "C"}, {"family": "B"}]
     assert resource["name"] == [{"family": "A"}]  # the input is never changed
     for bad in ([{"op": "replace", "path": "/id", "value": "2"}],
@@ -103,10 +106,25 @@ def test_json_patch_operations_and_guards() -> None:
                 [{"op": "add", "path": "/meta/versionId", "value": "9"}],
                 [{"op": "remove", "path": "/nothing"}]):
         with pytest.raises(errors.Unprocessable):
-            patch.apply(resource, bad)
+            patch.apply(resource, bad, max_bytes=MAX)
     for malformed in ({}, [], [{"op": "frobnicate", "path": "/name"}], [{"path": "/name"}]):
         with pytest.raises(errors.Invalid):
-            patch.apply(resource, malformed)
+            patch.apply(resource, malformed, max_bytes=MAX)
+
+
+def test_json_patch_result_is_bounded_as_it_is_applied() -> None:
+    """Each copy of an array into itself doubles the document: 30 of them ask for ~100 GiB.
+    Refused at the limit, long before."""
+    resource = {"resourceType": "Patient", "id": "1", "name": [{"family": "A" * 100}]}
+    bomb = [{"op": "copy", "from": "/name", "path": "/name/-"}] * 30
+    with pytest.raises(errors.FhirError) as refused:
+        patch.apply(resource, bomb, max_bytes=MAX)
+    assert (refused.value.status, refused.value.code) == (422, "too-costly")
+    many_adds = [{"op": "add", "path": "/name/-", "value": {"family": "B" * 1000}}] * 400
+    with pytest.raises(errors.FhirError):
+        patch.apply(resource, many_adds, max_bytes=100_000)
+    # A patch that stays under the limit still applies, however it gets there.
+    assert len(orjson.dumps(patch.apply(resource, bomb[:5], max_bytes=MAX))) > 32 * 100
 
 
 def test_summary_and_elements_keep_mandatory_parts_and_tag_subsetted() -> None:

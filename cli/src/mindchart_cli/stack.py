@@ -31,6 +31,8 @@ from pymongo.errors import PyMongoError
 SERVICES = ("records", "psychnotes", "gateway", "workspace")
 DEFAULT_DB_PORTS = {"records": 27117, "psychnotes": 27118, "gateway": 27119, "workspace": 27120}
 DEFAULT_HTTP_PORTS = {"gateway": 8000, "records": 8001, "psychnotes": 8002, "workspace": 8003}
+# uvicorn's httptools protocol with header size/count limits and a head deadline (every service).
+HTTP_PROTOCOL = "mindchart_core.http_limits:LimitedHttpToolsProtocol"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -232,6 +234,7 @@ class Stack:
             "--host", self.config.host, "--port", str(self.config.http_ports[name]),
             "--no-access-log", "--log-level", "warning",
             "--no-proxy-headers",  # the gateway trusts forwarded headers itself (forwarded.py)
+            "--http", HTTP_PROTOCOL,  # header limits and head deadline (mindchart_core.http_limits)
         ], self.config.service_env(name))
 
     def start_services(self) -> None:

@@ -131,6 +131,12 @@ class NotAcceptable(FhirError):
     status, code = 406, "not-supported"
 
 
+class RequestTimeout(FhirError):
+    """RFC 9110 §15.5.9: the request did not arrive in full within the time allowed."""
+
+    status, code = 408, "timeout"
+
+
 class Conflict(FhirError):
     status, code = 409, "conflict"
 

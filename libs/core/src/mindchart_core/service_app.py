@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from mindchart_core import asgi, errors, health, logs, metrics, tracing
+from mindchart_core import asgi, errors, health, http_limits, logs, metrics, tracing
 from mindchart_core.settings import ServiceSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -55,6 +55,7 @@ def datastore_client(settings: ServiceSettings, service: str) -> AsyncMongoClien
 def finish(app: FastAPI, service: str) -> FastAPI:
     """Add the outermost layers last (Starlette: the last middleware added runs first)."""
     tracing.instrument(app, service)
+    app.add_middleware(http_limits.BodyDeadlineMiddleware)
     app.add_middleware(asgi.RequestContextMiddleware, service=service)
     app.add_middleware(asgi.StartupRefusalMiddleware)
     return app

@@ -88,7 +88,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             timeout=settings.upstream_timeout_seconds, follow_redirects=False,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
-        app.state.upstream = proxy.upstream_session(settings.upstream_timeout_seconds)
+        app.state.upstream = proxy.Upstream(settings.upstream_timeout_seconds)
         yield
         await app.state.upstream.close()
         for task in tasks:

@@ -263,20 +263,58 @@ async def _request_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def upstream_session(timeout_seconds: float) -> aiohttp.ClientSession:
-    """The proxy's keep-alive pool to the backends: aiohttp (C-accelerated HTTP parsing) rather
-    than httpx, whose pure-Python HTTP/1.1 stack was most of the gateway's CPU per proxied read.
-    Bodies are relayed as the backend sent them (no decompression, no cookies kept)."""
-    return aiohttp.ClientSession(
+# Below uvicorn's default `--timeout-keep-alive` (5 s) on the backends, so the pool closes an idle
+# connection before the backend does, instead of racing it (RFC 9112 §9.3: "a client might send a
+# request at the same time that the server has decided to close the idle connection").
+POOL_KEEPALIVE_SECONDS = 4.0
+
+
+def _session(timeout_seconds: float, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+    session = aiohttp.ClientSession(
         # Like httpx's: a limit per connect and per read, not on the whole (streamed) response.
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_seconds, sock_read=timeout_seconds),
-        connector=aiohttp.TCPConnector(limit=200, limit_per_host=100, ttl_dns_cache=300),
-        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept-Encoding"),  # identity bodies, relayed as they are
     )
+    # aiohttp retries every method it deems idempotent, PUT and DELETE included, once on any
+    # pooled connection; a FHIR PUT replayed that way stores a second version. Which requests
+    # are retried, and on what connection, is decided in forward() instead.
+    session._retry_connection = False  # aiohttp has no public switch for it
+    return session
 
 
-async def forward(scope: Scope, receive: Receive, send: Send, session: aiohttp.ClientSession,
+class Upstream:
+    """The proxy's connections to the backends: aiohttp (C-accelerated HTTP parsing) rather than
+    httpx, whose pure-Python HTTP/1.1 stack was most of the gateway's CPU per proxied read. A
+    keep-alive pool for every request, and a fresh connection each for the one retry, so a retry
+    never lands on another connection the backend has already closed."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.pooled = _session(timeout_seconds, aiohttp.TCPConnector(
+            limit=200, limit_per_host=100, ttl_dns_cache=300, keepalive_timeout=POOL_KEEPALIVE_SECONDS))
+        self.fresh = _session(timeout_seconds, aiohttp.TCPConnector(
+            limit=50, ttl_dns_cache=300, force_close=True))
+
+    async def close(self) -> None:
+        await self.pooled.close()
+        await self.fresh.close()
+
+
+def retry_is_safe(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request the backend may or may not have received can be sent again (RFC 9112
+    §9.3.1: a user agent "MUST NOT automatically retry a request with a non-idempotent method
+    unless it has some means to know that the request semantics are actually idempotent ... or
+    some means to detect that the original request was never applied"). GET and HEAD are safe
+    (RFC 9110 §9.2.1). A FHIR PUT or DELETE is idempotent in RFC 9110 §9.2.2's sense, but each
+    applied update stores a new version, so it is retried only with If-Match, as is PATCH: a
+    replay of a request that was applied finds the version moved on and gets 412, never a second
+    write (R4 http.html §concurrency). POST never."""
+    if method in ("GET", "HEAD"):
+        return True
+    return method in ("PUT", "PATCH", "DELETE") and any(k == b"if-match" for k, _ in headers)
+
+
+async def forward(scope: Scope, receive: Receive, send: Send, upstream_pool: Upstream,
                   upstream: str, request_id: str) -> None:
     """Relay the request (allow-listed headers only) and stream the answer back unchanged but for
     hop-by-hop headers. Bodies are passed through as bytes, never parsed here."""
@@ -288,9 +326,20 @@ async def forward(scope: Scope, receive: Receive, send: Send, session: aiohttp.C
     if scope.get("query_string"):
         url += "?" + scope["query_string"].decode("latin-1")
     body = await _request_body(receive) if _has_body(incoming) else None
+    method: str = scope["method"]
     try:
-        response = await session.request(scope["method"], url, headers=headers, data=body,
-                                         allow_redirects=False)
+        try:
+            response = await upstream_pool.pooled.request(method, url, headers=headers, data=body,
+                                                          allow_redirects=False)
+        except aiohttp.ClientConnectorError:
+            raise  # no connection was made: nothing was sent, and a retry would fail alike
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # The connection closed or reset before any response arrived (one the backend closed
+            # while idle, or a backend that was restarted): once more, on a fresh connection.
+            if not retry_is_safe(method, incoming):
+                raise
+            response = await upstream_pool.fresh.request(method, url, headers=headers, data=body,
+                                                         allow_redirects=False)
     except TimeoutError:
         raise errors.FhirError("The upstream FHIR server timed out", status=504, code="timeout") from None
     except aiohttp.ClientError:
@@ -308,5 +357,5 @@ async def forward(scope: Scope, receive: Receive, send: Send, session: aiohttp.C
         response.release()
 
 
-__all__ = ["METHODS", "Interaction", "ProxyEndpoint", "Registrations", "VerifiedTokens", "classify",
-           "fhirjson", "forward", "needs_token", "patient_of"]
+__all__ = ["METHODS", "Interaction", "ProxyEndpoint", "Registrations", "Upstream", "VerifiedTokens",
+           "classify", "fhirjson", "forward", "needs_token", "patient_of", "retry_is_safe"]

@@ -2,12 +2,21 @@
 
 The server owns `id`, `resourceType` and `meta.versionId`/`meta.lastUpdated`; a patch that touches
 them is refused (422) rather than silently overridden.
+
+The patched document is bounded as the patch is applied: the resource's size plus the size of every
+value an operation writes (`add`, `replace`, `copy`) may not exceed `max_bytes` (the largest body a
+client may PUT). Without it, a kilobyte of `copy` operations doubling an array doubles the document
+each time (RFC 6902 §4.5: copy adds "the value at the specified location" to the target), and
+30 of them ask for gigabytes. Counting written values rather than the net size keeps the work
+bounded too: an op that removes does not earn another copy. Refused with 422 `too-costly`.
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+import orjson
 
 from mindchart_core import errors
 
@@ -73,12 +82,29 @@ def _remove(doc: Any, parts: list[str]) -> Any:
     return value
 
 
-def apply(resource: dict[str, Any], operations: Any) -> dict[str, Any]:
-    """The patched copy of `resource`; raise Invalid (bad patch) or Unprocessable (cannot apply)."""
+class _Budget:
+    """The bytes a patch may still write (JSON-serialized size, as the resource is stored)."""
+
+    def __init__(self, resource: dict[str, Any], max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.left = max_bytes - len(orjson.dumps(resource))
+
+    def spend(self, value: Any) -> None:
+        self.left -= len(orjson.dumps(value))
+        if self.left < 0:
+            raise errors.FhirError(
+                f"The patched resource would exceed {self.max_bytes} bytes", status=422,
+                code="too-costly")
+
+
+def apply(resource: dict[str, Any], operations: Any, *, max_bytes: int) -> dict[str, Any]:
+    """The patched copy of `resource`; raise Invalid (bad patch) or Unprocessable (cannot apply,
+    or the result would exceed `max_bytes`)."""
     if not isinstance(operations, list) or not operations:
         raise errors.Invalid("A JSON Patch body is a non-empty array of operations")
     if len(operations) > MAX_OPERATIONS:
         raise errors.Invalid(f"At most {MAX_OPERATIONS} JSON Patch operations")
+    budget = _Budget(resource, max_bytes)
     doc = copy.deepcopy(resource)
     for operation in operations:
         if not isinstance(operation, dict) or not isinstance(operation.get("op"), str):
@@ -88,16 +114,20 @@ def apply(resource: dict[str, Any], operations: Any) -> dict[str, Any]:
         if op in ("add", "replace", "test") and "value" not in operation:
             raise errors.Invalid(f"JSON Patch '{op}' needs a value")
         if op == "add":
+            budget.spend(operation["value"])
             _add(doc, parts, copy.deepcopy(operation["value"]))
         elif op == "remove":
             _remove(doc, parts)
         elif op == "replace":
+            budget.spend(operation["value"])
             _remove(doc, parts)
             _add(doc, parts, copy.deepcopy(operation["value"]))
-        elif op in ("move", "copy"):
-            source = _pointer(operation.get("from"))
-            value = _remove(doc, source) if op == "move" else copy.deepcopy(_get(doc, source))
-            _add(doc, parts, value)
+        elif op == "move":
+            _add(doc, parts, _remove(doc, _pointer(operation.get("from"))))
+        elif op == "copy":
+            value = _get(doc, _pointer(operation.get("from")))
+            budget.spend(value)  # before the copy is made: the bomb never takes the memory
+            _add(doc, parts, copy.deepcopy(value))
         elif op == "test":
             if _get(doc, parts) != operation["value"]:
                 raise errors.Unprocessable(f"JSON Patch test failed at {operation['path'][:100]}")

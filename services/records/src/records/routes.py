@@ -295,7 +295,8 @@ async def _patch(definition: ResourceDef, resource_id: str, operations: Any, req
     wanted = fhirjson.if_match_version(request)
     if wanted is not None and wanted != current.version:
         raise errors.PreconditionFailed("If-Match does not match the current version")
-    patched = patch.apply(orjson.loads(current.raw or b"{}"), operations)
+    patched = patch.apply(orjson.loads(current.raw or b"{}"), operations,
+                          max_bytes=settings.max_body_bytes)
     try:
         validation.validate_resource(patched, definition.type)
     except errors.FhirError as problem:
