@@ -10,6 +10,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from gateway.settings import GatewaySettings
+from mindchart_core.http_limits import HttpLimits
 from psychnotes.settings import PsychnotesSettings
 from records.cdex.settings import CdexSettings
 from records.export.settings import ExportSettings
@@ -18,7 +19,7 @@ from records.subscriptions.settings import SubscriptionSettings
 from workspace.settings import WorkspaceSettings
 
 SETTINGS = [GatewaySettings, RecordsSettings, PsychnotesSettings, ExportSettings, SubscriptionSettings,
-            CdexSettings, WorkspaceSettings]
+            CdexSettings, WorkspaceSettings, HttpLimits]
 PREFIXES = sorted((s.model_config.get("env_prefix", "") for s in SETTINGS), key=len, reverse=True)
 COMMON = {"env", "log_level", "data_dir"}  # MINDCHART_ENV etc., documented once
 

@@ -7,6 +7,7 @@ Only allow-listed request headers travel upstream, so identity headers a client 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -290,6 +291,7 @@ class Upstream:
     never lands on another connection the backend has already closed."""
 
     def __init__(self, timeout_seconds: float) -> None:
+        self.timeout_seconds = timeout_seconds
         self.pooled = _session(timeout_seconds, aiohttp.TCPConnector(
             limit=200, limit_per_host=100, ttl_dns_cache=300, keepalive_timeout=POOL_KEEPALIVE_SECONDS))
         self.fresh = _session(timeout_seconds, aiohttp.TCPConnector(
@@ -328,18 +330,21 @@ async def forward(scope: Scope, receive: Receive, send: Send, upstream_pool: Ups
     body = await _request_body(receive) if _has_body(incoming) else None
     method: str = scope["method"]
     try:
-        try:
-            response = await upstream_pool.pooled.request(method, url, headers=headers, data=body,
-                                                          allow_redirects=False)
-        except aiohttp.ClientConnectorError:
-            raise  # no connection was made: nothing was sent, and a retry would fail alike
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # The connection closed or reset before any response arrived (one the backend closed
-            # while idle, or a backend that was restarted): once more, on a fresh connection.
-            if not retry_is_safe(method, incoming):
-                raise
-            response = await upstream_pool.fresh.request(method, url, headers=headers, data=body,
-                                                         allow_redirects=False)
+        # The whole wait for the response head, retry included, is bounded (the sessions bound
+        # each connect and each read); a streamed body then flows as long as reads keep coming.
+        async with asyncio.timeout(upstream_pool.timeout_seconds):
+            try:
+                response = await upstream_pool.pooled.request(method, url, headers=headers, data=body,
+                                                              allow_redirects=False)
+            except aiohttp.ClientConnectorError:
+                raise  # no connection was made: nothing was sent, and a retry would fail alike
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # The connection closed or reset before any response arrived (one the backend
+                # closed while idle, or a backend restarted): once more, on a fresh connection.
+                if not retry_is_safe(method, incoming):
+                    raise
+                response = await upstream_pool.fresh.request(method, url, headers=headers, data=body,
+                                                             allow_redirects=False)
     except TimeoutError:
         raise errors.FhirError("The upstream FHIR server timed out", status=504, code="timeout") from None
     except aiohttp.ClientError:
