@@ -85,6 +85,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.limits.max_headers + 1)
         self._awaiting_head = True  # the next bytes belong to a request head
         self._head_bytes = 0
+        self._heads_completed = 0
         self._header_bytes = 0
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -104,9 +105,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head and self._head_timer is None:
             self._arm_head_timer()
-        whole_chunk_in_head = self._awaiting_head
+        # Counted only when every byte of the chunk belongs to one unfinished head: it began in
+        # a head, no head ended in it, and a head is still unfinished after it.
+        in_head, heads_before = self._awaiting_head, self._heads_completed
         super().data_received(data)  # a _Refused from a callback arrives in send_400_response
-        if self.transport.is_closing() or not (whole_chunk_in_head and self._awaiting_head):
+        if self.transport.is_closing() or not (
+                in_head and self._awaiting_head and self._heads_completed == heads_before):
             return
         self._head_bytes += len(data)
         if self._head_bytes > self._max_head:
@@ -140,6 +144,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
+        self._heads_completed += 1
         self._cancel_head_timer()
         self._body_timer = self.loop.call_later(self.limits.body_timeout_seconds + 1, self._body_late)
         super().on_headers_complete()
