@@ -32,3 +32,31 @@ def test_keyed_hash_needs_the_key() -> None:
     keyed = chain.record_hash(record, b"secret kept outside the datastore")
     assert keyed != chain.record_hash(record) != chain.record_hash(record, b"another key")
     assert keyed == chain.record_hash(record, b"secret kept outside the datastore")
+
+
+def _before_orjson(record: dict[str, object]) -> bytes:
+    """The canonical form as the chain wrote it before orjson: what stored records hash to."""
+    import json
+    return json.dumps(chain._canonical_value(record), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
+def test_canonical_form_is_byte_identical_to_the_one_stored_chains_were_hashed_with() -> None:
+    """Records written before the orjson fast path must still verify: the same bytes for every
+    shape the gateway writes (a proxied read, a refusal, a disclosure), non-ASCII text (a query
+    decoded as latin-1, a name), BSON's naive datetimes, and floats of every size."""
+    from gateway import audit
+    scope = {"type": "http", "method": "GET", "path": "/fhir/DocumentReference/n-1",
+             "query_string": "name=Zoë&_count=5".encode("latin-1"), "client": ("10.0.0.7", 5000),
+             "state": {"request_id": "r-1", "caller": {
+                 "client_id": "app", "subject": "u1", "fhir_user": "https://x/fhir/Practitioner/p1",
+                 "jti": "j1", "patient": "Patient/p-1", "purpose_of_use": ["TREAT"]}}}
+    shapes = [audit.build_record(scope, 200, 3.14159, "http://gw"),
+              audit.build_record({**scope, "state": {"request_id": "r-2", "refusal": "no"}}, 401,
+                                 0.0, "http://gw"),
+              {"recorded": datetime(2026, 1, 2, 3, 4, 5, 6000), "name": "Åsa", "n": [1, 2.5, None]}]
+    shapes += [{"latency_ms": value, "seq": 1, "ok": True}
+               for value in (0.0, 0.01, 12.34, 99999.99, 1e-5, 1e15, 1e20, float("nan"), float("inf"))]
+    shapes.append({"latency_ms": 2.0, "event": {"agent": [{"who": {"display": "\u00e9\u4e2d"}}]}})
+    for record in shapes:
+        assert chain.canonical_json(record) == _before_orjson(record), record

@@ -103,6 +103,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = service_app.create("gateway", "Mindchart gateway", settings, lifespan)
     app.add_exception_handler(PyMongoError, _datastore_failure)
     app.include_router(routes.router)
+    # Innermost: FHIR requests skip the router (proxy.FhirDispatch); every layer below wraps them.
+    app.add_middleware(proxy.FhirDispatch, routed=routes.FHIR_BASE_ROUTES,
+                       datastore_failure=_datastore_failure)
     # Starlette: the last middleware added is the outermost. Request context must wrap audit,
     # and audit wraps CORS so that preflight requests are audited too.
     app.add_middleware(cors.CorsMiddleware)

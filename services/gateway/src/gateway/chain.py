@@ -35,6 +35,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from prometheus_client import Counter
 from pymongo import InsertOne, UpdateOne
 from pymongo.errors import BulkWriteError, ClientBulkWriteException, InvalidOperation
@@ -61,15 +62,51 @@ def _canonical_value(value: Any) -> Any:
     return value
 
 
+def _millis(value: Any) -> str:
+    if isinstance(value, datetime):
+        return str(_canonical_value(value))
+    raise TypeError(type(value).__name__)
+
+
+_ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def canonical_json(body: dict[str, Any]) -> bytes:
+    """The canonical form a record's hash covers: `json.dumps(sort_keys=True, separators=(",",
+    ":"), ensure_ascii=True)` of the record with dates as ISO 8601 UTC milliseconds.
+
+    orjson writes those same bytes for what audit records hold (str keys, str/int/bool/None, the
+    finite floats of `latency_ms`, lists, dicts, dates through `_millis`) at a fraction of the
+    CPU (it was 6% of the gateway's CPU per proxied read); whatever it might write differently
+    goes the slow way: any non-ASCII output (json escapes it, orjson does not), anything orjson
+    refuses, and floats that are not finite or need an exponent (`_awkward_floats`).
+    tests/unit/test_audit_chain_hash.py compares the two on every shape of record."""
+    try:
+        fast = orjson.dumps(body, default=_millis, option=_ORJSON_OPTIONS)
+    except TypeError:
+        fast = None
+    if fast is not None and fast.isascii() and not _awkward_floats(body):
+        return fast
+    return json.dumps(_canonical_value(body), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
+def _awkward_floats(body: dict[str, Any]) -> bool:
+    """A float whose spelling json and orjson may not share (NaN, infinities, exponents: the two
+    agree on every other finite float). Records only ever had one float, top-level `latency_ms`,
+    so that is where the check looks: a record written before orjson hashes the same either way,
+    and one written since is hashed and verified by this same function."""
+    return any(isinstance(v, float) and not (v == 0 or 1e-4 <= abs(v) < 1e15) for v in body.values())
+
+
 def record_hash(record: dict[str, Any], key: bytes | None = None) -> str:
     """SHA-256 (or, with a chain key, HMAC-SHA256) over the record's canonical JSON, everything but
     `hash` itself. A key kept outside the datastore means that someone who can write to the
     datastore still cannot recompute the chain after altering a record."""
-    body = {k: v for k, v in record.items() if k != "hash"}
-    text = json.dumps(_canonical_value(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = canonical_json({k: v for k, v in record.items() if k != "hash"})
     if key:
-        return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-    return hashlib.sha256(text.encode()).hexdigest()
+        return hmac.new(key, text, hashlib.sha256).hexdigest()
+    return hashlib.sha256(text).hexdigest()
 
 
 def truncate_to_millis(moment: datetime) -> datetime:

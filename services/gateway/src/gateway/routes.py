@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from gateway import (
     audit_routes,
@@ -19,7 +18,6 @@ from gateway import (
     launches,
     oauth,
     pages,
-    proxy,
     ratelimit,
     revocations,
     store,
@@ -308,6 +306,11 @@ def smart_configuration(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+# The routes under the FHIR bases that are the gateway's own, not proxied (proxy.FhirDispatch).
+FHIR_BASE_ROUTES = frozenset({"/fhir/.well-known/smart-configuration",
+                              "/psychnotes/fhir/.well-known/smart-configuration"})
+
+
 @router.get("/fhir/.well-known/smart-configuration")
 @router.get("/psychnotes/fhir/.well-known/smart-configuration")
 async def well_known(request: Request) -> Response:
@@ -335,12 +338,3 @@ async def openid_configuration(request: Request) -> Response:
         "code_challenge_methods_supported": ["S256"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser"],
     }, headers=CORS)
-
-
-# The FHIR bases: pure ASGI endpoints (proxy.ProxyEndpoint), the exact base too (`POST /fhir` is
-# a batch/transaction: no 307 to a trailing slash). Declared last, so the discovery documents
-# above keep their own routes.
-for _base, _backend in (("/fhir", "records"), ("/psychnotes/fhir", "psychnotes")):
-    _endpoint = proxy.ProxyEndpoint(_backend)
-    for _path in (_base, _base + "/{rest:path}"):
-        router.routes.append(Route(_path, _endpoint, methods=list(proxy.METHODS), name=_backend))
