@@ -32,7 +32,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from pymongo.errors import DuplicateKeyError
 
-from gateway import partitions, store
+from gateway import chain, partitions, store
 from gateway.keys import Keyring
 
 TYP = "audit-checkpoint+jwt"
@@ -41,16 +41,23 @@ LATEST_ID = "latest-checkpoint"
 _log = logging.getLogger(__name__)
 
 
-def _heads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"partition": partitions.of_head(d).name, "seq": int(d["seq"]), "hash": str(d["hash"])}
-            for d in docs if int(d["seq"]) > 0]
+async def _heads(db: store.Db) -> list[dict[str, Any]]:
+    """Every partition's last link: its head document advanced past the links written since (a
+    writer moves its head document at most every chain.HEAD_SECONDS)."""
+    heads = []
+    for doc in await partitions.heads(db):
+        partition = partitions.of_head(doc)
+        seq, digest = await chain.current_head(db, partition)
+        if seq > 0:
+            heads.append({"partition": partition.name, "seq": seq, "hash": digest})
+    return heads
 
 
 async def write(db: store.Db, keys: Keyring, issuer: str, interval: float) -> dict[str, Any] | None:
     """Sign and store a checkpoint of every partition's head, unless the newest one already says
     the same and is younger than REFRESH_SECONDS, or another replica took this slot."""
     now = time.time()
-    heads = _heads(await partitions.heads(db))
+    heads = await _heads(db)
     latest = await db.audit_chain.find_one({"_id": LATEST_ID})
     if latest is not None and latest.get("heads") == heads and now - float(latest["iat"]) < REFRESH_SECONDS:
         return None
