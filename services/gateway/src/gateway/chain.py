@@ -20,9 +20,10 @@ every other request queue up and become the next batch (one insert_many), and th
 remembered so no read is needed. The head document moves with a batch at most every HEAD_SECONDS
 (then both go as one MongoDB 8 bulkWrite where the server has it) and in the background while it
 lags: a second write in every batch's transaction was a large part of the datastore's work per
-audited request. Readers of a partition's end (`current_head`) walk on from the head. Every caller waits until the batch holding its record is stored, so nothing acknowledged
-is ever lost. Records are never updated. Signed checkpoints of every partition's head
-(`checkpoints.py`) and verification (`chain_verify.py`) build on this.
+audited request. Readers of a partition's end (`current_head`) walk on from the head. Every
+caller waits until the batch holding its record is stored, so nothing acknowledged is ever lost.
+Records are never updated. Signed checkpoints of every partition's head (`checkpoints.py`) and
+verification (`chain_verify.py`) build on this.
 """
 
 from __future__ import annotations
