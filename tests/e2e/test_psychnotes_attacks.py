@@ -453,6 +453,22 @@ def test_path_tricks(world: World, live: RunningStack) -> None:
         assert all(s.encode() not in body for s in world.secrets)
 
 
+def test_no_answer_redirects_to_a_backend_address(world: World, live: RunningStack) -> None:
+    """A trailing-slash mismatch used to answer 307 with a Location on the backend's own host and
+    port (the gateway does not forward Host), pointing clients, and their tokens, past the gateway.
+    Every service now answers such paths like any unknown path: a 4xx OperationOutcome."""
+    backends = [live.direct_url(name) for name in ("records", "psychnotes")]
+    paths = [("POST", "/psychnotes/fhir", world.bello), ("GET", "/psychnotes/fhir/", world.bello),
+             ("GET", f"/psychnotes/fhir/DocumentReference/{world.a1}/", world.bello),
+             ("GET", "/fhir/Patient/", mint_token(live))]
+    for method, path, access in paths:
+        answer = httpx.request(method, f"{live.gateway_url}{path}", follow_redirects=False,
+                               headers={"Authorization": f"Bearer {access}", "Consent-Token": world.granted})
+        assert not answer.is_redirect, (path, answer.status_code, answer.headers.get("location"))
+        assert all(backend not in answer.text for backend in backends), path
+        assert 400 <= answer.status_code < 500 and answer.json()["resourceType"] == "OperationOutcome", path
+
+
 # -- isolation from records ---------------------------------------------------------------------
 
 def test_records_and_psychnotes_refuse_each_others_tokens(world: World, live: RunningStack) -> None:
