@@ -1,12 +1,18 @@
 """Psychnotes' own audit records (consent decisions and disclosures), group-committed.
 
-A consent-gated read writes two records, the permit and the disclosure of what it released. They
-used to be two round trips of their own (insert_one, insert_many) per read. Now every request's
-records go into the next batch: while one batch is being written, the records of every other
-request queue up, and each batch is one ordered MongoDB 8 client `bulkWrite` across both
-collections (insert_many per collection on older servers), so the datastore work per read falls
-as load rises, and a read's two records travel together. Every caller waits until the batch
-holding its records is stored before it answers, as before: nothing released goes unrecorded.
+A consent-gated read writes two records, the permit and the disclosure of what it released. While
+one batch is being written, the records of every other request queue up for the next, so the
+datastore work per read falls as load rises. Every caller waits until the batch holding its
+records is stored before it answers: nothing released goes unrecorded.
+
+How a batch is written (issue 16, measured on the embedded datastore, SecantusDB 0.7 with
+--sync-on-commit): a client `bulkWrite` is one round trip, but SecantusDB runs each of its
+operations as an insert of its own, each its own commit; `insert_many` commits a collection's
+documents together. So a batch of one request's records (one document per collection) is one
+ordered `bulkWrite` (MongoDB 8; insert_many per collection on older servers), and a batch of
+several requests' records is one `insert_many` per collection, decisions first: for eight reads'
+records, 1.2-1.4 ms instead of 2.6 ms of datastore CPU per read, and the batch is stored in
+125-150 ms instead of 280-305 ms (2 commits instead of 16).
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class AuditLog:
         await future
 
     async def _write(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        if self._bulk_write:
+        collections = [c for c, _ in records]
+        if self._bulk_write and len(set(collections)) == len(collections):
             try:
                 await self.db.client.bulk_write(
                     [InsertOne(doc, namespace=f"{self.db.name}.{collection}") for collection, doc in records],
@@ -56,5 +63,5 @@ class AuditLog:
                 return
             except InvalidOperation:  # a server before MongoDB 8.0
                 self._bulk_write = False
-        for collection in dict.fromkeys(c for c, _ in records):
+        for collection in dict.fromkeys(collections):
             await self.db[collection].insert_many([doc for c, doc in records if c == collection])
