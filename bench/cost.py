@@ -27,10 +27,20 @@ class Cost:
     requests: int
     datastore_ops: dict[str, dict[str, float]]  # datastore -> operation kind -> per request
     cpu_ms: dict[str, float]  # process -> CPU milliseconds per request
+    elapsed_s: float = 0.0  # wall time of the n requests
 
     def to_json(self) -> dict[str, Any]:
         return {"requests": self.requests, "datastore_ops_per_request": self.datastore_ops,
-                "cpu_ms_per_request": self.cpu_ms}
+                "cpu_ms_per_request": self.cpu_ms, "elapsed_s": round(self.elapsed_s, 3)}
+
+    def background_ms(self, label: str, over: Cost) -> float:
+        """CPU per request of `over` that process `label` spends on work of its own whatever the
+        requests (timers, polls it answers): its CPU rate during these requests, which did not go
+        through it, times `over`'s wall time per request."""
+        if self.elapsed_s <= 0 or over.requests <= 0:
+            return 0.0
+        rate = self.cpu_ms.get(label, 0.0) * self.requests / self.elapsed_s  # ms per second
+        return rate * over.elapsed_s / over.requests
 
     @property
     def server_cpu_ms(self) -> float:
@@ -67,9 +77,9 @@ async def per_request(operation: load.Operation, *, datastores: dict[str, str], 
     """The `command` count includes a few opcounter reads and driver heartbeats of the window."""
     ops_before = {label: opcounters(url) for label, url in datastores.items()}
     cpu_before = {label: cpu_seconds(pid) for label, pid in pids.items()}
-    driver_before = time.process_time()
+    driver_before, wall_before = time.process_time(), time.perf_counter()
     await load.drive(operation, load.Bounds(1, n, 120.0), first=first)
-    driver = time.process_time() - driver_before
+    driver, elapsed = time.process_time() - driver_before, time.perf_counter() - wall_before
     cpu = {label: cpu_seconds(pid) - cpu_before[label] for label, pid in pids.items()}
     ops_after = {label: opcounters(url) for label, url in datastores.items()}
     ops = {label: {kind: round((ops_after[label][kind] - ops_before[label][kind]) / n, 2) for kind in KINDS
@@ -77,7 +87,7 @@ async def per_request(operation: load.Operation, *, datastores: dict[str, str], 
            for label in datastores}
     cpu_ms = {label: round(1000 * seconds / n, 2) for label, seconds in cpu.items() if seconds > 0}
     cpu_ms[DRIVER] = round(1000 * driver / n, 2)
-    return Cost(n, ops, cpu_ms)
+    return Cost(n, ops, cpu_ms, elapsed)
 
 
 def cpu_bound_ratio(slow: Cost, fast: Cost) -> float:

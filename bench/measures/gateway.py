@@ -2,11 +2,14 @@
 records, same token (records verifies it itself), same concurrency (the plan's, 8), then again at
 concurrency 32. Targets (issue 16): through-gateway throughput ≥ 0.8 x direct at both, and the
 gateway's own CPU per proxied read ≤ 0.8 ms (counted from /proc over requests made one at a time,
-so it holds however busy the machine is)."""
+so it holds however busy the machine is, less the CPU the gateway spends per second on its own
+timers and on the revocation feed the backends poll, measured while the reads went direct)."""
 
 from __future__ import annotations
 
-from bench import load, sides
+from typing import Any
+
+from bench import cost, load, sides
 from bench.measures.context import Context
 from bench.reads import Sides, compare_reads
 from bench.report import Result, Row
@@ -17,6 +20,11 @@ TARGET = 0.8
 CPU_TARGET_MS = 0.8
 HIGH_CONCURRENCY = 32
 READ_PATH = "/fhir/DocumentReference/demo-note-1"
+
+
+def _cost(figures: dict[str, Any]) -> cost.Cost:
+    return cost.Cost(int(figures["requests"]), figures["datastore_ops_per_request"],
+                     figures["cpu_ms_per_request"], float(figures.get("elapsed_s", 0.0)))
 
 
 async def run(ctx: Context) -> Result:
@@ -31,9 +39,17 @@ async def run(ctx: Context) -> Result:
     if result.status != "measured":
         return result
     result.rows[0].figure = f"{TITLE}, concurrency {ctx.plan.concurrency}"
-    gateway_cpu = float(result.figures["gateway"]["cost"]["cpu_ms_per_request"].get("gateway", 0.0))
-    result.rows.append(Row("1 gateway CPU per proxied read", f"{gateway_cpu:.2f} ms", None,
-                           f"≤ {CPU_TARGET_MS} ms", gateway_cpu <= CPU_TARGET_MS))
+    costs = {side: result.figures[side]["cost"] for side in ("gateway", "direct")}
+    gateway_cpu = float(costs["gateway"]["cpu_ms_per_request"].get("gateway", 0.0))
+    # The gateway's own timers and the revocation feed the backends poll every second cost CPU
+    # per second, not per read: measured while the reads went direct, then taken off.
+    background = _cost(costs["direct"]).background_ms("gateway", _cost(costs["gateway"]))
+    net = max(gateway_cpu - background, 0.0)
+    result.rows.append(Row(
+        "1 gateway CPU per proxied read",
+        f"{net:.2f} ms per read; {gateway_cpu:.2f} ms with the gateway's background work meanwhile "
+        f"({background:.2f} ms per read: its CPU rate while the reads went direct)", None,
+        f"≤ {CPU_TARGET_MS} ms", net <= CPU_TARGET_MS))
     headers = {"Authorization": f"Bearer {stack.token()}", "Accept": "application/fhir+json"}
     clients = {side: load.loopback_client(url, concurrency=HIGH_CONCURRENCY, headers=headers)
                for side, url in urls.items()}
