@@ -100,3 +100,22 @@ def test_scopes_beyond_registration_and_user_scopes_are_refused(live: RunningSta
     assert wrong_type.status_code in (400, 401) and wrong_type.json()["error"] == "invalid_client"
     bad_grant = client.token_request("system/Observation.rs", grant_type="password")
     assert bad_grant.status_code == 400 and bad_grant.json()["error"] == "unsupported_grant_type"
+
+
+def test_oauth_error_descriptions_stay_in_rfc6749_characters(live: RunningStack) -> None:
+    """RFC 6749 §5.2: error_description MUST NOT include characters outside %x20-21 / %x23-5B /
+    %x5D-7E. A repeated parameter whose name is non-ASCII, a quote, a backslash or a control
+    character (found by tests/resilience/test_fuzz.py) was echoed into it as sent."""
+    import re
+
+    import httpx
+
+    name = 'p\u00e9"\\\x1e\u2028'
+    body = httpx.QueryParams([(name, "1"), (name, "2"), ("grant_type", "client_credentials")])
+    response = httpx.post(f"{live.gateway_url}/oauth/token", content=str(body),
+                          headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["error"] == "invalid_request"
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]+", error["error_description"]), error
+    assert "repeated" in error["error_description"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -36,10 +37,17 @@ MAX_ASSERTION_LIFETIME = 300
 _hasher = PasswordHasher()
 
 
+# RFC 6749 §5.2: "Values for the "error_description" parameter MUST NOT include characters
+# outside the set %x20-21 / %x23-5B / %x5D-7E" (printable ASCII without '"' and '\\').
+_OUTSIDE_DESCRIPTION_CHARS = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
 class OAuthError(Exception):
-    """RFC 6749 §5.2 error response."""
+    """RFC 6749 §5.2 error response. A description that quotes the client (a parameter's name)
+    keeps only the characters §5.2 allows; anything else becomes '?'."""
 
     def __init__(self, error: str, description: str, status: int = 400) -> None:
+        description = _OUTSIDE_DESCRIPTION_CHARS.sub("?", description)[:200]
         super().__init__(description)
         self.error = error
         self.description = description
