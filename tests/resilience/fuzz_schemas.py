@@ -288,9 +288,12 @@ def _fill(target: dict[str, Any], path: str, method: str, resource_type: str | N
 # -- gateway: the OAuth endpoints' parameters ----------------------------------------------------
 
 def _text(pattern: str | None = None, enum: list[str] | None = None) -> dict[str, Any]:
+    """A form or query string. Bounded, so that negative generation has something to break
+    (an unbounded string has no invalid form, and hypothesis searches in vain for one)."""
+    text: dict[str, Any] = {"type": "string", "maxLength": 512}
     if enum:
-        return {"anyOf": [{"type": "string", "enum": enum}, {"type": "string"}]}
-    return {"type": "string", "pattern": pattern} if pattern else {"type": "string"}
+        return {"anyOf": [{"type": "string", "enum": enum}, text]}
+    return {**text, "pattern": pattern} if pattern else text
 
 
 def oauth_openapi(skeleton: dict[str, Any], *, client_ids: list[str], redirect_uris: list[str],
@@ -317,17 +320,19 @@ def oauth_openapi(skeleton: dict[str, Any], *, client_ids: list[str], redirect_u
     introspect = {"token": _text(), "token_type_hint": _text(enum=["access_token", "refresh_token"]),
                   "client_id": client, "client_secret": _text()}
     forms: dict[tuple[str, str], dict[str, Any]] = {
-        ("/oauth/token", "post"): _form_body(token),
-        ("/oauth/introspect", "post"): _form_body(introspect),
-        ("/oauth/revoke", "post"): _form_body(introspect),
-        ("/oauth/authorize", "post"): _form_body(authorize),
-        ("/oauth/authorize/login", "post"): _form_body({"request": _text(), "username": _text(),
-                                                         "password": _text(), "csrf": _text()}),
-        ("/oauth/authorize/patient", "post"): _form_body({"request": _text(), "patient": _text(),
-                                                           "csrf": _text()}),
-        ("/oauth/authorize/approve", "post"): _form_body({"request": _text(), "scope": scope,
-                                                           "decision": _text(enum=["allow", "deny"]),
-                                                           "csrf": _text()}),
+        # RFC 6749 §4.1.3/§4.4.2/§6: grant_type REQUIRED; RFC 7662 §2.1 and RFC 7009 §2.1: token
+        ("/oauth/token", "post"): _form_body(token, ("grant_type",)),
+        ("/oauth/introspect", "post"): _form_body(introspect, ("token",)),
+        ("/oauth/revoke", "post"): _form_body(introspect, ("token",)),
+        ("/oauth/authorize", "post"): _form_body(authorize, ("response_type", "client_id")),
+        # the gateway's own sign-in pages (gateway/authorize.py): `session` is the flow's CSRF token
+        ("/oauth/authorize/login", "post"): _form_body(
+            {"session": _text(), "username": _text(), "password": _text()}, ("session",)),
+        ("/oauth/authorize/patient", "post"): _form_body(
+            {"session": _text(), "choose": _text(), "name": _text(), "patient": _text()}, ("session",)),
+        ("/oauth/authorize/approve", "post"): _form_body(
+            {"session": _text(), "scope": scope, "decision": _text(enum=["approve", "deny"])},
+            ("session",)),
         ("/oauth/launch", "post"): {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "properties": {"patient": _text(), "encounter": _text(),
                                              "client_id": client, "launch_url": _text()}}}}},
@@ -360,10 +365,11 @@ def oauth_openapi(skeleton: dict[str, Any], *, client_ids: list[str], redirect_u
 # -- workspace: its routes, with the forms its pages post ---------------------------------------
 
 def workspace_openapi(skeleton: dict[str, Any], *, patient_ids: list[str]) -> dict[str, Any]:
-    note_form = _form_body({name: _text() for name in (
-        "csrf", "action", "template", "session_date", "start", "end", "kind", "cpt", "subjective",
-        "objective", "assessment", "plan", "data", "behavior", "intervention", "response",
-        "interventions", "safety", "private_text", "phq9_1", "phq9_9", "gad7_1", "version")})
+    note_form = _form_body({name: _text() for name in (  # what workspace/routes/notes.py reads
+        "csrf", "action", "template", "encounter", "session_date", "session_kind", "start", "end", "kind",
+        "text", "new_phrase", "phrase_section", "private_text", "safety", "safety_ack", "version",
+        "subjective", "assessment", "plan", "phq9_1", "phq9_9")},
+        ("csrf",))
     paths: dict[str, dict[str, Any]] = {}
     for path, methods in skeleton["paths"].items():
         for method, original in methods.items():

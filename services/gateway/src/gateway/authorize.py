@@ -156,7 +156,8 @@ async def _session(request: Request, form: dict[str, str]) -> dict[str, Any] | N
         request.state.refusal = "authorization step without the flow's cookie or CSRF token"
         return None
     session = await store.get_session(request.app.state.db, session_id)
-    if session is None or not secrets.compare_digest(str(session.get("csrf", "")), token):
+    # bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500 before)
+    if session is None or not secrets.compare_digest(str(session.get("csrf", "")).encode(), token.encode()):
         request.state.refusal = "authorization step with a foreign or stale session"
         return None
     request.state.oauth_client_id = session["client_id"]

@@ -148,7 +148,7 @@ async def authorization_code(
     verifier = form.get("code_verifier", "")
     if not _VERIFIER.match(verifier):
         raise OAuthError("invalid_request", "code_verifier is required (RFC 7636, 43-128 characters)")
-    if not secrets.compare_digest(s256(verifier), stored["code_challenge"]):
+    if not secrets.compare_digest(s256(verifier).encode(), str(stored["code_challenge"]).encode()):
         raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
     return await issue_tokens(db, keys, settings, stored["grant"])
 

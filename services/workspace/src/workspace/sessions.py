@@ -79,7 +79,8 @@ async def current(request: Request) -> tuple[str, dict[str, Any]]:
 
 
 def check_csrf(session: dict[str, Any], form: dict[str, str]) -> None:
-    if not secrets.compare_digest(str(form.get("csrf", "")), str(session.get("csrf", ""))):
+    # bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500 before)
+    if not secrets.compare_digest(str(form.get("csrf", "")).encode(), str(session.get("csrf", "")).encode()):
         raise CsrfRefused
 
 
