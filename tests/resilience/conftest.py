@@ -222,6 +222,17 @@ def people(resilient: ResilientStack, fhir: httpx.Client) -> People:
                         resilient.psychnotes))
 
 
+def settled_get(client: httpx.Client, url: str, **request: Any) -> httpx.Response:
+    """A GET that, answered 503 + Retry-After (the stack's "try again"), is tried again a few
+    times, as a client should: checks after a fault read what is stored, not the fault's tail."""
+    for _ in range(5):
+        response = client.get(url, **request)
+        if response.status_code != 503:
+            return response
+        time.sleep(min(2.0, float(response.headers.get("retry-after", "1"))))
+    return response
+
+
 def audit_counts(running: RunningStack, request_ids: list[str]) -> Counter[str]:
     """How many audit records the gateway holds for each of these request ids."""
     db = running.db("gateway")
@@ -249,4 +260,5 @@ def patient(family: str) -> dict[str, Any]:
 
 
 __all__ = ["BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MONGO_TIMEOUT_S", "SOAK", "Path", "People",
-           "ResilientStack", "SmartSession", "audit_counts", "patient", "report", "verify_chain"]
+           "ResilientStack", "SmartSession", "audit_counts", "patient", "report", "settled_get",
+           "verify_chain"]

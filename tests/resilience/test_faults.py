@@ -31,6 +31,7 @@ from tests.resilience.conftest import (
     audit_counts,
     patient,
     report,
+    settled_get,
     verify_chain,
 )
 
@@ -186,7 +187,7 @@ def _check_ledger(resilient: ResilientStack, fhir: httpx.Client, ledger: Ledger)
     lost = duplicated = gaps = 0
     missing: list[str] = []
     for value in ledger.attempted:
-        r = fhir.get("/Patient", params={"identifier": f"{IDENT}|{value}"})
+        r = settled_get(fhir, "/Patient", params={"identifier": f"{IDENT}|{value}"})
         assert r.status_code == 200, r.text
         found = [e["resource"]["id"] for e in r.json().get("entry", [])]
         duplicated += max(0, len(found) - 1)
@@ -195,12 +196,12 @@ def _check_ledger(resilient: ResilientStack, fhir: httpx.Client, ledger: Ledger)
             missing.append(f"{value}->{ledger.created[value]}: "
                            f"{fhir.get('/Patient/' + ledger.created[value]).status_code}")
     for rid, version in ledger.versions.items():
-        r = fhir.get(f"/Patient/{rid}/_history/{version}")
+        r = settled_get(fhir, f"/Patient/{rid}/_history/{version}")
         if r.status_code != 200:
             lost += 1
             missing.append(f"{rid} v{version}: {r.status_code}")
             continue
-        history = fhir.get(f"/Patient/{rid}/_history", params={"_count": 1000})
+        history = settled_get(fhir, f"/Patient/{rid}/_history", params={"_count": 1000})
         assert history.status_code == 200, history.text
         seen = sorted(int(e["resource"]["meta"]["versionId"]) for e in history.json()["entry"])
         if seen != list(range(1, len(seen) + 1)):
@@ -221,7 +222,7 @@ def _check_ledger(resilient: ResilientStack, fhir: httpx.Client, ledger: Ledger)
 def _all_pages(vault: httpx.Client, headers: dict[str, str], params: dict[str, str]) -> list[str]:
     """Ids of every note a psychnotes search finds, following its `next` links."""
     found: list[str] = []
-    r = vault.get("/DocumentReference", headers=headers, params=params)
+    r = settled_get(vault, "/DocumentReference", headers=headers, params=params)
     while True:
         assert r.status_code == 200, r.text
         bundle = r.json()
@@ -229,7 +230,7 @@ def _all_pages(vault: httpx.Client, headers: dict[str, str], params: dict[str, s
         following = [link["url"] for link in bundle.get("link", []) if link["relation"] == "next"]
         if not following:
             return found
-        r = vault.get(following[0], headers=headers)
+        r = settled_get(vault, following[0], headers=headers)
 
 
 def _check_notes(resilient: ResilientStack, vault: httpx.Client, people: People,
@@ -245,7 +246,7 @@ def _check_notes(resilient: ResilientStack, vault: httpx.Client, people: People,
     headers = people.therapist.headers(consent)
     lost, missing = 0, []
     for (note_id, version), text in sorted(ledger.note_texts.items()):
-        r = vault.get(f"/DocumentReference/{note_id}/_history/{version}", headers=headers)
+        r = settled_get(vault, f"/DocumentReference/{note_id}/_history/{version}", headers=headers)
         if r.status_code != 200 or r.json().get("description") != text:
             lost += 1
             missing.append(f"{note_id} v{version}: {r.status_code}")
@@ -253,7 +254,7 @@ def _check_notes(resilient: ResilientStack, vault: httpx.Client, people: People,
     first_texts: Counter[str] = Counter()
     stored: dict[str, int] = {}  # this test's notes, as stored: id -> number of versions
     for note_id in _all_pages(vault, headers, {"patient": people.patient_id, "_count": "100"}):
-        history = vault.get(f"/DocumentReference/{note_id}/_history", headers=headers)
+        history = settled_get(vault, f"/DocumentReference/{note_id}/_history", headers=headers)
         assert history.status_code == 200, history.text
         versions = {int(e["resource"]["meta"]["versionId"]): e["resource"].get("description", "")
                     for e in history.json()["entry"]}
@@ -320,6 +321,7 @@ def test_kill_9_under_write_load_loses_nothing(resilient: ResilientStack, fhir: 
     assert note_counts["notes_duplicated"] == 0
     assert note_counts["note_version_gaps"] == 0
     assert note_counts["note_writes_without_decision"] == 0
+    assert note_counts["note_versions_without_decision"] == 0  # decision and version: one transaction
 
 
 def test_frozen_datastore_answers_503_then_recovers(resilient: ResilientStack,

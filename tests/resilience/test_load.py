@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.actors import JWT_BEARER, BackendClient
 from tests.e2e.test_psychnotes import parameters, psy_note
@@ -186,6 +187,7 @@ def _therapist(gateway: httpx.Client, who: SmartSession, patient_id: str, notes:
         tally.released(r)
 
 
+@pytest.mark.timeout(int(LOAD_S) + 600)  # the load's fixed time, then bounded checks
 def test_mixed_load_no_5xx_and_one_audit_record_per_request(
         resilient: ResilientStack, resilient_writer: BackendClient, people: People) -> None:
     notes = []

@@ -321,6 +321,7 @@ async def _request_body(receive: Receive) -> bytes:
 # connection before the backend does, instead of racing it (RFC 9112 §9.3: "a client might send a
 # request at the same time that the server has decided to close the idle connection").
 POOL_KEEPALIVE_SECONDS = 4.0
+UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
 
 
 def _session(timeout_seconds: float, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
@@ -329,6 +330,10 @@ def _session(timeout_seconds: float, connector: aiohttp.TCPConnector) -> aiohttp
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_seconds, sock_read=timeout_seconds),
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept-Encoding"),  # identity bodies, relayed as they are
+        # psychnotes reports what a read released in one header (DISCLOSURE_HEADER): a search page
+        # of 100 notes is about 8 KiB, past aiohttp's 8190-byte default, which made the page a
+        # 503 "upstream unavailable" (tests/resilience kill test). Backends are ours; still bounded.
+        max_field_size=UPSTREAM_MAX_HEADER_BYTES,
     )
     # aiohttp retries every method it deems idempotent, PUT and DELETE included, once on any
     # pooled connection; a FHIR PUT replayed that way stores a second version. Which requests

@@ -88,9 +88,9 @@ async def create_note(ctx: service.Context, body: Any) -> Response:
     await amends.check(ctx.db, resource, author)
     note_id, moment = str(uuid.uuid4()), store.now()
     doc = note_document(ctx, note_id, 1, resource, patient=patient, author=author, moment=moment)
-    await store.insert_note(ctx.db, doc)
-    await service.record_decision(ctx, permit=True, reason="note written by its author", action="create",
-                                  patient=patient, entities=[f"DocumentReference/{note_id}"])
+    await store.insert_note(ctx.db, doc, service.decision_record(
+        ctx, permit=True, reason="note written by its author", action="create", patient=patient,
+        entities=[f"DocumentReference/{note_id}"]))
     return Response(status_code=201, headers=write_headers(ctx, note_id, 1, moment))
 
 
@@ -147,9 +147,10 @@ async def update_note(ctx: service.Context, note_id: str, body: Any, if_match: i
     version, moment = int(current["vid"]) + 1, store.now()
     doc = note_document(ctx, note_id, version, resource, patient=patient, author=author,
                          moment=moment)
-    await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="PUT")
-    await service.record_decision(ctx, permit=True, reason="note updated by its author", action="update",
-                                  patient=patient, entities=[f"DocumentReference/{note_id}"])
+    await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="PUT",
+                             decision=service.decision_record(
+                                 ctx, permit=True, reason="note updated by its author", action="update",
+                                 patient=patient, entities=[f"DocumentReference/{note_id}"]))
     headers = write_headers(ctx, note_id, version, moment)
     headers.pop("Location")
     return Response(status_code=200, headers=headers)
@@ -167,10 +168,11 @@ async def delete_note(ctx: service.Context, note_id: str) -> Response:
                                             "lastUpdated": service.instant(moment)}}
     doc = {**current, "vid": version, "ts": moment, "deleted": True, "sealed": None,
            "resource": stub}
-    await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="DELETE")
-    await service.record_decision(ctx, permit=True, reason="note deleted (soft) by its author",
-                                  action="delete", patient=current["patient"],
-                                  entities=[f"DocumentReference/{note_id}"])
+    await store.replace_note(ctx.db, doc, expected=int(current["vid"]), method="DELETE",
+                             decision=service.decision_record(
+                                 ctx, permit=True, reason="note deleted (soft) by its author",
+                                 action="delete", patient=current["patient"],
+                                 entities=[f"DocumentReference/{note_id}"]))
     return Response(status_code=204)
 
 

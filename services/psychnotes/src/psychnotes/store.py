@@ -53,13 +53,17 @@ async def ensure_indexes(db: Db) -> None:
 
 # -- notes --------------------------------------------------------------------------------------
 
-async def insert_note(db: Db, doc: dict[str, Any]) -> None:
-    """A new note (version 1) and its history entry, atomically."""
+async def insert_note(db: Db, doc: dict[str, Any], decision: dict[str, Any]) -> None:
+    """A new note (version 1), its history entry and the author's permit decision, atomically:
+    no version is stored without its audit record, and a write that fails leaves neither, so a
+    503 means nothing was written (the kill -9 test in tests/resilience found a stored note with
+    no decision when the two were separate writes)."""
     async with db.client.start_session() as session, await session.start_transaction():
         await db.notes.insert_one(doc, session=session)
         await db.notes_history.insert_one(
             {**doc, "_id": f"{doc['_id']}/{doc['vid']}", "id": doc["_id"], "method": "POST"},
             session=session)
+        await db.decisions.insert_one(decision, session=session)
 
 
 def _lost_race(exc: PyMongoError, what: str) -> errors.FhirError | None:
@@ -71,16 +75,20 @@ def _lost_race(exc: PyMongoError, what: str) -> errors.FhirError | None:
     return None
 
 
-async def replace_note(db: Db, doc: dict[str, Any], *, expected: int, method: str) -> None:
-    """The next version (update or soft delete), only if `expected` is still the current one."""
-    await write_versions(db, [(doc, expected)], method=method)
+async def replace_note(db: Db, doc: dict[str, Any], *, expected: int, method: str,
+                       decision: dict[str, Any]) -> None:
+    """The next version (update or soft delete), only if `expected` is still the current one,
+    with the author's permit decision in the same transaction (as insert_note)."""
+    await write_versions(db, [(doc, expected)], method=method, decisions=(decision,))
 
 
 async def write_versions(db: Db, versions: list[tuple[dict[str, Any], int]], *, method: str,
-                         provenances: tuple[dict[str, Any], ...] = ()) -> None:
-    """Next versions of several notes (each only if its `expected` version is still current) and
-    the Provenances recording why, in one transaction: a signature is never stored without the
-    version it signs, nor a correction signed without its original superseded."""
+                         provenances: tuple[dict[str, Any], ...] = (),
+                         decisions: tuple[dict[str, Any], ...] = ()) -> None:
+    """Next versions of several notes (each only if its `expected` version is still current),
+    the Provenances recording why and the decisions auditing it, in one transaction: a signature
+    is never stored without the version it signs, nor a correction signed without its original
+    superseded, nor a version without its decision."""
     try:
         async with db.client.start_session() as session, await session.start_transaction():
             for doc, expected in versions:
@@ -94,6 +102,8 @@ async def write_versions(db: Db, versions: list[tuple[dict[str, Any], int]], *, 
                     session=session)
             for provenance in provenances:
                 await db.provenances.insert_one(provenance, session=session)
+            for decision in decisions:
+                await db.decisions.insert_one(decision, session=session)
     except PyMongoError as exc:
         raise _lost_race(exc, "note") or exc from None
 
