@@ -80,10 +80,10 @@ async def create_consent(ctx: service.Context, body: Any) -> Response:
     auth = replace(auth, status=str(resource["status"]), recorded_by=policy.caller_key(ctx.token))
     consent_id, moment = str(uuid.uuid4()), store.now()
     doc = _consent_document(ctx, consent_id, 1, resource, auth, moment)
-    await store.insert_consent(ctx.db, doc)
-    await service.record_decision(ctx, permit=True, action="consent-create", patient=auth.patient,
-                                  basis=f"Consent/{consent_id}", purposes=sorted(auth.purposes),
-                                  reason=f"authorization recorded ({auth.status}) by the {role}")
+    await store.insert_consent(ctx.db, doc, service.decision_record(
+        ctx, permit=True, action="consent-create", patient=auth.patient,
+        basis=f"Consent/{consent_id}", purposes=sorted(auth.purposes),
+        reason=f"authorization recorded ({auth.status}) by the {role}"))
     raw = _open_consent(ctx, doc)
     return fhirjson.FhirResponse(raw, status_code=201, headers={
         **service.NO_STORE, "Location": f"{ctx.base}/Consent/{consent_id}/_history/1",
@@ -140,9 +140,10 @@ async def search_consents(ctx: service.Context, items: list[tuple[str, str]]) ->
     return fhirjson.FhirResponse(service.bundle(head, entries), headers=service.NO_STORE)
 
 
-async def _new_status(ctx: service.Context, doc: dict[str, Any], status: str,
+async def _new_status(ctx: service.Context, doc: dict[str, Any], status: str, decision: dict[str, Any],
                       **changes: Any) -> dict[str, Any]:
-    """The next version of an authorization with another status (history kept)."""
+    """The next version of an authorization with another status (history kept), stored in one
+    transaction with the `decision` that audits it."""
     resource = orjson.loads(_open_consent(ctx, doc))
     resource["status"] = status
     auth = replace(_authorization(doc), status=status,
@@ -153,7 +154,7 @@ async def _new_status(ctx: service.Context, doc: dict[str, Any], status: str,
     for kept in ("attested_at", "revoked_by", "revoked_at"):
         if kept in doc and kept not in new:
             new[kept] = doc[kept]
-    await store.replace_consent(ctx.db, new, expected=int(doc["vid"]))
+    await store.replace_consent(ctx.db, new, expected=int(doc["vid"]), decision=decision)
     ctx.bases.forget(gate_cache.consent_key(str(doc["_id"])))  # the next read checks this version
     return new
 
@@ -166,12 +167,14 @@ async def revoke_consent(ctx: service.Context, consent_id: str) -> Response:
     role = policy.may_revoke(_authorization(doc), ctx.token)
     if role is None:
         raise errors.Forbidden("Only the patient, the recorder or the compliance role may revoke it")
+    decision = service.decision_record(ctx, permit=True, action="consent-revoke", patient=doc["patient"],
+                                       basis=f"Consent/{consent_id}",
+                                       reason=f"authorization revoked by the {role}")
     if doc["status"] != "inactive":
-        doc = await _new_status(ctx, doc, "inactive", revoked_by=policy.caller_key(ctx.token),
+        doc = await _new_status(ctx, doc, "inactive", decision, revoked_by=policy.caller_key(ctx.token),
                                 revoked_at=store.now())
-    await service.record_decision(ctx, permit=True, action="consent-revoke", patient=doc["patient"],
-                                  basis=f"Consent/{consent_id}",
-                                  reason=f"authorization revoked by the {role}")
+    else:  # already revoked: nothing written, the request still audited
+        await ctx.audit_log.insert(("decisions", decision))
     return fhirjson.FhirResponse(_open_consent(ctx, doc),
                                  headers={**service.NO_STORE, **service.resource_headers(doc)})
 
@@ -190,10 +193,9 @@ async def attest_consent(ctx: service.Context, consent_id: str) -> Response:
                                       patient=auth.patient, basis=f"Consent/{consent_id}",
                                       reason=exc.diagnostics)
         raise
-    doc = await _new_status(ctx, doc, "active", attested_by=policy.caller_key(ctx.token),
-                            attested_at=store.now())
-    await service.record_decision(ctx, permit=True, action="consent-attest", patient=auth.patient,
-                                  basis=f"Consent/{consent_id}", purposes=sorted(auth.purposes),
-                                  reason="authorization attested by a compliance officer")
+    doc = await _new_status(ctx, doc, "active", service.decision_record(
+        ctx, permit=True, action="consent-attest", patient=auth.patient, basis=f"Consent/{consent_id}",
+        purposes=sorted(auth.purposes), reason="authorization attested by a compliance officer"),
+        attested_by=policy.caller_key(ctx.token), attested_at=store.now())
     return fhirjson.FhirResponse(_open_consent(ctx, doc),
                                  headers={**service.NO_STORE, **service.resource_headers(doc)})

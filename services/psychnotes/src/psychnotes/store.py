@@ -152,15 +152,18 @@ async def existing_note_ids(db: Db, patient: str, ids: list[str]) -> set[str]:
 
 # -- consents -----------------------------------------------------------------------------------
 
-async def insert_consent(db: Db, doc: dict[str, Any]) -> None:
+async def insert_consent(db: Db, doc: dict[str, Any], decision: dict[str, Any]) -> None:
+    """An authorization's first version and the decision auditing it, in one transaction."""
     async with db.client.start_session() as session, await session.start_transaction():
         await db.consents.insert_one(doc, session=session)
         await db.consents_history.insert_one(
             {**doc, "_id": f"{doc['_id']}/{doc['vid']}", "id": doc["_id"], "method": "POST"},
             session=session)
+        await db.decisions.insert_one(decision, session=session)
 
 
-async def replace_consent(db: Db, doc: dict[str, Any], *, expected: int) -> None:
+async def replace_consent(db: Db, doc: dict[str, Any], *, expected: int, decision: dict[str, Any]) -> None:
+    """An authorization's next version (revoked, attested) and its decision, in one transaction."""
     consent_id = doc["_id"]
     try:
         async with db.client.start_session() as session, await session.start_transaction():
@@ -171,6 +174,7 @@ async def replace_consent(db: Db, doc: dict[str, Any], *, expected: int) -> None
             await db.consents_history.insert_one(
                 {**doc, "_id": f"{consent_id}/{doc['vid']}", "id": consent_id, "method": "PUT"},
                 session=session)
+            await db.decisions.insert_one(decision, session=session)
     except PyMongoError as exc:
         raise _lost_race(exc, "authorization") or exc from None
 

@@ -126,15 +126,18 @@ async def sign(ctx: service.Context, keys: SigningKeys, note_id: str) -> Respons
     provenance = note_lifecycle.signature_provenance(
         f"{ref}/_history/{version}", signed.stored, signer, step.role, keys.current,
         service.instant(moment), ctx.base + JWKS_PATH)
-    await store.write_versions(
-        ctx.db, [(signed.doc, signed.expected), *((o.doc, o.expected) for o in originals)],
-        method="PUT", provenances=(_sealed_provenance(ctx, current, version, provenance),))
     reason = ("note co-signed by its author's supervisor" if step.role == "verifier" else
               "note signed by its author; awaits co-signature" if step.awaits else
               "note signed by its author")
-    await service.record_decision(ctx, permit=True, reason=reason, action="sign",
-                                  patient=current["patient"],
-                                  entities=[ref, *(f"DocumentReference/{o.doc['_id']}" for o in originals)])
+    decision = service.decision_record(
+        ctx, permit=True, reason=reason, action="sign", patient=current["patient"],
+        entities=[ref, *(f"DocumentReference/{o.doc['_id']}" for o in originals)])
+    # The signed version, the originals it supersedes, its Provenance and its decision: one
+    # transaction, so a retry after a lost answer never finds a signature nobody audited.
+    await store.write_versions(
+        ctx.db, [(signed.doc, signed.expected), *((o.doc, o.expected) for o in originals)],
+        method="PUT", provenances=(_sealed_provenance(ctx, current, version, provenance),),
+        decisions=(decision,))
     headers = notes_service.write_headers(ctx, note_id, version, moment)
     headers.pop("Location")
     return Response(status_code=200, headers=headers)
@@ -164,10 +167,12 @@ async def entered_in_error(ctx: service.Context, note_id: str, body: Any) -> Res
     version = int(marked.doc["vid"])
     provenance = note_lifecycle.nullify_provenance(f"{ref}/_history/{version}", reason,
                                                    {"reference": author}, service.instant(moment))
+    decision = service.decision_record(ctx, permit=True, action="entered-in-error",
+                                       patient=current["patient"],
+                                       reason="note marked entered-in-error by its author", entities=[ref])
     await store.write_versions(ctx.db, [(marked.doc, marked.expected)], method="PUT",
-                               provenances=(_sealed_provenance(ctx, current, version, provenance),))
-    await service.record_decision(ctx, permit=True, action="entered-in-error", patient=current["patient"],
-                                  reason="note marked entered-in-error by its author", entities=[ref])
+                               provenances=(_sealed_provenance(ctx, current, version, provenance),),
+                               decisions=(decision,))
     headers = notes_service.write_headers(ctx, note_id, version, moment)
     headers.pop("Location")
     return Response(status_code=200, headers=headers)
