@@ -190,6 +190,8 @@ def test_image_command_is_the_uvicorn_factory(service: str) -> None:
         "0.0.0.0",
         "--port",
         port,
+        "--http",  # header size/count limits and head deadline (mindchart_core/http_limits.py)
+        "mindchart_core.http_limits:LimitedHttpToolsProtocol",
     ]
     assert port in instructions(chain, "EXPOSE")[-1].split()
 

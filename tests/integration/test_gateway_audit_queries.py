@@ -82,6 +82,9 @@ async def trail(mongo_url: str) -> AsyncIterator[tuple[Any, FindCapture]]:
             n = i // 40
             await writer.append((disclosure_record if n % 2 else rest_record)(OURS, "app-1", f"ours{n}"))
     assert await db.audit_events.count_documents({"patient": OURS}) == 5
+    # A running gateway moves its partition's head document within chain.HEAD_SECONDS of a write;
+    # this writer has no background task, so move it as that task would.
+    await writer.move_head()
     yield db, capture
     await client.drop_database(db.name)
     await client.close()
