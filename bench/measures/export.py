@@ -52,12 +52,19 @@ async def export_once(ctx: Context) -> dict[str, Any] | str:
         if kickoff.status_code != 202:
             return f"not available yet (GET /fhir/$export answered {kickoff.status_code})"
         status_url = kickoff.headers["content-location"]
+        transient = 0
         while True:
             poll = await http.get(status_url)
             if poll.status_code == 200:
                 break
-            if poll.status_code != 202 or time.perf_counter() - started > POLL_LIMIT_S:
+            # Bulk Data 2.0 §bulk-data-status-request: a polling failure that does not fail the job
+            # carries a `transient` issue code, and the client retries later. Counted, not hidden.
+            if poll.status_code == 503 and _transient(poll):
+                transient += 1
+            elif poll.status_code != 202:
                 return f"failed: the export status answered {poll.status_code}"
+            if time.perf_counter() - started > POLL_LIMIT_S:
+                return f"failed: no manifest within {POLL_LIMIT_S} s"
             await asyncio.sleep(min(float(poll.headers.get("retry-after") or 1), 1.0))
         manifest = poll.json()
         per_type: dict[str, int] = {}
@@ -76,7 +83,15 @@ async def export_once(ctx: Context) -> dict[str, Any] | str:
     return {"resources": resources, "per_type": per_type, "seconds": round(elapsed, 2),
             "resources_per_s": round(resources / elapsed, 1) if elapsed else 0.0,
             "rss_baseline_mib": round(baseline, 1), "rss_peak_mib": round(peak, 1),
-            "errors_in_manifest": len(manifest.get("error", []))}
+            "errors_in_manifest": len(manifest.get("error", [])), "transient_polls": transient}
+
+
+def _transient(response: Any) -> bool:
+    try:
+        issues = response.json().get("issue") or []
+    except ValueError:
+        return False
+    return any(isinstance(i, dict) and i.get("code") == "transient" for i in issues)
 
 
 async def run(ctx: Context) -> Result:
@@ -98,8 +113,10 @@ async def run(ctx: Context) -> Result:
 
 def describe(r: dict[str, Any]) -> str:
     at = f"at {r['notes']} notes: " if "notes" in r else ""
+    polls = r.get("transient_polls")
+    retried = f", {polls} status polls answered 503 transient" if polls else ""
     return (f"{at}{r['resources']} resources in {r['seconds']:.1f} s = {r['resources_per_s']:.0f}/s, "
-            f"RSS {r['rss_baseline_mib']:.0f} → peak {r['rss_peak_mib']:.0f} MiB")
+            f"RSS {r['rss_baseline_mib']:.0f} → peak {r['rss_peak_mib']:.0f} MiB{retried}")
 
 
 def rows(runs: dict[str, Any]) -> list[Row]:
