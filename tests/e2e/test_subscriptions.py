@@ -289,7 +289,10 @@ def test_an_acknowledged_write_is_delivered_after_records_is_killed(
         assert response.status_code == 201
         subs_stack.runner.kill("records")  # kill -9 right after the acknowledgement
         subs_stack.runner.restart_service("records")
-        got = wait_for(lambda: receiver.at("/crash", "event-notification", accepted=True), "the event after restart")
+        # The restarted replica must start, outwait the dead one's 5 s lease, check the grant and
+        # send: bounded at 90 s (40 s timed out once on a clean-clone run sharing the machine).
+        got = wait_for(lambda: receiver.at("/crash", "event-notification", accepted=True),
+                       "the event after restart", timeout=90)
         assert focus(got[0]) == [f"{subs_stack.fhir}/DocumentReference/{response.json()['id']}/_history/1"]
 
 
