@@ -11,7 +11,6 @@ JSON; no stack trace and no psychotherapy-note text in any body. The counts per 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import httpx
@@ -96,13 +95,6 @@ def world(live: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> dict[
         return user_token(live, f"Practitioner/{practitioner}", client_id="fuzz-app")
 
     secret = marker("fuzz")
-    # The tests before this one may have left psychnotes' datastore catching up (a 503 transient
-    # on this seed write once): seed only once psychnotes reports ready, bounded at 60 s.
-    ready_by = time.monotonic() + 60
-    while time.monotonic() < ready_by:
-        if httpx.get(f"{live.direct_url('psychnotes')}/readyz", timeout=10).status_code == 200:
-            break
-        time.sleep(0.5)
     note = write_note(live, psy_author(), patient, secret)
     fhir_user = f"{live.fhir}/Practitioner/{practitioner}"
     as_patient = {"sub": f"fuzz-patient-{patient}", "client_id": "fuzz-patient-app", "patient": patient,

@@ -48,11 +48,15 @@ def datastore_client(settings: ServiceSettings, service: str) -> AsyncMongoClien
     selection, connecting, each socket read (one command or one cursor batch, so a long export
     is not cut off) and waiting for a pooled connection. A frozen or unreachable datastore turns
     into a 503 (errors.py) instead of a request that hangs as long as the datastore does.
+    Pooled connections idle longer than `mongo_max_idle_seconds` are closed before reuse
+    (maxIdleTimeMS, PyMongo's pool options), before the datastore's own idle cut-off can leave a
+    dead one in the pool (settings.py says why).
     It opens no connection until first used; every query stays in the service's own store."""
     timeout_ms = max(1, int(settings.mongo_timeout_seconds * 1000))
     return AsyncMongoClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
                             connectTimeoutMS=timeout_ms, socketTimeoutMS=timeout_ms,
                             waitQueueTimeoutMS=timeout_ms,
+                            maxIdleTimeMS=max(1, int(settings.mongo_max_idle_seconds * 1000)),
                             event_listeners=[metrics.CommandTimer(service)])
 
 

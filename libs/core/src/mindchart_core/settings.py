@@ -57,6 +57,14 @@ class ServiceSettings(FileSecretSettings):
     # Every datastore call (server selection, connect, each operation or transaction) is bounded
     # by this: a frozen or unreachable datastore costs a request at most this long, then 503.
     mongo_timeout_seconds: float = 5.0
+    # A pooled datastore connection idle this long is closed by the service before its next use
+    # (PyMongo maxIdleTimeMS). Below the datastore's own idle cut-off: SecantusDB drops a client
+    # connection idle for 300 s (secantus/server.py DEFAULT_CLIENT_IDLE_TIMEOUT_S), and the async
+    # driver only learns of that on the next command on it; inside a transaction that is not
+    # retried, so a vault idle for five minutes answered its next note write 503. PyMongo's guide
+    # (mongodb.com/docs/languages/python/pymongo-driver/current/connect/connection-options/
+    # connection-pools): maxIdleTimeMS "lower than firewall or proxy connection timeouts".
+    mongo_max_idle_seconds: float = 60.0
 
     @property
     def is_production(self) -> bool:
