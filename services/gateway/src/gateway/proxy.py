@@ -74,12 +74,17 @@ def classify(method: str, rest: str) -> Interaction:
     return Interaction(kind, "unknown")
 
 
-# Operations named literally in route labels; any other `$name` is `{operation}`, so a client
-# cannot grow the metrics' label set by inventing operation names.
+# Operations named literally in route labels: every operation route of records and psychnotes
+# (tests/unit/test_gateway_route_names.py checks this list against their routers). Any other
+# `$name` is `{operation}`, so a client cannot grow the metrics' label set by inventing names.
 KNOWN_OPERATIONS = frozenset({
     "$export", "$everything", "$validate", "$docref", "$consent-token", "$revoke",
     "$revoke-consent-token", "$disclosures", "$match", "$meta", "$export-status", "$export-file",
     "$approve", "$candidates", "$refuse",
+    "$sign", "$entered-in-error", "$verify-signature",  # the note lifecycle (both backends)
+    "$attest",  # psychnotes: an authorization's second-person check
+    "$deny", "$extend", "$disagree", "$rebut",  # records: amendment requests (164.526)
+    "$status", "$events",  # records: Subscriptions backport
 })
 
 

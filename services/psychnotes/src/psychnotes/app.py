@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from mindchart_core import service_app, tokens
 from psychnotes import audit_log, careteam, gate_cache, keys, routes, store
+from psychnotes.capability import routes as capability_routes
 from psychnotes.lifecycle import keys as lifecycle_keys
 from psychnotes.lifecycle import routes as lifecycle_routes
 from psychnotes.settings import PsychnotesSettings
@@ -53,6 +54,12 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         revocations=revocations,
     )
 
-    app.include_router(lifecycle_routes.router)  # before routes.router and its catch-all
-    app.include_router(routes.router)
+    for router in ROUTERS:
+        app.include_router(router)
+    capability_routes.install(app, settings, ROUTERS)  # /metadata from exactly these routes
     return service_app.finish(app, "psychnotes")
+
+
+# Every route psychnotes serves, in match order: the public conformance documents and the
+# lifecycle before routes.router, whose catch-all would otherwise answer their URLs.
+ROUTERS = (capability_routes.router, lifecycle_routes.router, routes.router)

@@ -30,6 +30,8 @@ from mindchart_core import errors, fhirjson, validation
 from psychnotes import gate_cache, policy, service, store, vault
 from psychnotes.consent import Authorization, check_authorization, with_defaults
 
+SEARCH_PARAMS = frozenset({"patient", "subject", "_format"})  # `Consent?patient=` (one patient)
+
 
 def _consent_document(ctx: service.Context, consent_id: str, version: int, resource: dict[str, Any],
                       auth: Authorization, moment: datetime) -> dict[str, Any]:
@@ -121,7 +123,7 @@ async def search_consents(ctx: service.Context, items: list[tuple[str, str]]) ->
     if not ctx.token.scope.allows("Consent", "search-type"):
         raise errors.InsufficientScope("The granted scopes do not permit searching authorizations")
     wanted = [v for k, v in items if k in ("patient", "subject")]
-    unknown = [k for k, _ in items if k not in ("patient", "subject", "_format")]
+    unknown = [k for k, _ in items if k not in SEARCH_PARAMS]
     if unknown or len(wanted) != 1:
         raise errors.Invalid("Search authorizations by exactly one patient (patient=<id>)")
     patient = wanted[0] if wanted[0].startswith("Patient/") else f"Patient/{wanted[0]}"

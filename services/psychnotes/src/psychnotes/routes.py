@@ -148,7 +148,8 @@ async def attest_consent(consent_id: str, ctx: ContextDep) -> Response:
     return await consents.attest_consent(ctx, consent_id)
 
 
-@router.api_route("/Consent/{consent_id}", methods=["PUT", "PATCH", "DELETE"])
+@router.api_route("/Consent/{consent_id}", methods=["PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)  # refused: not in the CapabilityStatement
 async def edit_consent(consent_id: str, ctx: ContextDep) -> Response:
     raise errors.MethodNotAllowed(
         "An authorization is not edited: revoke it with POST Consent/{id}/$revoke and record a "
@@ -170,7 +171,8 @@ async def revoke_exception_grant(request: Request, ctx: ContextDep) -> Response:
     return await minting.revoke_exception(ctx, await body_of(request, ctx))
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)  # not a capability (capability/statement.py)
 async def anything_else(request: Request, rest: str, ctx: ContextDep) -> Response:
     if request.method == "GET":
         # A read of anything else still goes through the gate first: nothing here answers an
