@@ -36,6 +36,10 @@ from tests.conftest import RunningStack, free_port
 MONGO_TIMEOUT_S = 2.5  # MINDCHART_<SERVICE>_MONGO_TIMEOUT_SECONDS in this stack
 HEADER_TIMEOUT_S = 3.0  # MINDCHART_HTTP_HEADER_TIMEOUT_SECONDS (slow heads: test_limits.py)
 BODY_TIMEOUT_S = 4.0  # MINDCHART_HTTP_BODY_TIMEOUT_SECONDS (slow bodies)
+SEND_TIMEOUT_S = 5.0  # MINDCHART_HTTP_SEND_TIMEOUT_SECONDS (slow readers: test_limits_slow_readers.py)
+# Refusals before parsing audited one by one per window, then summarised (test_limits_refusal_audit.py)
+REFUSAL_AUDIT_PER_WINDOW = 10
+REFUSAL_AUDIT_WINDOW_S = 5.0
 SOAK = os.environ.get("MINDCHART_SOAK") == "1"  # `make soak`: longer loads, more fuzzing
 COUNTS: list[tuple[str, dict[str, int]]] = []
 
@@ -108,7 +112,10 @@ def resilient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResilientSta
         extra_env={"MINDCHART_LOG_LEVEL": "INFO", **timeouts,
                    "MINDCHART_GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "20",
                    "MINDCHART_HTTP_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT_S),
-                   "MINDCHART_HTTP_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_S)},
+                   "MINDCHART_HTTP_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_S),
+                   "MINDCHART_HTTP_SEND_TIMEOUT_SECONDS": str(SEND_TIMEOUT_S),
+                   "MINDCHART_GATEWAY_REFUSAL_AUDIT_PER_WINDOW": str(REFUSAL_AUDIT_PER_WINDOW),
+                   "MINDCHART_GATEWAY_REFUSAL_AUDIT_WINDOW_SECONDS": str(REFUSAL_AUDIT_WINDOW_S)},
     )
     runner = stack.Stack(config)
     runner.start()
@@ -259,6 +266,7 @@ def patient(family: str) -> dict[str, Any]:
     return {"resourceType": "Patient", "name": [{"family": family}], "active": True}
 
 
-__all__ = ["BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MONGO_TIMEOUT_S", "SOAK", "Path", "People",
+__all__ = ["BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MONGO_TIMEOUT_S", "REFUSAL_AUDIT_PER_WINDOW",
+           "REFUSAL_AUDIT_WINDOW_S", "SEND_TIMEOUT_S", "SOAK", "Path", "People",
            "ResilientStack", "SmartSession", "audit_counts", "patient", "report", "settled_get",
            "verify_chain"]

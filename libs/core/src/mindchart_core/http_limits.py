@@ -25,21 +25,41 @@ connection option"):
   answers, so the gateway audits it). A body still trickling in after the application answered
   without reading it (a 401, say) has its connection closed a second after that deadline.
 The bodies are OperationOutcomes (RFC 6749 JSON on /oauth). A head refused here never became a
-request, so no application (and no audit) sees it; a warning with the client's address is logged.
+request, so no application sees it: a warning with the client's address is logged, and the
+refusal (with uvicorn's own 400 for a request that does not parse) is handed to the listener the
+application's lifespan put in its state under `REFUSALS_STATE_KEY` (the gateway audits them,
+gateway/refusals.py). The listener gets a `Refusal`: status, reason and peer address, never a
+header value (one may hold a token).
+
+The write side is bounded too: a client that stops reading its response would otherwise hold its
+connection, the response's buffer and, at the gateway, the upstream connection behind it, for
+ever (uvicorn waits on flow control without a deadline; asyncio's `close()` waits for the buffer
+to drain). Like nginx's `send_timeout` (default 60 s, "set only between two successive write
+operations, not for the transmission of the whole response"), what is bounded is a *stall*, not
+the transfer: while response bytes wait in the server's buffer (the transport paused by flow
+control, or a finished response not yet drained), at least one must leave it every
+`MINDCHART_HTTP_SEND_TIMEOUT_SECONDS`. A download of hundreds of MB at any rate a real client
+reads still completes; a client that reads nothing for that long has its connection aborted (the
+buffer freed at once) and the request's task cancelled, so the gateway's proxy releases its
+upstream connection and a backend stops producing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable
+from uvicorn._types import Scope as UvicornScope
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from mindchart_core import errors
+from mindchart_core import errors, metrics
 
 
 class HttpLimits(BaseSettings):
@@ -53,11 +73,30 @@ class HttpLimits(BaseSettings):
     max_headers: int = 100
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 30.0
+    # nginx's send_timeout default. A stall, not a transfer: see the module docstring.
+    send_timeout_seconds: float = 60.0
 
 
 @functools.cache
 def limits() -> HttpLimits:
     return HttpLimits()
+
+
+# The lifespan-state key (ASGI lifespan `state`, handed by uvicorn to every connection) under which
+# an application puts its `RefusalListener`.
+REFUSALS_STATE_KEY = "mindchart.http_refusals"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the HTTP layer answered itself, before any application saw it."""
+
+    status: int  # 400 (malformed), 408 (head too slow), 414, 431
+    reason: str  # what was wrong, in words; never a header value
+    peer: str  # the TCP peer's address (no forwarded-for header was parsed)
+
+
+RefusalListener = Callable[[Refusal], None]
 
 
 class _Refused(Exception):
@@ -70,6 +109,8 @@ class _Refused(Exception):
 
 
 _CODES = {408: "timeout", 414: "too-long", 431: "too-long"}
+_CUT_OFF_REASONS = {400: "malformed", 408: "head-timeout", 414: "target-too-long",
+                    431: "header-too-large"}
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -91,6 +132,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._refusal: _Refused | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_mark = 0  # bytes waiting at the last look
+        self._send_progress = False  # flow control resumed since the last look
+        self._asgi_tasks: dict[RequestResponseCycle, asyncio.Task[None]] = {}
+        self._cut_off = False
 
     # -- connection events ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -100,6 +146,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self._cancel_body_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -118,7 +167,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         refusal, self._refusal = self._refusal, None
-        if refusal is None:
+        if refusal is None:  # httptools could not parse the request: uvicorn's own 400
+            self._tell(Refusal(400, "The request is not valid HTTP/1.1", self._peer()))
             super().send_400_response(msg)
         else:
             self._refuse(refusal)
@@ -154,6 +204,79 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._awaiting_head = True
         self._head_bytes = 0
+
+    # -- the write side: stalled readers ------------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_send()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_progress = True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_send()  # a finished response may still wait in the buffer, closing or not
+
+    def _watch_send(self) -> None:
+        if self._send_timer is None and self.transport.get_write_buffer_size():
+            self._send_mark = self.transport.get_write_buffer_size()
+            self._send_progress = False
+            self._send_timer = self.loop.call_later(self.limits.send_timeout_seconds, self._send_look)
+
+    def _send_look(self) -> None:
+        """Every send timeout while response bytes wait: did any leave the buffer since the last
+        look? While the application is still writing (not paused) the buffer also grows, so only
+        a paused transport or a finished response can be judged stalled."""
+        self._send_timer = None
+        waiting = self.transport.get_write_buffer_size()
+        if not waiting:
+            return
+        progressed = self._send_progress or waiting < self._send_mark
+        writing = (self.cycle is not None and not self.cycle.response_complete
+                   and not self.flow.write_paused)
+        if progressed or writing:
+            self._watch_send()
+            return
+        self._cut_off_stalled_reader(waiting)
+
+    def _cut_off_stalled_reader(self, waiting: int) -> None:
+        request_id = ""
+        if self.cycle is not None:
+            request_id = str(self.cycle.scope.get("state", {}).get("request_id", ""))
+        self.logger.warning(
+            "HTTP connection aborted: the client read nothing of its response for %g s "
+            "(%d bytes waiting) from %s, request %s", self.limits.send_timeout_seconds, waiting,
+            self._peer(), request_id or "-")
+        # Cancel first: the abort's connection_lost runs on the next loop turn and would let a
+        # task waiting on flow control write on, into nothing (uvicorn's send drops writes to a
+        # closed connection silently).
+        metrics.HTTP_CUT_OFF.labels("stalled-reader").inc()
+        self._cut_off = True
+        for cycle, task in self._asgi_tasks.items():
+            cycle.disconnected = True  # as connection_lost will say: no "returned without completing"
+            task.cancel()
+        self.transport.abort()  # frees the buffer now; close() would wait for it to drain
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """uvicorn's, with the task remembered so a stalled reader's request can be cancelled."""
+
+        async def cancellable(scope: UvicornScope, receive: ASGIReceiveCallable,
+                              send: ASGISendCallable) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._asgi_tasks[cycle] = task
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                # Cut off here: the connection is gone, nothing is left to answer. Any other
+                # cancellation (shutdown) goes on.
+                if not self._cut_off or task.uncancel() > 0:
+                    raise
+            finally:
+                self._asgi_tasks.pop(cycle, None)
+
+        super()._start_asgi_task(cycle, cancellable)
 
     # -- refusals ------------------------------------------------------------------------------
     def _raise(self, status: int, diagnostics: str) -> None:
@@ -197,10 +320,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._body_timer = self.loop.call_later(self.limits.body_timeout_seconds, self._body_late)
 
+    def _peer(self) -> str:
+        return str(self.client[0]) if self.client else "unknown"
+
+    def _tell(self, refusal: Refusal) -> None:
+        """Count a refusal, and hand it to the application's listener if it registered one. A
+        failing listener costs its own record, never the refusal."""
+        metrics.HTTP_CUT_OFF.labels(_CUT_OFF_REASONS.get(refusal.status, str(refusal.status))).inc()
+        listener = self.app_state.get(REFUSALS_STATE_KEY)
+        if listener is None:
+            return
+        try:
+            listener(refusal)
+        except Exception:
+            self.logger.exception("The HTTP refusal listener failed")
+
     def _refuse(self, refusal: _Refused) -> None:
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
         self.logger.warning("HTTP request refused (%d): %s from %s", refusal.status,
                             refusal.diagnostics, client)
+        self._tell(Refusal(refusal.status, refusal.diagnostics, self._peer()))
         if getattr(self, "url", b"").startswith(b"/oauth"):  # set once a request line begins
             body = orjson.dumps({"error": "invalid_request", "error_description": refusal.diagnostics})
             media = b"application/json"
@@ -258,4 +397,5 @@ class BodyDeadlineMiddleware:
         await self.app(scope, bounded_receive, send)
 
 
-__all__ = ["BodyDeadlineMiddleware", "HttpLimits", "LimitedHttpToolsProtocol", "limits"]
+__all__ = ["REFUSALS_STATE_KEY", "BodyDeadlineMiddleware", "HttpLimits", "LimitedHttpToolsProtocol",
+           "Refusal", "RefusalListener", "limits"]

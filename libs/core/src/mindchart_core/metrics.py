@@ -29,6 +29,11 @@ TOKEN_REFUSALS = Counter(
 CONSENT_DECISIONS = Counter(
     "mindchart_consent_decisions_total", "Psychotherapy-note consent checks", ["decision", "reason"]
 )
+HTTP_CUT_OFF = Counter(
+    "mindchart_http_cut_off_total",
+    "Connections the HTTP layer answered or closed itself (mindchart_core.http_limits): a refused "
+    "head (431, 414, 408), a request that does not parse (400), a client that stopped reading",
+    ["reason"])
 EXPORT_JOBS = Counter("mindchart_export_jobs_total", "Bulk export jobs by final state", ["state"])
 EXPORT_JOBS_RUNNING = Gauge("mindchart_export_jobs_running", "Bulk export jobs running now")
 

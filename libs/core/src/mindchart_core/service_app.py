@@ -9,7 +9,7 @@ and the request context (request id, access log, HTTP metrics) as the outermost 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -19,7 +19,10 @@ from pymongo import AsyncMongoClient
 from mindchart_core import asgi, errors, health, http_limits, logs, metrics, tracing
 from mindchart_core.settings import ServiceSettings
 
-Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+# A lifespan may yield ASGI lifespan state (a mapping uvicorn hands to every connection and
+# Starlette copies into every request's state), e.g. the gateway's http_limits refusal listener.
+Lifespan = (Callable[[FastAPI], AbstractAsyncContextManager[None]]
+            | Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any]]])
 
 
 def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifespan) -> FastAPI:

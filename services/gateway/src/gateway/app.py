@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -22,13 +23,14 @@ from gateway import (
     keys,
     proxy,
     ratelimit,
+    refusals,
     revocations,
     routes,
     store,
 )
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_core import errors, service_app, tokens
+from mindchart_core import errors, http_limits, service_app, tokens
 
 
 async def _datastore_failure(request: Request, exc: Exception) -> Response:
@@ -48,7 +50,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         kek = keys.load_kek(settings)
         client = service_app.datastore_client(settings, "gateway")
         app.state.mongo = client
@@ -89,13 +91,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
         app.state.upstream = proxy.Upstream(settings.upstream_timeout_seconds)
-        yield
+        # Requests refused before they parse never reach AuditMiddleware: the HTTP protocol hands
+        # them to this listener through the lifespan state (mindchart_core.http_limits).
+        refused = refusals.RefusalAudit(app.state.audit_chain, settings.issuer,
+                                        per_window=settings.refusal_audit_per_window,
+                                        window_seconds=settings.refusal_audit_window_seconds)
+        tasks.append(asyncio.create_task(refused.run()))
+        yield {http_limits.REFUSALS_STATE_KEY: refused}
         await app.state.upstream.close()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await app.state.http.aclose()
+        with contextlib.suppress(Exception):
+            await refused.close()
         with contextlib.suppress(Exception):  # the next replica takes the partition over at once
             await app.state.audit_chain.stop()
         await client.close()

@@ -47,6 +47,10 @@ class GatewaySettings(ServiceSettings):
     # How often each replica asks the datastore for revocations newer than the last it saw: a
     # revoked access token is refused by every other replica within this interval.
     revocation_refresh_seconds: float = 1.0
+    # Requests refused before parsing (431, 414, 408, malformed 400) recorded one by one per
+    # window per process; beyond, counted into one summary record per window (refusals.py).
+    refusal_audit_per_window: int = 60
+    refusal_audit_window_seconds: float = 60.0
     # Shared with records (its MINDCHART_RECORDS_SUBSCRIPTION_GATEWAY_SECRET): authenticates
     # records' calls to /internal/subscriber, where it learns a subscriber's current grant.
     # Development: generated under <data dir>/keys/ when unset; production: unset = no Subscriptions.
