@@ -64,9 +64,10 @@ async def register_demo(db: Any, creds: dict[str, Any]) -> None:
 
 
 async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> dict[str, str]:
-    """Five-minute access tokens for the demo therapist and trainee, signed with the gateway's own
-    key as its sign-in would issue them (the admin CLI holds the gateway datastore anyway), so the
-    demo notes are written, signed and co-signed by practitioners through the public API."""
+    """Five-minute access tokens for the demo therapist and trainee (for records, and for
+    psychnotes under seed.PSYCHNOTES_TOKEN), signed with the gateway's own key as its sign-in
+    would issue them (the admin CLI holds the gateway datastore anyway), so the demo notes are
+    written, signed and co-signed by practitioners through the public API."""
     keys = Keyring(db, gateway_keys.load_kek(GatewaySettings()))  # signs: needs the KEK
     await keys.load(force=True)
     now = int(time.time())
@@ -80,6 +81,10 @@ async def demo_practitioner_tokens(db: Any, public_url: str, client_id: str) -> 
         if supervised_by:
             claims["supervisor"] = f"Practitioner/{supervised_by}"
         tokens[who] = await keys.sign(claims)
+        # The same practitioner at psychnotes, which takes only tokens of its own audience.
+        tokens[seed.PSYCHNOTES_TOKEN.format(who)] = await keys.sign({
+            **claims, "aud": f"{public_url}/psychnotes/fhir", "jti": uuid.uuid4().hex,
+            "scope": "user/DocumentReference.cruds"})
     # The demo patient, as a patient-context SMART token, files the demo amendment request.
     tokens[seed.DEMO_PATIENT] = await keys.sign({
         "iss": public_url, "aud": f"{public_url}/fhir", "sub": "demo-seed-patient",
@@ -109,6 +114,7 @@ def run() -> None:
             db, config.public_gateway_url, creds["secret_client_id"]))
         created += seed.seed_lifecycle(config.gateway_url, tokens)
         created += seed.seed_amendment(config.gateway_url, tokens)
+        created += seed.seed_psychnotes(config.gateway_url, tokens)
         print_welcome(config, creds, created)
         watcher = supervisor.Supervisor(runner, log=lambda line: typer.echo(line, err=True))
         while True:

@@ -1,5 +1,6 @@
 """Demo data for `make run`, created once (idempotent): clients, users, a therapist, a patient,
-the therapist's care team for the patient, progress notes and PHQ-9/GAD-7 scores. Credentials are
+the therapist's care team for the patient, progress notes and PHQ-9/GAD-7 scores, and
+psychotherapy notes through their lifecycle (psychnotes). Credentials are
 generated per machine and kept in `<data dir>/demo/credentials.json` (mode 0600), never in the
 repository.
 """
@@ -11,6 +12,7 @@ import json
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ LOINC = "http://loinc.org"
 SURVEY = {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}
 CLINICAL_NOTE = {"system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
                  "code": "clinical-note"}
+AWAITING_COSIGNATURE = "https://mindchart.dev/fhir/CodeSystem/awaiting-cosignature"
 RESTRICTED_BH = [
     {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"},
     {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "BH"},
@@ -96,6 +99,15 @@ def demo_resources() -> list[dict[str, Any]]:
         "name": "Dr. Rivera's care of Alex Doe", "subject": patient_ref,
         "period": {"start": "2026-10-01"},
         "participant": [{"role": [{"text": "Treating psychotherapist"}], "member": therapist_ref}],
+    })
+    # The trainee treats the patient under the therapist's supervision (their own CareTeam, so a
+    # machine seeded before it gets it too: seed_records creates what is not there yet).
+    resources.append({
+        "resourceType": "CareTeam", "id": "demo-training-care-team", "status": "active",
+        "name": "Sam Chen's supervised care of Alex Doe", "subject": patient_ref,
+        "period": {"start": "2026-11-01"},
+        "participant": [{"role": [{"text": "Psychotherapist in training"}],
+                         "member": {"reference": f"Practitioner/{DEMO_TRAINEE}"}}],
     })
     sessions = [("2026-10-05", 8, 12), ("2026-10-19", 12, 9), ("2026-11-02", 16, 7)]
     for n, (day, _, _) in enumerate(sessions, start=1):
@@ -243,3 +255,123 @@ def seed_amendment(gateway_url: str, tokens: dict[str, str]) -> int:
             "description": "I returned to work part-time, not full-time; please correct the note.",
         })).raise_for_status()
     return 1
+
+
+# -- psychotherapy notes (psychnotes), through its public API --------------------------------------
+
+DEMO_NOTE_SYSTEM = "https://mindchart.dev/fhir/demo-psychotherapy-note"  # marks each demo note
+PSYCHNOTES_TOKEN = "psychnotes:{}"  # key of a practitioner's psychnotes-audience token in `tokens`
+KEPT_STATES = "current,superseded,entered-in-error"  # every note, retracted ones too
+
+
+@dataclass(frozen=True)
+class DemoPsychotherapyNote:
+    key: str  # its identifier value under DEMO_NOTE_SYSTEM
+    author: str  # Practitioner id
+    text: str
+    day: str
+    relates: tuple[str, str] | None = None  # (appends | replaces, key of the note it amends)
+    sign: bool = True
+    retract: str | None = None  # $entered-in-error with this reason
+
+
+def psychotherapy_notes() -> list[DemoPsychotherapyNote]:
+    """The psychotherapy-note lifecycle in the demo (README "Lifecycle of a psychotherapy note"),
+    in the order it is written: a signed note with an addendum, a signed note corrected (its
+    correction signed, so the original is superseded), a signed note entered in error, and the
+    trainee's note signed by them and awaiting the therapist's co-signature."""
+    return [
+        DemoPsychotherapyNote("demo-psy-1", DEMO_THERAPIST, "Alex spoke of the lake again, and of "
+                              "the father's silence; I felt pulled to reassure.", "2026-10-05"),
+        DemoPsychotherapyNote("demo-psy-2", DEMO_THERAPIST, "Addendum: the pull to reassure returned "
+                              "when the lake came up; worth bringing to supervision.", "2026-10-06",
+                              relates=("appends", "demo-psy-1")),
+        DemoPsychotherapyNote("demo-psy-3", DEMO_THERAPIST, "Alex described the brother's visit as a "
+                              "relief.", "2026-10-19"),
+        DemoPsychotherapyNote("demo-psy-4", DEMO_THERAPIST, "Correction: Alex described the sister's "
+                              "visit as a relief, not the brother's.", "2026-10-20",
+                              relates=("replaces", "demo-psy-3")),
+        DemoPsychotherapyNote("demo-psy-5", DEMO_THERAPIST, "Impressions written for another client "
+                              "by mistake.", "2026-11-02",
+                              retract="written in the wrong client's chart"),
+        DemoPsychotherapyNote("demo-psy-6", DEMO_TRAINEE, "First session observed: Alex tested me "
+                              "with silence; I filled it too quickly.", "2026-11-16"),
+    ]
+
+
+def _psychotherapy_note(note: DemoPsychotherapyNote, ids: dict[str, str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "DocumentReference", "status": "current", "docStatus": "preliminary",
+        "identifier": [{"system": DEMO_NOTE_SYSTEM, "value": note.key}],
+        "type": {"text": "Psychotherapy process note"},
+        "subject": {"reference": f"Patient/{DEMO_PATIENT}"}, "date": f"{note.day}T17:00:00Z",
+        "content": [{"attachment": {"contentType": "text/plain",
+                                    "data": base64.b64encode(note.text.encode()).decode()}}],
+    }
+    if note.relates:
+        code, target = note.relates
+        body["relatesTo"] = [{"code": code, "target": {"reference": f"DocumentReference/{ids[target]}"}}]
+    return body
+
+
+def _own_demo_notes(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    """The caller's own demo notes, by key, read under the originator-treatment exception (45 CFR
+    164.508(a)(2)(i)(A)). psychnotes mints that token only to an author of the patient's notes,
+    so a refusal means the caller has written none yet."""
+    minted = client.post("/$consent-token", content=json.dumps({
+        "resourceType": "Parameters", "parameter": [
+            {"name": "basis", "valueCode": "originator-treatment"},
+            {"name": "patient", "valueReference": {"reference": f"Patient/{DEMO_PATIENT}"}},
+            {"name": "purpose", "valueCode": "TREAT"}]}))
+    if minted.status_code in (403, 422):
+        return {}
+    minted.raise_for_status()
+    consent = next(p["valueString"] for p in minted.json()["parameter"] if p["name"] == "token")
+    found = client.get("/DocumentReference", headers={"Consent-Token": consent}, params={
+        "patient": f"Patient/{DEMO_PATIENT}", "status": KEPT_STATES, "_count": "100"})
+    found.raise_for_status()
+    notes = {}
+    for entry in found.json().get("entry", []):
+        for identifier in entry["resource"].get("identifier", []):
+            if identifier.get("system") == DEMO_NOTE_SYSTEM:
+                notes[identifier["value"]] = entry["resource"]
+    return notes
+
+
+def seed_psychnotes(gateway_url: str, tokens: dict[str, str]) -> int:
+    """Write the demo psychotherapy notes and take each through its lifecycle, as its author,
+    through the gateway (`tokens`: a psychnotes-audience token per Practitioner id, under
+    PSYCHNOTES_TOKEN). Idempotent and resumable: each note is found by its identifier and only
+    the steps it still lacks are taken. Returns how many notes it created."""
+    created = 0
+    clients = {who: httpx.Client(base_url=f"{gateway_url}/psychnotes/fhir", timeout=30, headers={
+        "Authorization": f"Bearer {tokens[PSYCHNOTES_TOKEN.format(who)]}",
+        "Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+        for who in (DEMO_THERAPIST, DEMO_TRAINEE)}
+    try:
+        existing = {k: v for client in clients.values() for k, v in _own_demo_notes(client).items()}
+        ids = {key: str(note["id"]) for key, note in existing.items()}
+        for note in psychotherapy_notes():
+            client = clients[note.author]
+            current = existing.get(note.key)
+            if current is None:
+                response = client.post("/DocumentReference", content=json.dumps(
+                    _psychotherapy_note(note, ids)))
+                response.raise_for_status()
+                ids[note.key] = response.headers["location"].split("/")[-3]
+                current = {"docStatus": "preliminary"}
+                created += 1
+            url = f"/DocumentReference/{ids[note.key]}"
+            awaiting = any(t.get("system") == AWAITING_COSIGNATURE
+                           for t in current.get("meta", {}).get("tag", []))
+            if note.sign and current.get("docStatus") == "preliminary" and not awaiting:
+                client.post(f"{url}/$sign").raise_for_status()
+                current = {"docStatus": "final"}
+            if note.retract and current.get("docStatus") in ("final", "amended"):
+                client.post(f"{url}/$entered-in-error", content=json.dumps({
+                    "resourceType": "Parameters",
+                    "parameter": [{"name": "reason", "valueString": note.retract}]})).raise_for_status()
+    finally:
+        for client in clients.values():
+            client.close()
+    return created
