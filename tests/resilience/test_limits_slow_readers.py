@@ -40,6 +40,18 @@ def _cut_off_count(resilient: ResilientStack, service: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def _connections_to(port: int) -> int:
+    """Established TCP connections (IPv4, this host) whose remote end is `port`: for records'
+    port, the gateway's upstream connections."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 def _request(port: int, path: str, token: str, *, rcvbuf: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window
@@ -126,25 +138,35 @@ def test_a_client_that_stops_reading_is_cut_off_and_holds_no_memory(
             assert fhir.get("/metadata").status_code == 200
             served_meanwhile += 1
         deadline = time.monotonic() + PATIENCE_S
-        while _cut_off_count(resilient, "gateway") < cut_before + STALLED:
+        while (_cut_off_count(resilient, "gateway") < cut_before + STALLED
+               and time.monotonic() < deadline):
             for name, pid in pids.items():
                 peak[name] = max(peak[name], _rss_mib(pid))
-            assert time.monotonic() < deadline, "the gateway never cut the stalled readers off"
             time.sleep(0.5)
         # Once they read again, each gets what the kernels had buffered, then the end: the rest
-        # of the ~12 MiB page was dropped with the connection.
+        # of the ~12 MiB page was dropped with the connection. (Never cut off, each would now
+        # get its whole page.)
         for sock in stalled:
             status, short = _read_response(sock)
-            assert status == 200 and short > 1 * MIB, (status, short)
+            assert status == 200 and short > 1 * MIB, (
+                f"a reader stalled for {PATIENCE_S:g} s got {status} and all but {short} bytes")
+        assert _cut_off_count(resilient, "gateway") >= cut_before + STALLED
+        # The gateway released the upstream connections those pages came through (a held one
+        # would keep its page in records' buffers).
+        records_port = resilient.config.http_ports["records"]
+        while _connections_to(records_port) >= STALLED:
+            assert time.monotonic() < deadline + 30, "the gateway still holds its upstream connections"
+            time.sleep(0.5)
         after_waves.append({name: _rss_mib(pid) for name, pid in pids.items()})
     # The upstream connections were released: records was not left holding its pages.
     assert httpx.get(f"{resilient.direct_url('records')}/readyz", timeout=10).status_code == 200
     assert fhir.get(big_page.removeprefix("/fhir")).status_code == 200
     grown = {name: peak[name] - before[name] for name in pids}
     assert grown["gateway"] < 32, f"the gateway grew by {grown['gateway']:.0f} MiB while stalled"
-    # A second wave costs no more than the first: nothing of the first is still held.
-    for name in pids:
-        assert after_waves[1][name] - after_waves[0][name] < 24, (name, after_waves)
+    # A second wave costs the gateway no more than the first: nothing of the first is still held.
+    # (Records' RSS is reported, not bounded here: rendering six 12 MiB pages at once moves it by
+    # tens of MiB either way; that it holds nothing is shown by the connections released above.)
+    assert after_waves[1]["gateway"] - after_waves[0]["gateway"] < 24, after_waves
     report("slow readers: stalled at the gateway", connections=2 * STALLED,
            cut_off=2 * STALLED, served_meanwhile=served_meanwhile,
            gateway_rss_growth_mib=int(grown["gateway"]), records_rss_growth_mib=int(grown["records"]),
