@@ -5,9 +5,6 @@ one audit chain that still verifies, and synced rate-limit windows share one bud
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +16,8 @@ from pymongo import AsyncMongoClient
 
 from gateway import ratelimit
 from tests.actors import create_user, register_app, run_cli, smart_login
-from tests.conftest import RunningStack, free_port
+from tests.conftest import RunningStack
+from tests.replicas import Replica, running
 
 PASSWORD = "correct horse battery staple"
 
@@ -27,31 +25,9 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(scope="module")
 def replica(live: RunningStack) -> Iterator[str]:
     """A second gateway process: same datastore, same public URL (so the same issuer)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **live.config.service_env("gateway"),
-           "MINDCHART_GATEWAY_PORT": str(port), "MINDCHART_GATEWAY_REVOCATION_REFRESH_SECONDS": "1"}
-    log = open(live.runner.log_dir / "gateway-replica.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "gateway.app:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the replica exited; see gateway-replica.log"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the replica did not become ready"
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    second = Replica("gateway", "gateway-replica", {"MINDCHART_GATEWAY_REVOCATION_REFRESH_SECONDS": "1"})
+    with running(live, second):
+        yield second.url
 
 
 def _read(base: str, token: str) -> int:

@@ -10,11 +10,7 @@ connection while the gateway sends on it, made to happen every time.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from mindchart_cli import stack
 from tests.actors import BackendAuth, BackendClient
 from tests.conftest import RunningStack, free_port
+from tests.replicas import Replica, running
 
 _METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"PATCH ", b"DELETE ")
 
@@ -111,32 +107,10 @@ def relay(live: RunningStack) -> Iterator[ClosingRelay]:
 @pytest.fixture(scope="module")
 def relayed_gateway(live: RunningStack, relay: ClosingRelay) -> Iterator[str]:
     """A second gateway on the same datastore and public URL, whose records URL is the relay."""
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **live.config.service_env("gateway"),
-           "MINDCHART_GATEWAY_PORT": str(port),
-           "MINDCHART_GATEWAY_RECORDS_URL": f"http://127.0.0.1:{relay.port}"}
-    log = open(live.runner.log_dir / "gateway-relayed.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "gateway.app:create_app", "--http",
-         stack.HTTP_PROTOCOL, "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-         "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the relayed gateway exited; see gateway-relayed.log"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the relayed gateway did not become ready"
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    relayed = Replica("gateway", "gateway-relayed",
+                      {"MINDCHART_GATEWAY_RECORDS_URL": f"http://127.0.0.1:{relay.port}"})
+    with running(live, relayed):
+        yield relayed.url
 
 
 @pytest.fixture(scope="module")

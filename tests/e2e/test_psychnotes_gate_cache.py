@@ -5,9 +5,6 @@ in between is one the replica would have answered a second earlier."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.conftest import RunningStack, free_port
+from tests.conftest import RunningStack
 from tests.e2e.test_psychnotes import (
     READER_SCOPE,
     assert_audited,
@@ -31,6 +28,7 @@ from tests.e2e.test_psychnotes import (
     write_note,
 )
 from tests.e2e.test_psychnotes_exception_revocation import WHY, officer
+from tests.replicas import Replica, running
 
 GATE_CACHE_SECONDS = 1.0  # PsychnotesSettings.gate_cache_seconds, the documented interval
 MARGIN_SECONDS = 4.0  # scheduling on a busy 2-core machine; the bound is still a few seconds
@@ -39,30 +37,9 @@ MARGIN_SECONDS = 4.0  # scheduling on a busy 2-core machine; the bound is still 
 @pytest.fixture(scope="module")
 def second_vault(live: RunningStack) -> Iterator[str]:
     """A second psychnotes replica on the same datastore and keys, reached directly."""
-    port = free_port()
-    log = open(live.runner.log_dir / "psychnotes-second-replica.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "psychnotes.app:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **live.config.service_env("psychnotes"),
-             "MINDCHART_PSYCHNOTES_PORT": str(port)},
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the second psychnotes replica exited; see its log"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the second psychnotes replica did not start"
-            time.sleep(0.2)
-        yield f"{url}/psychnotes/fhir"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    second = Replica("psychnotes", "psychnotes-second-replica")
+    with running(live, second):
+        yield f"{second.url}/psychnotes/fhir"
 
 
 def refused_within(read: Callable[[], httpx.Response],
@@ -77,6 +54,19 @@ def refused_within(read: Callable[[], httpx.Response],
         assert time.monotonic() - started < seconds, (
             f"still released {seconds:.0f} s after the revocation on the other replica")
         time.sleep(0.05)
+
+
+def coroner_release(live: RunningStack, label: str) -> tuple[str, str, str, str]:
+    """A note of a new patient and a liaison officer holding a coroner-exception token for that
+    patient (45 CFR 164.508(a)(2)(ii), 164.512(g)(1); psychnotes/policy.py): the note's id, its
+    text, the officer's access token and the consent token."""
+    patient_id = f"gc-{uuid.uuid4().hex[:6]}"
+    text = marker(label.replace("-", ""))
+    note = write_note(live, user_token(live, f"Practitioner/th-{label}"), patient_id, text)
+    liaison = officer(live, f"liaison-{label}")
+    token = mint_consent_token(live, liaison, basis="coroner",
+                               patient={"reference": f"Patient/{patient_id}"}, justification=WHY)
+    return note, text, liaison, token
 
 
 def test_a_consent_revoked_on_another_replica_stops_reads_here_within_the_interval(
@@ -115,13 +105,7 @@ def test_a_consent_revoked_on_another_replica_stops_reads_here_within_the_interv
 def test_an_exception_grant_revoked_on_another_replica_stops_reads_here_within_the_interval(
     live: RunningStack, second_vault: str
 ) -> None:
-    patient_id = f"gc-{uuid.uuid4().hex[:6]}"
-    therapist = user_token(live, "Practitioner/th-gate-cache-2")
-    text = marker("gatecache2")
-    note = write_note(live, therapist, patient_id, text)
-    liaison = officer(live, "liaison-gate-cache")
-    token = mint_consent_token(live, liaison, basis="coroner",
-                               patient={"reference": f"Patient/{patient_id}"}, justification=WHY)
+    note, text, liaison, token = coroner_release(live, "gate-cache-2")
 
     def read() -> httpx.Response:
         return httpx.get(f"{live.psychnotes}/DocumentReference/{note}",
@@ -141,13 +125,7 @@ def test_a_revocation_on_the_serving_replica_refuses_the_very_next_read(
     live: RunningStack,
 ) -> None:
     """No interval at all where the revocation is recorded: the replica forgets what it held."""
-    patient_id = f"gc-{uuid.uuid4().hex[:6]}"
-    therapist = user_token(live, "Practitioner/th-gate-cache-3")
-    text = marker("gatecache3")
-    note = write_note(live, therapist, patient_id, text)
-    liaison = officer(live, "liaison-gate-cache-3")
-    token = mint_consent_token(live, liaison, basis="coroner",
-                               patient={"reference": f"Patient/{patient_id}"}, justification=WHY)
+    note, text, liaison, token = coroner_release(live, "gate-cache-3")
     url = f"{live.psychnotes}/DocumentReference/{note}"
     for _ in range(3):
         assert httpx.get(url, headers=headers(liaison, token), timeout=30).status_code == 200

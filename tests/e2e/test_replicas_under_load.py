@@ -7,10 +7,7 @@ across replicas: tests/e2e/test_gateway_replicas.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -22,48 +19,18 @@ import httpx
 import pytest
 
 from tests.actors import BackendClient, register_backend, run_cli
-from tests.conftest import RunningStack, free_port
-
-
-def _start(live: RunningStack, name: str, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    log = open(live.runner.log_dir / f"{name}-second-replica.log", "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", f"{name}.app:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, "a second replica exited; see its log"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not become ready"
-        time.sleep(0.2)
+from tests.conftest import RunningStack
+from tests.replicas import Replica, running
 
 
 @pytest.fixture(scope="module")
 def second_pair(live: RunningStack) -> Iterator[str]:
     """A second records replica and a second gateway replica routing to it: same datastores, same
     public URLs (so the same issuer and token audience)."""
-    records_port, gateway_port = free_port(), free_port()
-    records = _start(live, "records", {**live.config.service_env("records"),
-                                       "MINDCHART_RECORDS_PORT": str(records_port)}, records_port)
-    gateway = _start(live, "gateway", {
-        **live.config.service_env("gateway"), "MINDCHART_GATEWAY_PORT": str(gateway_port),
-        "MINDCHART_GATEWAY_RECORDS_URL": f"http://127.0.0.1:{records_port}"}, gateway_port)
-    try:
-        _ready(f"http://127.0.0.1:{records_port}", records)
-        _ready(f"http://127.0.0.1:{gateway_port}", gateway)
-        yield f"http://127.0.0.1:{gateway_port}"
-    finally:
-        for process in (gateway, records):
-            process.terminate()
-            process.wait(timeout=30)
+    records = Replica("records", "records-second-replica")
+    gateway = Replica("gateway", "gateway-second-replica", {"MINDCHART_GATEWAY_RECORDS_URL": records.url})
+    with running(live, records, gateway):
+        yield gateway.url
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,16 @@ DEFAULT_HTTP_PORTS = {"gateway": 8000, "records": 8001, "psychnotes": 8002, "wor
 HTTP_PROTOCOL = "mindchart_core.http_limits:LimitedHttpToolsProtocol"
 
 
+def service_argv(name: str, host: str, port: int) -> list[str]:
+    """The command line of a service process (the stack's, and a test's extra replica)."""
+    return [
+        sys.executable, "-m", "uvicorn", "--factory", f"{name}.app:create_app",
+        "--host", host, "--port", str(port), "--no-access-log", "--log-level", "warning",
+        "--no-proxy-headers",  # the gateway trusts forwarded headers itself (forwarded.py)
+        "--http", HTTP_PROTOCOL,  # header limits and head deadline (mindchart_core.http_limits)
+    ]
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGTERM if the runner dies, even by SIGKILL."""
     try:
@@ -229,13 +239,8 @@ class Stack:
         return argv
 
     def _spawn_service(self, name: str) -> None:
-        self._spawn(name, [
-            sys.executable, "-m", "uvicorn", "--factory", f"{name}.app:create_app",
-            "--host", self.config.host, "--port", str(self.config.http_ports[name]),
-            "--no-access-log", "--log-level", "warning",
-            "--no-proxy-headers",  # the gateway trusts forwarded headers itself (forwarded.py)
-            "--http", HTTP_PROTOCOL,  # header limits and head deadline (mindchart_core.http_limits)
-        ], self.config.service_env(name))
+        self._spawn(name, service_argv(name, self.config.host, self.config.http_ports[name]),
+                    self.config.service_env(name))
 
     def start_services(self) -> None:
         for name in ("gateway", "records", "psychnotes"):
