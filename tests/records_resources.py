@@ -55,6 +55,16 @@ def phq9_total(patient_id: str, score: float = 14, *, when: str = "2026-11-20",
     return body
 
 
+def provenance_of(note_id: str, **changes: Any) -> dict[str, Any]:
+    """A Provenance whose target is the progress note `note_id` (R4 Provenance: target 1..*,
+    recorded 1..1, agent 1..* with who 1..1)."""
+    body = {"resourceType": "Provenance", "recorded": "2026-11-20T10:00:00Z",
+            "target": [{"reference": f"DocumentReference/{note_id}"}],
+            "agent": [{"who": {"display": "Dr Chen"}}]}
+    body.update(changes)
+    return body
+
+
 def outcome(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()

@@ -20,6 +20,7 @@ from tests.records_resources import (
     patient,
     phq9_total,
     progress_note,
+    provenance_of,
 )
 
 
@@ -47,12 +48,8 @@ def two(fhir: httpx.Client) -> Two:
     my_note = created_id(fhir.post("/DocumentReference", json=progress_note(
         mine, context={"encounter": [{"reference": f"Encounter/{their_encounter}"}]})))
     their_note = created_id(fhir.post("/DocumentReference", json=progress_note(theirs)))
-    provenance = {"resourceType": "Provenance", "recorded": "2026-11-20T10:00:00Z",
-                  "agent": [{"who": {"display": "Dr Chen"}}]}
-    my_provenance = created_id(fhir.post("/Provenance", json={
-        **provenance, "target": [{"reference": f"DocumentReference/{my_note}"}]}))
-    their_provenance = created_id(fhir.post("/Provenance", json={
-        **provenance, "target": [{"reference": f"DocumentReference/{their_note}"}]}))
+    my_provenance = created_id(fhir.post("/Provenance", json=provenance_of(my_note)))
+    their_provenance = created_id(fhir.post("/Provenance", json=provenance_of(their_note)))
     fhir.post("/Observation", json=phq9_total(mine))
     vitals = created_id(fhir.post("/Observation", json=phq9_total(mine, code="8867-4", category=[
         {"coding": [{"system": OBS_CATEGORY, "code": "vital-signs"}]}])))

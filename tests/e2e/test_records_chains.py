@@ -12,21 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import records_resources as res
 from tests.actors import mint_token, records_client
 from tests.conftest import RunningStack
-from tests.records_resources import (
-    OBS_CATEGORY,
-    created_id,
-    ids_of,
-    outcome,
-    patient,
-    phq9_total,
-    progress_note,
-)
 
 MRN = "urn:mindchart:mrn"
-LAB = [{"coding": [{"system": OBS_CATEGORY, "code": "laboratory"}]}]
-SURVEY_ONLY = f"Observation.rs?category={OBS_CATEGORY}|survey"
+LAB = [{"coding": [{"system": res.OBS_CATEGORY, "code": "laboratory"}]}]
+SURVEY_ONLY = f"Observation.rs?category={res.OBS_CATEGORY}|survey"
 
 
 @dataclass
@@ -44,30 +36,26 @@ class Family:
 @pytest.fixture(scope="module")
 def family(fhir: httpx.Client) -> Family:
     tag = uuid.uuid4().hex[:8]
-    a = created_id(fhir.post("/Patient", json=patient(f"Chainfam{tag}", birthDate="1984-03-09",
+    a = res.created_id(fhir.post("/Patient", json=res.patient(f"Chainfam{tag}", birthDate="1984-03-09",
                                                 identifier=[{"system": MRN, "value": f"a-{tag}"}])))
-    b = created_id(fhir.post("/Patient", json=patient(f"Otherfam{tag}", birthDate="1984-03-09",
+    b = res.created_id(fhir.post("/Patient", json=res.patient(f"Otherfam{tag}", birthDate="1984-03-09",
                                                 identifier=[{"system": MRN, "value": f"b-{tag}"}])))
-    c = created_id(fhir.post("/Patient", json=patient(f"Labfam{tag}", identifier=[{"system": MRN, "value": f"c-{tag}"}])))
-    note_a = created_id(fhir.post("/DocumentReference", json=progress_note(a)))
-    note_b = created_id(fhir.post("/DocumentReference", json=progress_note(b)))
-    provenance = {"resourceType": "Provenance", "recorded": "2026-11-20T10:00:00Z",
-                  "agent": [{"who": {"display": "Dr Chen"}}]}
-    provenance_a = created_id(fhir.post("/Provenance", json={
-        **provenance, "target": [{"reference": f"DocumentReference/{note_a}"}]}))
-    provenance_b = created_id(fhir.post("/Provenance", json={
-        **provenance, "target": [{"reference": f"DocumentReference/{note_b}"}]}))
-    created_id(fhir.post("/Observation", json=phq9_total(a)))
-    created_id(fhir.post("/Observation", json=phq9_total(b)))
+    c = res.created_id(fhir.post("/Patient", json=res.patient(f"Labfam{tag}", identifier=[{"system": MRN, "value": f"c-{tag}"}])))
+    note_a = res.created_id(fhir.post("/DocumentReference", json=res.progress_note(a)))
+    note_b = res.created_id(fhir.post("/DocumentReference", json=res.progress_note(b)))
+    provenance_a = res.created_id(fhir.post("/Provenance", json=res.provenance_of(note_a)))
+    provenance_b = res.created_id(fhir.post("/Provenance", json=res.provenance_of(note_b)))
+    res.created_id(fhir.post("/Observation", json=res.phq9_total(a)))
+    res.created_id(fhir.post("/Observation", json=res.phq9_total(b)))
     # C's only PHQ-9-coded Observation is filed as laboratory: invisible to a survey-only scope.
-    created_id(fhir.post("/Observation", json=phq9_total(c, category=LAB)))
+    res.created_id(fhir.post("/Observation", json=res.phq9_total(c, category=LAB)))
     return Family(tag, a, b, c, note_a, note_b, provenance_a, provenance_b)
 
 
 def ids(client: httpx.Client, path: str, **params: str) -> set[str]:
     response = client.get(path, params=params)
     assert response.status_code == 200, response.text
-    return set(ids_of(response.json()))
+    return set(res.ids_of(response.json()))
 
 
 def test_chained_reference_parameters(fhir: httpx.Client, family: Family) -> None:
@@ -84,7 +72,7 @@ def test_chained_reference_parameters(fhir: httpx.Client, family: Family) -> Non
     assert chained == two_step == {family.note_a}
     # Combined with ordinary parameters, and in the Bundle's self link.
     bundle = fhir.get("/DocumentReference", params={"patient.identifier": f"a-{t}", "status": "current"}).json()
-    assert ids_of(bundle) == [family.note_a]
+    assert res.ids_of(bundle) == [family.note_a]
     assert "patient.identifier=" in bundle["link"][0]["url"]
 
 
@@ -109,7 +97,7 @@ def test_revinclude_iterate_and_provenance_target(live: RunningStack, fhir: http
     assert {("DocumentReference", family.note_a), ("Provenance", family.provenance_a),
             ("DocumentReference", family.note_b), ("Provenance", family.provenance_b)} <= included
     notes = fhir.get("/DocumentReference", params={"_id": family.note_a, "_revinclude": "Provenance:target"}).json()
-    assert set(ids_of(notes, "include")) == {family.provenance_a}
+    assert set(res.ids_of(notes, "include")) == {family.provenance_a}
     token = mint_token(live, scope="patient/*.rs", patient=family.a, sub="ri-app", client_id="ri-app")
     with records_client(live, token=token) as mine:
         own = mine.get("/Patient", params=params).json()
@@ -162,7 +150,7 @@ def test_granular_category_scopes_narrow_the_inner_search(live: RunningStack, fa
     only_notes = mint_token(live, scope="system/DocumentReference.rs", sub="notes-only", client_id="notes-only")
     with records_client(live, token=only_notes) as notes:
         refused = notes.get("/DocumentReference", params={"patient.identifier": f"a-{family.tag}"})
-        outcome(refused, 403, "forbidden")
+        res.outcome(refused, 403, "forbidden")
         assert 'error="insufficient_scope"' in refused.headers["www-authenticate"]
 
 
@@ -177,7 +165,7 @@ def test_granular_category_scopes_narrow_the_inner_search(live: RunningStack, fa
     {"patient.identifier": '{"$ne": 1}'},
 ])
 def test_bad_chains_are_400(fhir: httpx.Client, params: dict[str, Any]) -> None:
-    outcome(fhir.get("/DocumentReference" if "_has" not in next(iter(params)) else "/Patient", params=params), 400)
+    res.outcome(fhir.get("/DocumentReference" if "_has" not in next(iter(params)) else "/Patient", params=params), 400)
 
 
 def test_capability_statement_lists_chaining_and_has(live: RunningStack) -> None:

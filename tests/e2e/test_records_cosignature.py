@@ -16,8 +16,6 @@ import httpx
 import pytest
 
 from tests.actors import (
-    BackendAuth,
-    BackendClient,
     mint_token,
     records_client,
     register_app,
@@ -70,12 +68,6 @@ def people(live: RunningStack) -> Iterator[People]:
             records_client(live, token=login(f"sup-{suffix}")) as supervisor, \
             records_client(live, token=login(f"other-{suffix}")) as stranger:
         yield People(trainee, supervisor, stranger, trainee_ref, supervisor_ref, claims)
-
-
-@pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

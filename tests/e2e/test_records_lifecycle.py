@@ -18,7 +18,7 @@ import rfc8785
 from joserfc import jws
 from joserfc.jwk import KeySet
 
-from tests.actors import BackendAuth, BackendClient, mint_token, records_client
+from tests.actors import BackendClient, mint_token, records_client
 from tests.conftest import RunningStack
 from tests.records_resources import outcome, patient, progress_note
 
@@ -30,12 +30,6 @@ USER_SCOPE = "user/DocumentReference.cruds user/Provenance.cruds user/Patient.rs
 def practitioner(live: RunningStack, who: str) -> httpx.Client:
     token = mint_token(live, sub=who.split("/")[1], fhirUser=f"{live.fhir}/{who}", scope=USER_SCOPE)
     return records_client(live, token=token)
-
-
-@pytest.fixture(scope="module")
-def fhir(live: RunningStack, writer: BackendClient) -> Iterator[httpx.Client]:
-    with records_client(live, auth=BackendAuth(writer, "system/*.cruds")) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
