@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,27 +50,41 @@ class RunningStack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.runner.log_dir.glob("*.log")))
 
 
-@pytest.fixture(scope="session")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    data_dir = tmp_path_factory.mktemp("mindchart-var")
-    # MINDCHART_TEST_MONGO_URL runs the same suites against real MongoDB (tests/integration/
-    # test_real_mongodb.py sets it to a MongoDB 8 container); each service keeps its own database.
-    real_mongo = os.environ.get("MINDCHART_TEST_MONGO_URL")
-    config = stack.StackConfig(
+@contextmanager
+def whole_stack(data_dir: Path, mongo_urls: dict[str, str] | None = None,
+                **extra_env: str) -> Iterator[RunningStack]:
+    """A whole stack on free ports (embedded datastores in memory unless `mongo_urls` names
+    others), its logs in files under `data_dir`, with `extra_env` for every service; stopped on exit."""
+    runner = stack.Stack(stack.StackConfig(
         data_dir=data_dir,
-        mongo_urls={name: real_mongo for name in stack.SERVICES} if real_mongo else {},
+        mongo_urls=mongo_urls or {},
         http_ports={name: free_port() for name in stack.SERVICES},
         db_ports={name: free_port() for name in stack.SERVICES},
         ephemeral=True,
         log_to_files=True,
-        extra_env={"MINDCHART_LOG_LEVEL": "INFO"},
-    )
-    runner = stack.Stack(config)
+        extra_env={"MINDCHART_LOG_LEVEL": "INFO", **extra_env},
+    ))
     runner.start()
     try:
         yield RunningStack(runner)
     finally:
         runner.stop()
+
+
+# The session stack's psychnotes remembers a care-team membership this long (30 s by default):
+# a test that waits for a membership to lapse waits this long, not half a minute.
+CARE_TEAM_CACHE_S = 2.0  # MINDCHART_PSYCHNOTES_CARE_TEAM_CACHE_SECONDS
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    # MINDCHART_TEST_MONGO_URL runs the same suites against real MongoDB (tests/integration/
+    # test_real_mongodb.py sets it to a MongoDB 8 container); each service keeps its own database.
+    real_mongo = os.environ.get("MINDCHART_TEST_MONGO_URL")
+    with whole_stack(tmp_path_factory.mktemp("mindchart-var"),
+                     {name: real_mongo for name in stack.SERVICES} if real_mongo else None,
+                     MINDCHART_PSYCHNOTES_CARE_TEAM_CACHE_SECONDS=str(CARE_TEAM_CACHE_S)) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
