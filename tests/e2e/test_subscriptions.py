@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from mindchart_cli import stack
 from tests.actors import BackendAuth, BackendClient, mint_token, run_cli
-from tests.conftest import RunningStack, free_port
+from tests.conftest import RunningStack, whole_stack
 from tests.records_resources import patient, progress_note
 
 IG = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
@@ -100,26 +99,32 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 40) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# Delivery timings of this stack (shortened by configuration, never asserted).
+LEASE_S = 5.0  # MINDCHART_RECORDS_SUBSCRIPTION_LEASE_SECONDS: a dead worker's claim outlives it this long
+POLL_S = 0.2  # MINDCHART_RECORDS_SUBSCRIPTION_POLL_SECONDS
+RETRY_BASE_S = 0.2  # MINDCHART_RECORDS_SUBSCRIPTION_RETRY_BASE_SECONDS
+# A transaction left open by a process killed -9 holds its writes until the datastore reaps it:
+# after 60 s idle on SecantusDB (secantus/transactions.py DEFAULT_LIFETIME_SECONDS), as on MongoDB
+# (transactionLifetimeLimitSeconds, "less than one minute" by default: MongoDB manual, Transactions:
+# Production Considerations, Runtime Limit). Killed inside fan-out's transaction (counter and
+# notification of the subscription), records' new process gets WriteConflict on that subscription
+# until then (measured: a transaction on the same document commits 60.4 s after the kill).
+TRANSACTION_LIFETIME_S = 60.0
+# After records is back: the dead transaction reaped and the dead worker's lease run out (both
+# counted from the kill, so at most the longer of them), then fan-out, the grant check and the
+# POST, each within a few polls; 15 s of that for a machine shared with other suites.
+REDELIVERY_WITHIN_S = max(TRANSACTION_LIFETIME_S, LEASE_S) + 15
+
+
 @pytest.fixture(scope="module")
 def subs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    config = stack.StackConfig(
-        data_dir=tmp_path_factory.mktemp("subs-var"),
-        http_ports={name: free_port() for name in stack.SERVICES},
-        db_ports={name: free_port() for name in stack.SERVICES},
-        ephemeral=True, log_to_files=True,
-        extra_env={"MINDCHART_LOG_LEVEL": "INFO",
-                   "MINDCHART_RECORDS_SUBSCRIPTION_RETRY_BASE_SECONDS": "0.2",
-                   "MINDCHART_RECORDS_SUBSCRIPTION_MIN_HEARTBEAT_SECONDS": "1",
-                   "MINDCHART_RECORDS_SUBSCRIPTION_POLL_SECONDS": "0.2",
-                   "MINDCHART_RECORDS_SUBSCRIPTION_LEASE_SECONDS": "5",
-                   "MINDCHART_RECORDS_SUBSCRIPTION_GRANT_CACHE_SECONDS": "0"},
-    )
-    runner = stack.Stack(config)
-    runner.start()
-    try:
-        yield RunningStack(runner)
-    finally:
-        runner.stop()
+    with whole_stack(tmp_path_factory.mktemp("subs-var"), **{
+            "MINDCHART_RECORDS_SUBSCRIPTION_RETRY_BASE_SECONDS": str(RETRY_BASE_S),
+            "MINDCHART_RECORDS_SUBSCRIPTION_MIN_HEARTBEAT_SECONDS": "1",
+            "MINDCHART_RECORDS_SUBSCRIPTION_POLL_SECONDS": str(POLL_S),
+            "MINDCHART_RECORDS_SUBSCRIPTION_LEASE_SECONDS": str(LEASE_S),
+            "MINDCHART_RECORDS_SUBSCRIPTION_GRANT_CACHE_SECONDS": "0"}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -288,11 +293,11 @@ def test_an_acknowledged_write_is_delivered_after_records_is_killed(
         response = http.post("/DocumentReference", json=progress_note(pid))
         assert response.status_code == 201
         subs_stack.runner.kill("records")  # kill -9 right after the acknowledgement
-        subs_stack.runner.restart_service("records")
-        # The restarted replica must start, outwait the dead one's 5 s lease, check the grant and
-        # send: bounded at 90 s (40 s timed out once on a clean-clone run sharing the machine).
+        subs_stack.runner.restart_service("records")  # returns once records' /readyz answers 200
+        # When the kill lands inside the fan-out this write started, its transaction
+        # blocks the subscription until the datastore reaps it (40 s timed out on a clean-clone run).
         got = wait_for(lambda: receiver.at("/crash", "event-notification", accepted=True),
-                       "the event after restart", timeout=90)
+                       "the event after restart", timeout=REDELIVERY_WITHIN_S)
         assert focus(got[0]) == [f"{subs_stack.fhir}/DocumentReference/{response.json()['id']}/_history/1"]
 
 
