@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,18 +26,9 @@ import pytest
 from tests.actors import JWT_BEARER, BackendClient
 from tests.e2e.test_psychnotes import parameters, psy_note
 from tests.records_resources import phq9_total
-from tests.resilience.conftest import (
-    SOAK,
-    People,
-    ResilientStack,
-    SmartSession,
-    audit_counts,
-    patient,
-    report,
-    verify_chain,
-)
+from tests.resilience import conftest as rig
 
-LOAD_S = 600.0 if SOAK else 45.0
+LOAD_S = 600.0 if rig.SOAK else 45.0
 BACKENDS = 2
 TOKEN_EVERY = 25  # each client asks the token endpoint again after this many requests
 IDENT = "urn:mindchart:load"
@@ -101,7 +93,7 @@ def _backend(gateway: httpx.Client, writer: BackendClient, tally: Tally, stop: t
         if step == 0 or not mine:
             value = uuid.uuid4().hex[:12]
             r = tally.send("create", gateway, "POST", "/fhir/Patient", headers=auth, json={
-                **patient(f"load-{value}"), "identifier": [{"system": IDENT, "value": value}]})
+                **rig.patient(f"load-{value}"), "identifier": [{"system": IDENT, "value": value}]})
             if r is not None and r.status_code == 201:
                 mine.append((r.json()["id"], value))
         elif step == 1:
@@ -110,7 +102,7 @@ def _backend(gateway: httpx.Client, writer: BackendClient, tally: Tally, stop: t
         elif step == 2:
             rid, value = mine[i % len(mine)]
             tally.send("update", gateway, "PUT", f"/fhir/Patient/{rid}", headers=auth, json={
-                **patient(f"load-{value}-{i}"), "id": rid,
+                **rig.patient(f"load-{value}-{i}"), "id": rid,
                 "identifier": [{"system": IDENT, "value": value}]})
         elif step == 3:
             tally.send("search", gateway, "GET", "/fhir/Patient", headers=auth,
@@ -120,14 +112,20 @@ def _backend(gateway: httpx.Client, writer: BackendClient, tally: Tally, stop: t
                        params={"patient": mine[i % len(mine)][0], "code": "44261-6"})
 
 
-def _clinician(gateway: httpx.Client, who: SmartSession, tally: Tally, stop: threading.Event) -> None:
-    """A practitioner's SMART app (user/*.rs): searches patients and scores, reads patients."""
+def _turns(gateway: httpx.Client, who: rig.SmartSession, tally: Tally, stop: threading.Event) -> Iterator[int]:
+    """1, 2, 3 ... until stopped; every TOKEN_EVERY-th turn first refreshes `who`'s tokens."""
     i = 0
     while not stop.is_set():
         i += 1
         if i % TOKEN_EVERY == 0:
             who.refreshed(tally.send("token refresh", gateway, "POST", "/oauth/token",
                                      data=who.refresh_form()))
+        yield i
+
+
+def _clinician(gateway: httpx.Client, who: rig.SmartSession, tally: Tally, stop: threading.Event) -> None:
+    """A practitioner's SMART app (user/*.rs): searches patients and scores, reads patients."""
+    for i in _turns(gateway, who, tally, stop):
         if i % 3 == 0:
             tally.send("search", gateway, "GET", "/fhir/Observation", headers=who.headers(),
                        params={"code": "44261-6", "_count": 20})
@@ -142,15 +140,10 @@ def _clinician(gateway: httpx.Client, who: SmartSession, tally: Tally, stop: thr
             tally.send("read", gateway, "GET", "/fhir/metadata", headers={"Accept": "application/fhir+json"})
 
 
-def _patient(gateway: httpx.Client, who: SmartSession, patient_id: str, tally: Tally,
+def _patient(gateway: httpx.Client, who: rig.SmartSession, patient_id: str, tally: Tally,
              stop: threading.Event) -> None:
     """A patient's SMART app (patient/*.rs): their own record and scores."""
-    i = 0
-    while not stop.is_set():
-        i += 1
-        if i % TOKEN_EVERY == 0:
-            who.refreshed(tally.send("token refresh", gateway, "POST", "/oauth/token",
-                                     data=who.refresh_form()))
+    for i in _turns(gateway, who, tally, stop):
         if i % 2 == 0:
             tally.send("read", gateway, "GET", f"/fhir/Patient/{patient_id}", headers=who.headers())
         else:
@@ -158,7 +151,7 @@ def _patient(gateway: httpx.Client, who: SmartSession, patient_id: str, tally: T
                        params={"patient": patient_id})
 
 
-def _therapist(gateway: httpx.Client, who: SmartSession, patient_id: str, notes: list[str],
+def _therapist(gateway: httpx.Client, who: rig.SmartSession, patient_id: str, notes: list[str],
                tally: Tally, stop: threading.Event) -> None:
     """The author of the patient's psychotherapy notes, reading them under the originator
     exception (45 CFR 164.508(a)(2)(i)(A)) with a consent token minted every TOKEN_EVERY reads."""
@@ -189,7 +182,7 @@ def _therapist(gateway: httpx.Client, who: SmartSession, patient_id: str, notes:
 
 @pytest.mark.timeout(int(LOAD_S) + 600)  # the load's fixed time, then bounded checks
 def test_mixed_load_no_5xx_and_one_audit_record_per_request(
-        resilient: ResilientStack, resilient_writer: BackendClient, people: People) -> None:
+        resilient: rig.ResilientStack, resilient_writer: BackendClient, people: rig.People) -> None:
     notes = []
     with httpx.Client(base_url=resilient.gateway_url, timeout=60) as setup:
         for n in range(3):
@@ -221,7 +214,7 @@ def test_mixed_load_no_5xx_and_one_audit_record_per_request(
         for client in clients:
             client.close()
 
-    counts = audit_counts(resilient, tally.request_ids)
+    counts = rig.audit_counts(resilient, tally.request_ids)
     unaudited = sum(1 for rid in tally.request_ids if counts[rid] == 0)
     duplicated = sum(1 for rid in tally.request_ids if counts[rid] > 1)
     gateway_db, psychnotes_db = resilient.db("gateway"), resilient.db("psychnotes")
@@ -231,9 +224,9 @@ def test_mixed_load_no_5xx_and_one_audit_record_per_request(
         {"request_id": {"$in": tally.releases}}, {"request_id": 1}))
     undisclosed = sum(1 for rid in tally.releases
                       if disclosed_at_gateway[rid] != 1 or disclosed_in_vault[rid] != 1)
-    verify_chain(resilient)
+    rig.verify_chain(resilient)
     five_hundreds = sum(n for status, n in tally.statuses.items() if status >= 500)
-    report(f"mixed load for {LOAD_S:.0f}s ({len(actors)} clients)", requests=len(tally.request_ids)
+    rig.report(f"mixed load for {LOAD_S:.0f}s ({len(actors)} clients)", requests=len(tally.request_ids)
            + tally.no_request_id, **{f"status_{s}": n for s, n in sorted(tally.statuses.items())},
            **{k.replace(" ", "_"): n for k, n in sorted(tally.kinds.items())},
            errors=tally.unanswered, no_request_id=tally.no_request_id, **{"5xx": five_hundreds},
