@@ -18,6 +18,7 @@ import httpx
 
 from tests.resilience.conftest import (
     HEADER_TIMEOUT_S,
+    MONGO_TIMEOUT_S,
     REFUSAL_AUDIT_PER_WINDOW,
     REFUSAL_AUDIT_WINDOW_S,
     ResilientStack,
@@ -92,9 +93,13 @@ def test_each_refusal_before_parsing_is_audited_without_header_values(
         408: get,  # the head never ends
         400: get + b"Not a header line\r\n\r\n",
     }
+    # A connection that never sends a byte is closed 408 too, but carried no request (a
+    # browser's preconnect): not audited. It goes first, so its record would be there by now.
+    assert _send(port, peer, b"") == 408
     for expected, data in cases.items():
         assert _send(port, peer, data) == expected, expected
     records = _wait_for(resilient, peer, len(cases))
+    assert len(records) == len(cases), records
     one_by_one = [r for r in records if not _summarised(r, peer)]
     # All four one by one, unless earlier tests spent this window's bound (then the rest are in
     # a summary, counted).
@@ -109,7 +114,6 @@ def test_each_refusal_before_parsing_is_audited_without_header_values(
         assert event["agent"][0]["network"] == {"address": peer, "type": "2"}
         text = json.dumps(record, default=str)
         assert "do-not-log" not in text and "Not a header line" not in text
-    verify_chain(resilient)  # the trail still verifies with them in it
     report("bad-input limits: refusals before parsing audited", requests=len(cases),
            audited=len(records), header_values_recorded=0, fivexx=0)
 
@@ -133,3 +137,26 @@ def test_a_flood_of_refusals_is_summarised_beyond_the_bound(resilient: Resilient
     report("bad-input limits: a flood of malformed requests", requests=flood,
            audit_records=len(records), one_by_one=len(one_by_one), summaries=len(summaries),
            fivexx=0)
+
+
+def test_refusals_during_an_audit_store_outage_are_recorded_after_it(
+        resilient: ResilientStack) -> None:
+    """The audit store frozen (SIGSTOP) past its timeouts: refusals are still answered at once,
+    and their records are written when it answers again, none lost."""
+    port = resilient.config.http_ports["gateway"]
+    peer = _peer()
+    resilient.freeze("datastore-gateway")
+    try:
+        for _ in range(3):
+            assert _send(port, peer, b"NOT HTTP AT ALL\r\n\r\n") == 400
+        time.sleep(3 * MONGO_TIMEOUT_S)  # the outage: writes of them fail and are kept
+    finally:
+        resilient.thaw("datastore-gateway")
+    records = _wait_for(resilient, peer, 3)
+    assert len(records) + sum(_summarised(r, peer) for r in records) >= 3
+    assert sum(1 for r in records if not _summarised(r, peer)) + sum(
+        _summarised(r, peer) for r in records) == 3
+    resilient.wait_ready()
+    verify_chain(resilient)  # the trail verifies with them in it, none written twice
+    report("bad-input limits: refusals while the audit store is frozen", requests=3, audited=3,
+           lost=0, fivexx=0)

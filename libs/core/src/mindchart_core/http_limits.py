@@ -29,7 +29,8 @@ request, so no application sees it: a warning with the client's address is logge
 refusal (with uvicorn's own 400 for a request that does not parse) is handed to the listener the
 application's lifespan put in its state under `REFUSALS_STATE_KEY` (the gateway audits them,
 gateway/refusals.py). The listener gets a `Refusal`: status, reason and peer address, never a
-header value (one may hold a token).
+header value (one may hold a token). A connection closed 408 without having sent a byte (a
+browser's speculative preconnect, say) carried no request, and is not handed on.
 
 The write side is bounded too: a client that stops reading its response would otherwise hold its
 connection, the response's buffer and, at the gateway, the upstream connection behind it, for
@@ -132,6 +133,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._refusal: _Refused | None = None
+        self._head_begun = False  # a byte of a request head has arrived and the head is unfinished
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_mark = 0  # bytes waiting at the last look
         self._send_progress = False  # flow control resumed since the last look
@@ -174,9 +176,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(refusal)
 
     # -- parser callbacks ----------------------------------------------------------------------
-    def on_message_begin(self) -> None:
+    def on_message_begin(self) -> None:  # the first byte of a request
         super().on_message_begin()
         self._header_bytes = self._header_count = 0
+        self._head_begun = True
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -194,6 +197,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
+        self._head_begun = False
         self._heads_completed += 1
         self._cancel_head_timer()
         self._body_timer = self.loop.call_later(self.limits.body_timeout_seconds + 1, self._body_late)
@@ -339,7 +343,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
         self.logger.warning("HTTP request refused (%d): %s from %s", refusal.status,
                             refusal.diagnostics, client)
-        self._tell(Refusal(refusal.status, refusal.diagnostics, self._peer()))
+        if self._head_begun:  # a connection that never sent a byte (a browser's preconnect) is
+            self._tell(Refusal(refusal.status, refusal.diagnostics, self._peer()))  # no request
         if getattr(self, "url", b"").startswith(b"/oauth"):  # set once a request line begins
             body = orjson.dumps({"error": "invalid_request", "error_description": refusal.diagnostics})
             media = b"application/json"

@@ -20,8 +20,9 @@ rest are counted, and when the window ends one summary record says how many more
 status and from how many addresses, naming the most frequent ones (`entity.detail`, R4: `type`
 string + `valueString`). Records are written by a background task, after the refusal was
 answered (nothing was acknowledged to the client that a lost record would contradict); a failed
-write is tried again, and while the audit store is down the queue stays bounded, its overflow
-counted into the next summary.
+write is tried again, after looking the record up (a timed-out append may have landed: written
+again it would be in the trail twice), and while the audit store is down the queue stays
+bounded, its overflow counted into the next summary.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import chain
+from gateway import chain, store
 from mindchart_core import audit as audit_shape
 from mindchart_core import http_limits
 
@@ -78,6 +79,7 @@ class RefusalAudit:
         self.per_window = per_window
         self.window_seconds = window_seconds
         self._pending: list[dict[str, Any]] = []
+        self._uncertain = False  # the first pending record's last append failed
         self._wake = asyncio.Event()
         self._window_start = time.monotonic()
         self._window_began = datetime.now(UTC)
@@ -135,16 +137,24 @@ class RefusalAudit:
                 await asyncio.sleep(1.0)  # the audit store is failing: try again soon
 
     async def flush(self) -> bool:
-        if not self._pending:
-            return True
-        batch, self._pending = self._pending, []
-        try:
-            await self.chain.append(*batch)
-        except Exception as exc:
-            _log.error("refusal audit write failed (%s); %d records kept to retry",
-                       type(exc).__name__, len(batch))
-            self._pending = batch + self._pending
-            return False
+        """Append what is queued, in order, one record at a time (at most `per_window` a window,
+        so each its own commit costs nothing that matters, and a failure leaves the rest
+        queued). A record whose append failed may have landed anyway: it is looked up before it
+        is written again, never recorded twice."""
+        while self._pending:
+            record = self._pending[0]
+            try:
+                if self._uncertain and await store.audit_record_stored(self.chain.db, record["_id"]):
+                    pass  # the failed attempt had landed
+                else:
+                    await self.chain.append(record)
+            except Exception as exc:
+                self._uncertain = True
+                _log.error("refusal audit write failed (%s); %d records kept to retry",
+                           type(exc).__name__, len(self._pending))
+                return False
+            self._uncertain = False
+            self._pending.pop(0)
         return True
 
     async def close(self) -> None:

@@ -64,6 +64,12 @@ async def _ensure_audit_indexes(db: Db) -> None:
 
 # -- clients and users ------------------------------------------------------------------------
 
+async def audit_record_stored(db: Db, record_id: str) -> bool:
+    """Whether this audit record is stored: an append that failed (a timeout, say) may still
+    have landed, and writing it again would record it twice (gateway/refusals.py)."""
+    return await db.audit_events.find_one({"_id": record_id}, {"_id": 1}) is not None
+
+
 async def get_client(db: Db, client_id: str) -> dict[str, Any] | None:
     return await db.clients.find_one({"_id": client_id, "disabled": {"$ne": True}})
 
