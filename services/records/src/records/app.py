@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,8 @@ from fastapi import FastAPI
 from mindchart_core import service_app, tokens
 from records import cdex, export, routes, store, subscriptions
 from records.amendments import routes as amendments
+from records.amendments import service as amendments_service
+from records.amendments import store as marker
 from records.lifecycle import routes as lifecycle
 from records.settings import RecordsSettings
 
@@ -23,12 +26,16 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
+        # Notes stored before the amendment marker get one, once per datastore (amendments/store.py).
+        marking = asyncio.create_task(marker.backfill_in_background(amendments_service.internal_store_of(
+            client, app.state.db, settings.public_base_url)), name="amendment-marker-backfill")
         revocation_task = await revocations.start()  # backends refuse revoked tokens too
         await export.start(app)
         await cdex.start(app)
         await subscriptions.start(app)
         yield
         revocation_task.cancel()
+        marking.cancel()
         await subscriptions.stop(app)
         await cdex.stop(app)
         await export.stop(app)

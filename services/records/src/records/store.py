@@ -62,6 +62,7 @@ under updates (lastUpdated moves a row on every write).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
@@ -118,6 +119,10 @@ class StoredResource:
     sp: dict[str, Any] | None = None
     method: str = "PUT"  # for history entries: POST, PUT or DELETE
     history_id: str | None = None  # for history entries: the version document's id (paging)
+    # A note's amendment marker (APPENDED below): the ids of the statements of disagreement and
+    # rebuttals appended to it, () for none, None when not known (a document stored before the
+    # marker existed and not yet backfilled): then records/amendments/appended.py asks.
+    appended: tuple[str, ...] | None = None
 
     @property
     def etag(self) -> str:
@@ -134,6 +139,7 @@ class SearchPage:
 
 def _stored(resource_type: str, doc: dict[str, Any]) -> StoredResource:
     raw = doc.get("raw")
+    marker = doc.get(APPENDED)
     return StoredResource(
         resource_type=resource_type,
         id=doc["id"] if "id" in doc else doc["_id"],
@@ -143,6 +149,7 @@ def _stored(resource_type: str, doc: dict[str, Any]) -> StoredResource:
         sp=doc.get("sp"),
         method=doc.get("method", "PUT"),
         history_id=str(doc["_id"]) if "id" in doc else None,
+        appended=tuple(marker) if isinstance(marker, list) else None,
     )
 
 
@@ -228,6 +235,11 @@ MAX_CANDIDATES = 5000
 # candidates come without `raw`, which is then read for the matches only.
 RAW_IN_PHASE_ONE = frozenset({"_id", "id", "sp.patient", "sp.subject", "sp.target", "c"})
 WITHOUT_RAW = {"raw": 0}
+# The amendment marker on a DocumentReference's current-version document: the ids of the
+# amendment documents appended to the note (records/amendments/store.py writes it in the same
+# transaction as each one, and backfills stores older than the marker). A note is stored with an
+# empty one; a plain update never touches it. Absent means "not known": readers then ask.
+APPENDED = "appended"
 Collection = AsyncCollection[dict[str, Any]]
 
 
@@ -331,8 +343,11 @@ def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url:
     sp.update(query.last_updated_fields(moment))
     if compartment is None:
         compartment = extract.patient_compartment(body, definition, base_url)
-    return {"_id": body["id"], "vid": version, "ts": moment, "deleted": False,
-            "raw": Binary(orjson.dumps(body)), "sp": sp, "c": compartment}
+    doc = {"_id": body["id"], "vid": version, "ts": moment, "deleted": False,
+           "raw": Binary(orjson.dumps(body)), "sp": sp, "c": compartment}
+    if definition.type == "DocumentReference":
+        doc[APPENDED] = []  # a new note has nothing appended; an update leaves this alone (_write)
+    return doc
 
 
 class ResourceStore:
@@ -435,23 +450,31 @@ class ResourceStore:
         return _stored(definition.type, doc)
 
     async def vread(self, definition: ResourceDef, resource_id: str, version: int) -> StoredResource:
-        scope = await self._visible(definition, resource_id, "vread")
+        scope, current = await self._current(definition, resource_id, "vread")
         # {id, vid} matches the unique compound index exactly: an IXSCAN of one entry.
         doc = await self.db[f"{definition.type}_history"].find_one({"id": resource_id, "vid": version})
         if doc is None or not matcher.matches(scope, doc):
             raise errors.NotFound(f"{definition.type}/{resource_id}/_history/{version} is not known")
         if doc.get("raw") is None:
             raise errors.Gone(f"Version {version} of {definition.type}/{resource_id} is a deletion")
-        return _stored(definition.type, doc)
+        # What is appended to a note goes with every version of it: the current document's marker.
+        return dataclasses.replace(_stored(definition.type, doc), appended=_stored(
+            definition.type, current).appended)
 
     async def _visible(self, definition: ResourceDef, resource_id: str, interaction: str,
                        session: Session = None) -> dict[str, Any]:
         """The policy filter, after checking the resource (maybe deleted) is visible: else 404."""
+        scope, _ = await self._current(definition, resource_id, interaction, session)
+        return scope
+
+    async def _current(self, definition: ResourceDef, resource_id: str, interaction: str,
+                       session: Session = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The policy filter and the current-version document (without `raw`) if visible: else 404."""
         scope = self.policy.filter_for(definition, interaction)
         doc = await self._find_one(definition, _and({"_id": resource_id}, scope), session=session)
         if doc is None:
             raise errors.NotFound(f"{definition.type}/{resource_id} is not known")
-        return scope
+        return scope, doc
 
     async def read_many(self, definition: ResourceDef, ids: list[str],
                         interaction: str = "read") -> list[StoredResource]:
@@ -799,6 +822,8 @@ class ResourceStore:
         except (ValueError, OverflowError):  # e.g. a dateTime whose offset leaves year 1..9999
             raise errors.Unprocessable("A date in this resource is outside the searchable range") from None
         doc = {k: v for k, v in stored.items() if k != "_id"}
+        if expected is not None:  # the amendment marker is the amendment steps' (APPENDED)
+            doc.pop(APPENDED, None)
         raw, sp = bytes(stored["raw"]), stored["sp"]
         collection = self.db[definition.type]
 
@@ -865,7 +890,7 @@ def _references(node: Any, base_url: str) -> list[str]:
     return found
 
 
-__all__ = ["CONFLICT_RETRY_SECONDS", "HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES",
+__all__ = ["APPENDED", "CONFLICT_RETRY_SECONDS", "HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES",
            "ResourceStore", "SearchPage", "StoredResource", "count", "ensure_indexes", "index_specs",
            "indexed_fields", "instant", "matching", "now", "phase_one", "select", "stored_document",
            "stream"]

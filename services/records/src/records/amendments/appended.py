@@ -90,12 +90,21 @@ def document(kind: str, task: dict[str, Any], note: dict[str, Any], author: str,
 
 
 async def material(store: ResourceStore, notes: list[StoredResource]) -> list[StoredResource]:
-    """The appended amendment documents of `notes` that the caller may see, in id order."""
-    refs = [f"DocumentReference/{n.id}" for n in notes if n.resource_type == "DocumentReference"]
-    if not refs:
-        return []
-    found = await store.referring(NOTE, "relatesto", refs)
-    return sorted((d for d in found if d.raw is not None and kind_of(orjson.loads(d.raw))),
+    """The appended amendment documents of `notes` that the caller may see, in id order.
+
+    Each note's marker (StoredResource.appended, written by store.py with every statement and
+    rebuttal) says which to read: notes marked empty cost no query, the ids of the others are
+    read in one (the caller's policy applied, deleted left out, as a search would); a note stored
+    before the marker and not yet backfilled is asked about by reference, as it always was."""
+    notes = [n for n in notes if n.resource_type == "DocumentReference"]
+    refs = {f"DocumentReference/{n.id}" for n in notes}
+    ids = sorted({i for n in notes for i in n.appended or ()})
+    unknown = [f"DocumentReference/{n.id}" for n in notes if n.appended is None]
+    found = await store.read_many(NOTE, ids, "search-type") if ids else []
+    if unknown:
+        found += await store.referring(NOTE, "relatesto", unknown)
+    unique = {d.id: d for d in found if refs.intersection((d.sp or {}).get("relatesto") or [])}
+    return sorted((d for d in unique.values() if d.raw is not None and kind_of(orjson.loads(d.raw))),
                   key=lambda d: d.id)
 
 

@@ -13,6 +13,9 @@
 - `disagree`: after a denial, the patient files a statement of disagreement (164.526(d)(2)).
 - `rebut`: the owner may answer it with a rebuttal, which the patient can read (164.526(d)(3)).
 
+`disagree` and `rebut` set the note's amendment marker (store.py) in the transaction that writes
+the appended document, so reads find it without asking the datastore about every note.
+
 Who acts is checked here against the Task as the caller may see it (records.policy); the writes
 are made by records' own amendment identity (policy.AMENDMENTS_CLIENT), because a Task changes
 only through these steps.
@@ -23,10 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
 
 from mindchart_core import errors, scopes, tokens
 from records.amendments import appended, requests
+from records.amendments import store as marker
 from records.policy import AMENDMENTS_CLIENT, AccessPolicy
 from records.resources import RESOURCES
 from records.search import extract
@@ -41,10 +47,16 @@ NOT_AMENDABLE = ("Task.focus must reference one of your progress notes held in t
 
 
 def internal_store(store: ResourceStore) -> ResourceStore:
+    return internal_store_of(store.client, store.db, store.policy.base_url)
+
+
+def internal_store_of(client: AsyncMongoClient[dict[str, Any]], db: AsyncDatabase[dict[str, Any]],
+                      base_url: str) -> ResourceStore:
+    """The store as records' own amendment identity sees it (policy.AMENDMENTS_CLIENT)."""
     token = tokens.AccessToken(subject=AMENDMENTS_CLIENT, client_id=AMENDMENTS_CLIENT,
-                               scope=scopes.parse(INTERNAL_SCOPE), audience=store.policy.base_url,
+                               scope=scopes.parse(INTERNAL_SCOPE), audience=base_url,
                                jti="records-amendments", expires_at=0)
-    return ResourceStore(store.client, store.db, AccessPolicy(token=token, base_url=store.policy.base_url))
+    return ResourceStore(client, db, AccessPolicy(token=token, base_url=base_url))
 
 
 def _patient_of(store: ResourceStore) -> str:
@@ -163,6 +175,7 @@ async def _append(store: ResourceStore, stored: StoredResource, task: dict[str, 
         moment = now()
         created = await internal.create(NOTE, appended.document(kind, task, note, author, body, moment),
                                         session=session, transition="amendment")
+        await marker.mark(internal, note_id, session)  # the note's marker, in this transaction
         await _replace(store, stored, requests.with_document(task, kind, created.id, moment, business),
                        session)
         return created
@@ -225,4 +238,5 @@ async def complete_on_correction(store: ResourceStore, correction: dict[str, Any
         await _replace(store, stored, requests.completed(task, correction_id, now()), session)
 
 
-__all__ = ["complete_on_correction", "deny", "disagree", "extend", "file", "internal_store", "rebut"]
+__all__ = ["complete_on_correction", "deny", "disagree", "extend", "file", "internal_store",
+           "internal_store_of", "rebut"]
