@@ -3,9 +3,11 @@
 Per resource type: a current-version collection `<Type>` and a history collection
 `<Type>_history`. A document keeps the resource as the exact JSON bytes we serve (`raw`), so reads
 never re-validate or re-model, beside the search values extracted at write time (`sp`) and the
-patient compartment (`c`). History entries carry `sp` and `c` too, so the access policy narrows
-history exactly as it narrows search. A new version and its history entry are written in one
-transaction; optimistic concurrency compares `vid`.
+patient compartment (`c`), and for a DocumentReference the amendment marker (`appended`, the
+ids of what 45 CFR 164.526 appended to the note: records/amendments/store.py). History entries
+carry `sp` and `c` too, so the access policy narrows history exactly as it narrows search. A new
+version and its history entry are written in one transaction; optimistic concurrency compares
+`vid`.
 
 How queries stay index-bound on the embedded SecantusDB (DESIGN.md), measured with explain(): its
 planner uses an index only when the *whole* filter matches one (a single field, or a compound

@@ -3,6 +3,8 @@
 - `requests.py`: the Task records stores for a request, and what each step changes in it.
 - `appended.py`: the statement of disagreement and the rebuttal appended to the note, and how
   they travel with every later disclosure of it (read, search, $everything, $export, CDex).
+- `store.py`: the marker on a note's stored document naming what is appended to it, so reads
+  of notes with nothing appended ask the datastore nothing more; its one-time backfill.
 - `service.py`: the steps (file, deny, extend, disagree, rebut; completion when the author signs
   a correction), each in one transaction.
 - `routes.py`: their HTTP handlers, OperationDefinitions and CapabilityStatement entries.
