@@ -4,9 +4,14 @@ to records' store directly rather than through the whole stack."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from mindchart_cli import stack
 from tests.conftest import free_port
@@ -24,3 +29,16 @@ def mongo_url() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@asynccontextmanager
+async def fresh_database(mongo_url: str, prefix: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """A database of its own on the module's datastore (`<prefix>_<random>`), dropped afterwards;
+    `.client` is the client it was opened with."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True)
+    database = client[f"{prefix}_{uuid.uuid4().hex[:8]}"]
+    try:
+        yield database
+    finally:
+        await client.drop_database(database.name)
+        await client.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,11 +17,11 @@ from typing import Any
 import pytest
 from joserfc import jwt
 from joserfc.jwk import RSAKey
-from pymongo import AsyncMongoClient
 
 from gateway import chain, chain_verify, checkpoints, partitions, store
 from gateway.keys import Keyring
 from mindchart_core import sealing
+from tests.integration.conftest import fresh_database
 
 ISSUER = "http://gateway.test"
 
@@ -35,12 +34,9 @@ def record(tag: str) -> dict[str, Any]:
 
 @pytest.fixture
 async def db(mongo_url: str) -> AsyncIterator[Any]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True)
-    database = client[f"partitions_{uuid.uuid4().hex[:8]}"]
-    await store.ensure_indexes(database)
-    yield database
-    await client.drop_database(database.name)
-    await client.close()
+    async with fresh_database(mongo_url, "partitions") as database:
+        await store.ensure_indexes(database)
+        yield database
 
 
 async def keyring(db: Any) -> Keyring:

@@ -4,7 +4,6 @@ access to the gateway datastore is not enough to forge a token. Real datastore (
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -13,20 +12,17 @@ import pytest
 from joserfc import jwt
 from joserfc.errors import BadSignatureError
 from joserfc.jwk import RSAKey
-from pymongo import AsyncMongoClient
 
 from gateway import admin, keys, store
 from mindchart_core import sealing
+from tests.integration.conftest import fresh_database
 
 
 @pytest.fixture
 async def db(mongo_url: str) -> AsyncIterator[Any]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True)
-    database = client[f"signing_kek_{uuid.uuid4().hex[:8]}"]
-    await store.ensure_indexes(database)
-    yield database
-    await client.drop_database(database.name)
-    await client.close()
+    async with fresh_database(mongo_url, "signing_kek") as database:
+        await store.ensure_indexes(database)
+        yield database
 
 
 def b64url_int(value: str) -> bytes:
