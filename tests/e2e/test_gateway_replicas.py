@@ -1,6 +1,7 @@
-"""Several gateway replicas on one datastore: a token revoked at one is refused by the other within
-the revocation refresh interval (`MINDCHART_GATEWAY_REVOCATION_REFRESH_SECONDS`), both append to
-one audit chain that still verifies, and synced rate-limit windows share one budget."""
+"""Several gateway replicas on one datastore: a token revoked at one is refused by the other, and by
+records following the other's revocation feed, within the revocation refresh interval
+(`MINDCHART_GATEWAY_REVOCATION_REFRESH_SECONDS`); both append to one audit chain that still
+verifies, and synced rate-limit windows share one budget."""
 
 from __future__ import annotations
 
@@ -57,6 +58,66 @@ def test_revoked_token_is_refused_by_every_replica(live: RunningStack, replica: 
     assert status == 401
     refused = httpx.get(f"{replica}/fhir/Patient", headers={"Authorization": f"Bearer {token}"})
     assert refused.json()["issue"][0]["diagnostics"] == "The access token has been revoked"
+
+
+def _records_read(live: RunningStack, token: str) -> int:
+    return httpx.get(f"{live.direct_url('records')}/fhir/Patient", params={"_count": "1"},
+                     headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code
+
+
+def _refused_by_records(live: RunningStack, token: str, *, within: float) -> int:
+    """records' answer once it refuses the token, or its last answer after `within` seconds."""
+    deadline = time.monotonic() + within
+    status = _records_read(live, token)
+    while status != 401 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = _records_read(live, token)
+    return status
+
+
+def _feed_answers(gateway_url: str) -> float:
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mindchart_http_requests_total{") and 'route="/oauth/revocations"' in line)
+
+
+def test_token_revoked_at_another_replica_is_refused_by_records(live: RunningStack, replica: str) -> None:
+    """records follows the first gateway's feed as a long poll held up to 20 s; a token revoked at
+    the replica reaches the first gateway through the datastore within its refresh interval (1 s),
+    which answers records' held request at once. The bound allowed here (8 s: the interval plus a
+    loaded machine's scheduling) is well under the hold, so a feed that learned only when its
+    request timed out would fail."""
+    suffix = uuid.uuid4().hex[:6]
+    app, user = f"feed-app-{suffix}", f"feed-user-{suffix}"
+    register_app(live.cli_env, app, "user/Patient.rs openid fhirUser")
+    create_user(live.cli_env, user, PASSWORD, "practitioner", f"Practitioner/p-{suffix}")
+
+    def login() -> str:
+        return str(smart_login(live.gateway_url, client_id=app, username=user, password=PASSWORD,
+                               scope="user/Patient.rs", aud=live.fhir)["access_token"])
+
+    first, second = login(), login()
+    assert _records_read(live, first) == 200 and _records_read(live, second) == 200
+    # Revoked at the gateway records follows: delivered at once, and records' next held request
+    # starts now, with its whole hold ahead of it.
+    assert httpx.post(f"{live.gateway_url}/oauth/revoke", data={"token": first, "client_id": app}).status_code == 200
+    assert _refused_by_records(live, first, within=8) == 401
+    assert _records_read(live, second) == 200  # a revocation is of one token (another login)
+
+    assert httpx.post(f"{replica}/oauth/revoke", data={"token": second, "client_id": app}).status_code == 200
+    assert _refused_by_records(live, second, within=8) == 401
+    refused = httpx.get(f"{live.direct_url('records')}/fhir/Patient",
+                        headers={"Authorization": f"Bearer {second}"}, timeout=30)
+    assert refused.json()["issue"][0]["diagnostics"] == "The access token has been revoked"
+
+
+def test_backends_at_rest_do_not_poll_the_feed(live: RunningStack) -> None:
+    """records and psychnotes each hold one feed request open instead of asking every second (the
+    gateway's CPU at rest, bench/idle.py): over 5 quiet seconds the gateway answers at most a held
+    request's timeout or two, where polling once a second answered about ten."""
+    before = _feed_answers(live.gateway_url)
+    time.sleep(5)
+    assert _feed_answers(live.gateway_url) - before <= 3
 
 
 def test_replicas_write_one_verifiable_chain(live: RunningStack, replica: str) -> None:

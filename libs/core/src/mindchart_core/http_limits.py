@@ -43,6 +43,11 @@ control, or a finished response not yet drained), at least one must leave it eve
 reads still completes; a client that reads nothing for that long has its connection aborted (the
 buffer freed at once) and the request's task cancelled, so the gateway's proxy releases its
 upstream connection and a backend stops producing.
+
+The protocol also tells the application when the server starts draining (`draining()`): uvicorn's
+graceful shutdown stops accepting, then waits for every request in progress to finish before the
+lifespan's shutdown runs, so a request the application holds on purpose (the gateway's revocation
+feed is a long poll) must learn of it from the connection, and answers at once.
 """
 
 from __future__ import annotations
@@ -81,6 +86,20 @@ class HttpLimits(BaseSettings):
 @functools.cache
 def limits() -> HttpLimits:
     return HttpLimits()
+
+
+_draining: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+
+
+def draining() -> asyncio.Event:
+    """Set once this process's server has begun a graceful shutdown (one event per event loop)."""
+    loop = asyncio.get_running_loop()
+    event = _draining.get(loop)
+    if event is None:
+        for closed in [other for other in _draining if other.is_closed()]:
+            del _draining[closed]
+        event = _draining[loop] = asyncio.Event()
+    return event
 
 
 # The lifespan-state key (ASGI lifespan `state`, handed by uvicorn to every connection) under which
@@ -166,6 +185,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > self._max_head:
             self._refuse(_Refused(431, "The request header section is too large"))
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, connection by connection: held requests answer now."""
+        draining().set()
+        super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
         refusal, self._refusal = self._refusal, None
@@ -403,4 +427,4 @@ class BodyDeadlineMiddleware:
 
 
 __all__ = ["REFUSALS_STATE_KEY", "BodyDeadlineMiddleware", "HttpLimits", "LimitedHttpToolsProtocol",
-           "Refusal", "RefusalListener", "limits"]
+           "Refusal", "RefusalListener", "draining", "limits"]

@@ -101,36 +101,57 @@ class RemoteJwks:
 
 class RevocationFeed:
     """The gateway's revoked access tokens, as every backend keeps them (zero trust includes
-    revocation: RFC 7009 §2 says a revoked token must no longer be usable, and a backend that only
-    checks signatures would keep honouring it until it expires).
+    revocation: RFC 7009 §2.2, "the token cannot be used again after the revocation. In practice,
+    there could be a propagation delay [...] Implementations should minimize that window", and a
+    backend that only checks signatures would keep honouring a revoked token until it expires).
 
-    Every `refresh_seconds` (the gateway's `revocation_refresh_seconds`) the feed asks the
-    gateway's `GET /oauth/revocations?since=<stamp>` for what was revoked since the newest stamp
-    it has seen (with the gateway's few seconds of overlap), so a revoked token is refused by a
-    backend within one interval of the gateway learning of it. The feed knows token ids and grant
-    ids only (`jti:<jti>`, `family:<sid>`), never tokens. Fail closed: if it has not refreshed
-    for `stale_after` seconds, `check` answers 503 rather than accept a token it cannot vouch for.
+    The feed follows the gateway's `GET /oauth/revocations` as a long poll (gateway/revocations.py):
+    each request carries the cursor and the newest stamp of the answer before, and asks the gateway
+    to hold it up to `wait` seconds; the gateway answers as soon as it learns of a revocation (its
+    own at once, another replica's at its next `revocation_refresh_seconds`), and the feed asks
+    again at once. So a revoked token is refused here within about one gateway refresh interval,
+    and at rest a backend makes one request per `wait` seconds instead of one a second. An answer
+    that came back at once with nothing new (a gateway that does not hold requests, or one
+    holding too many) is followed by a pause of `refresh_seconds`, as polling was before.
+
+    The feed knows token ids and grant ids only (`jti:<jti>`, `family:<sid>`), never tokens. Fail
+    closed: if no answer has arrived for `stale_after` seconds (more than a held request lasts),
+    `check` answers 503 rather than accept a token it cannot vouch for. The gateway answers 503
+    itself when its own list cannot be vouched for, so an answer means "nothing else as of now".
     """
 
-    def __init__(self, url: str, *, refresh_seconds: float = 1.0) -> None:
+    def __init__(self, url: str, *, refresh_seconds: float = 1.0, wait: float = 20.0) -> None:
         self.url = url
         self.refresh_seconds = refresh_seconds
-        self.stale_after = max(10 * refresh_seconds, 30.0)
+        self.wait = wait
+        self.stale_after = max(10 * refresh_seconds, wait + 10.0, 30.0)
         self._expires: dict[str, int] = {}
         self._since: str | None = None
+        self._cursor: str | None = None
         self._fresh_at = float("-inf")
 
-    async def refresh(self, http: httpx.AsyncClient) -> None:
-        started = time.monotonic()
-        response = await http.get(self.url, params={"since": self._since} if self._since else None)
+    def _timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(5.0, read=self.wait + 10.0)
+
+    async def refresh(self, http: httpx.AsyncClient, *, wait: float = 0.0) -> bool:
+        """One request; whether its answer held anything this feed did not know."""
+        params = {name: value for name, value in (
+            ("since", self._since), ("cursor", self._cursor), ("wait", f"{wait:g}" if wait else None))
+            if value}
+        response = await http.get(self.url, params=params or None)
         response.raise_for_status()
         body = response.json()
         now = int(time.time())
+        news = False
         for entry in body["revoked"]:
-            self._expires[str(entry["id"])] = int(entry["expires"])
+            revoked_id, expires = str(entry["id"]), int(entry["expires"])
+            news = news or self._expires.get(revoked_id) != expires
+            self._expires[revoked_id] = expires
         self._expires = {k: v for k, v in self._expires.items() if v > now}
         self._since = body.get("newest") or self._since
-        self._fresh_at = started
+        self._cursor = body.get("cursor") or None
+        self._fresh_at = time.monotonic()  # the gateway vouched for its list as it answered
+        return news
 
     async def start(self, *, wait: float = 15.0) -> asyncio.Task[None]:
         """First refresh (retried for up to `wait` seconds, so a service is not ready before it
@@ -149,14 +170,18 @@ class RevocationFeed:
         return asyncio.create_task(self.run())
 
     async def run(self) -> None:
-        """The refresh loop (a lifespan task)."""
-        async with httpx.AsyncClient(timeout=5.0) as http:
+        """The long-poll loop (a lifespan task)."""
+        async with httpx.AsyncClient(timeout=self._timeout()) as http:
             while True:
+                asked = time.monotonic()
                 try:
-                    await self.refresh(http)
+                    news = await self.refresh(http, wait=self.wait)
                 except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                     log.warning("revocation_refresh_failed", error_type=type(exc).__name__)
-                await asyncio.sleep(self.refresh_seconds)
+                    await asyncio.sleep(self.refresh_seconds)
+                    continue
+                if not news and time.monotonic() - asked < self.wait / 2:
+                    await asyncio.sleep(self.refresh_seconds)  # not held: poll as before
 
     def check(self, token: AccessToken) -> None:
         if time.monotonic() - self._fresh_at > self.stale_after:

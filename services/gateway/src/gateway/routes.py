@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -20,7 +21,6 @@ from gateway import (
     pages,
     ratelimit,
     revocations,
-    store,
     subscribers,
 )
 from gateway.settings import GatewaySettings
@@ -241,28 +241,37 @@ async def smart_style(_: Request) -> Response:
 
 @router.get("/oauth/revocations")
 async def revocations_feed(request: Request) -> Response:
-    """What records and psychnotes poll (mindchart_core.tokens.RevocationFeed) to refuse revoked
-    access tokens themselves: the revocations stamped since `since` (an instant this endpoint
-    gave as `newest`, minus a few seconds of overlap for writes that commit out of order), or
-    every unexpired one. Ids only (`jti:<jti>`, `family:<sid>`) with their expiry: nothing here
-    is usable as a credential, so the feed needs none."""
-    since_text = request.query_params.get("since")
+    """What records and psychnotes follow (mindchart_core.tokens.RevocationFeed) to refuse revoked
+    access tokens themselves, answered from this replica's in-memory list (revocations.py; no
+    datastore query per request). `cursor` (what this endpoint last gave) names what the backend
+    has; with `since` (the `newest` instant it was given) a cursor of another replica or process
+    still resumes, with a few seconds of overlap; with neither, every unexpired revocation.
+    `wait` (seconds, at most revocations.MAX_WAIT_SECONDS) makes it a long poll: a backend that
+    is up to date is answered when something is revoked. Ids only (`jti:<jti>`,
+    `family:<sid>`) with their expiry: nothing here is usable as a credential."""
+    params = request.query_params
+    since_text, cursor, wait_text = params.get("since"), params.get("cursor"), params.get("wait")
     since = None
     if since_text:
         try:
-            since = datetime.fromisoformat(since_text) - revocations.OVERLAP
+            since = datetime.fromisoformat(since_text)
         except ValueError:
             raise errors.Invalid("since must be an instant this endpoint returned") from None
         if since.tzinfo is None:
             raise errors.Invalid("since must carry a time zone")
-    found = await store.revocations_since(request.app.state.db, since)
-    stamps = [d["revoked_at"] for d in found if d.get("revoked_at") is not None]
-    newest = max(stamps).replace(tzinfo=UTC) if stamps else None
-    return JSONResponse({
-        "revoked": [{"id": d["_id"], "expires": int(d["expires"].replace(tzinfo=UTC).timestamp())}
-                    for d in found],
-        "newest": newest.isoformat() if newest else since_text,
-    }, headers=NO_STORE)
+    if cursor is not None and len(cursor) > 64:
+        raise errors.Invalid("cursor must be one this endpoint returned")
+    wait = 0.0
+    if wait_text:
+        try:
+            wait = float(wait_text)
+        except ValueError:
+            raise errors.Invalid("wait must be a number of seconds") from None
+        if not 0 <= wait <= revocations.MAX_WAIT_SECONDS:
+            raise errors.Invalid(f"wait must be between 0 and {revocations.MAX_WAIT_SECONDS:g} seconds")
+    listed: revocations.RevocationList = request.app.state.revocations
+    answer = await listed.changes(cursor=cursor, since=since, wait=wait)
+    return Response(orjson.dumps(answer.to_json()), media_type="application/json", headers=NO_STORE)
 
 
 @router.get("/oauth/jwks")

@@ -210,25 +210,25 @@ async def revoke_refresh_family(db: Db, family: str) -> None:
     await db.refresh_tokens.update_many({"family": family}, {"$set": {"revoked": True}})
 
 
-async def revoke_family_tokens(db: Db, family: str) -> tuple[str, datetime]:
-    """Revoke every access token of a grant; returns the revocation's id and expiry."""
+async def revoke_family_tokens(db: Db, family: str) -> tuple[str, datetime, datetime | None]:
+    """Revoke every access token of a grant; returns the revocation's id, expiry and stamp."""
     revoked_id, expires = f"family:{family}", datetime.now(UTC) + timedelta(days=1)
-    await _put_revocation(db, revoked_id, expires)
-    return revoked_id, expires
+    return revoked_id, expires, await _put_revocation(db, revoked_id, expires)
 
 
-async def revoke_jti(db: Db, jti: str, expires: datetime) -> tuple[str, datetime]:
+async def revoke_jti(db: Db, jti: str, expires: datetime) -> tuple[str, datetime, datetime | None]:
     revoked_id = f"jti:{jti}"
-    await _put_revocation(db, revoked_id, expires)
-    return revoked_id, expires
+    return revoked_id, expires, await _put_revocation(db, revoked_id, expires)
 
 
-async def _put_revocation(db: Db, revoked_id: str, expires: datetime) -> None:
+async def _put_revocation(db: Db, revoked_id: str, expires: datetime) -> datetime | None:
     # `revoked_at` is the datastore's own clock ($currentDate), one clock for every replica, so
-    # replicas can ask "what was revoked since the newest revocation I have seen".
-    await db.revoked_tokens.update_one(
+    # replicas can ask "what was revoked since the newest revocation I have seen". Returned, so
+    # this replica's own feed hands the same stamp to the backends as every other replica will.
+    doc = await db.revoked_tokens.find_one_and_update(
         {"_id": revoked_id}, {"$set": {"expires": expires}, "$currentDate": {"revoked_at": True}},
-        upsert=True)
+        projection={"revoked_at": 1}, upsert=True, return_document=ReturnDocument.AFTER)
+    return doc.get("revoked_at") if doc else None
 
 
 async def is_revoked(db: Db, jti: str, family: str | None) -> bool:
