@@ -120,6 +120,25 @@ def test_backends_at_rest_do_not_poll_the_feed(live: RunningStack) -> None:
     assert _feed_answers(live.gateway_url) - before <= 3
 
 
+def test_the_feed_refuses_bad_parameters_and_resumes_by_cursor(live: RunningStack) -> None:
+    feed = f"{live.gateway_url}/oauth/revocations"
+    for params in ({"wait": "soon"}, {"wait": "26"}, {"wait": "-1"}, {"wait": "nan"},
+                   {"since": "yesterday"}, {"since": "2026-12-01T10:00:00"}, {"cursor": "x" * 65}):
+        refused = httpx.get(feed, params=params, timeout=30)
+        assert refused.status_code == 400, params
+        assert refused.json()["resourceType"] == "OperationOutcome"
+    everything = httpx.get(feed, timeout=30).json()
+    assert set(everything) == {"revoked", "newest", "cursor"}
+    # Up to date and told to wait a second: held, then answered with nothing new and the same cursor.
+    held = httpx.get(feed, params={"cursor": everything["cursor"], "wait": "1"}, timeout=30).json()
+    assert held == {"revoked": [], "newest": everything["newest"], "cursor": everything["cursor"]}
+    # A cursor this replica never gave (another process's) resumes from `since` instead.
+    foreign = httpx.get(feed, params={"cursor": "0.0", "since": everything["newest"] or
+                                      "2026-01-01T00:00:00+00:00"}, timeout=30)
+    assert foreign.status_code == 200 and foreign.json()["cursor"] == everything["cursor"]
+    assert httpx.get(f"{live.gateway_url}/readyz", timeout=30).status_code == 200
+
+
 def test_replicas_write_one_verifiable_chain(live: RunningStack, replica: str) -> None:
     tag = uuid.uuid4().hex[:6]
     for i in range(10):

@@ -339,8 +339,11 @@ def oauth_openapi(skeleton: dict[str, Any], *, client_ids: list[str], redirect_u
     }
     queries: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
         ("/oauth/authorize", "get"): authorize,
+        # `wait` is left out: every case would be held up to 25 s (route-level bad values are
+        # tests/e2e/test_gateway_replicas.py's).
         ("/oauth/revocations", "get"): {"since": {"anyOf": [{"type": "string", "format": "date-time"},
-                                                            {"type": "string"}]}},
+                                                            {"type": "string"}]},
+                                        "cursor": _text()},
         ("/audit/AuditEvent", "get"): {"date": PARAM_SCHEMAS["date"], "patient": PARAM_SCHEMAS["reference"],
                                        "agent": _text(), "entity": _text(), "outcome": _text(),
                                        "subtype": PARAM_SCHEMAS["token"], "_count": {"type": "integer"}},

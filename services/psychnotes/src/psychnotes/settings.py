@@ -30,7 +30,8 @@ class PsychnotesSettings(ServiceSettings):
     public_base_url: str = "http://127.0.0.1:8000/psychnotes/fhir"
     issuer: str = "http://127.0.0.1:8000"
     jwks_url: str = "http://127.0.0.1:8000/oauth/jwks"
-    # The gateway's revocations (mindchart_core.tokens.RevocationFeed), polled this often.
+    # The gateway's revocations (mindchart_core.tokens.RevocationFeed), followed as a long poll;
+    # the refresh interval is the pause after a failed request or one answered at once.
     revocations_url: str = "http://127.0.0.1:8000/oauth/revocations"
     revocation_refresh_seconds: float = 1.0
     kek_file: Path | None = None

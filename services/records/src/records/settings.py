@@ -19,7 +19,8 @@ class RecordsSettings(ServiceSettings):
     public_base_url: str = "http://127.0.0.1:8000/fhir"
     issuer: str = "http://127.0.0.1:8000"
     jwks_url: str = "http://127.0.0.1:8000/oauth/jwks"
-    # The gateway's revocations (mindchart_core.tokens.RevocationFeed), polled this often.
+    # The gateway's revocations (mindchart_core.tokens.RevocationFeed), followed as a long poll;
+    # the refresh interval is the pause after a failed request or one answered at once.
     revocations_url: str = "http://127.0.0.1:8000/oauth/revocations"
     revocation_refresh_seconds: float = 1.0
     # records' own document-signing key (PEM, EC P-256) for signed notes (records/lifecycle);
