@@ -33,20 +33,33 @@ def own_notes(live: RunningStack, access: str, **params: str) -> dict[str, dict[
             for i in e["resource"].get("identifier", []) if i["system"] == seed.DEMO_NOTE_SYSTEM}
 
 
-def test_the_demo_psychotherapy_notes_show_the_lifecycle(live: RunningStack) -> None:
+def seed_demo(live: RunningStack) -> tuple[str, str]:
+    """The demo records resources as seed_records writes them, then the demo psychotherapy notes,
+    seeded twice (the second time must change nothing). Returns the therapist's and the
+    trainee's psychnotes tokens. Another module may have seeded this stack already."""
+    if live.gateway_url in _SEEDED:
+        return practitioner(live, seed.DEMO_THERAPIST), practitioner(
+            live, seed.DEMO_TRAINEE, supervisor=f"Practitioner/{seed.DEMO_THERAPIST}")
     writer = mint_token(live, scope="system/*.cruds")
-    for resource in seed.demo_resources():  # who treats whom, in records, as seed_records writes it
-        if resource["resourceType"] in ("Patient", "Practitioner", "CareTeam"):
-            put = httpx.put(f"{live.fhir}/{resource['resourceType']}/{resource['id']}",
-                            headers=headers(writer), content=json.dumps(resource))
-            assert put.status_code in (200, 201), put.text
+    for resource in seed.demo_resources():
+        put = httpx.put(f"{live.fhir}/{resource['resourceType']}/{resource['id']}",
+                        headers=headers(writer), content=json.dumps(resource))
+        assert put.status_code in (200, 201), put.text
     therapist = practitioner(live, seed.DEMO_THERAPIST)
     trainee = practitioner(live, seed.DEMO_TRAINEE, supervisor=f"Practitioner/{seed.DEMO_THERAPIST}")
     tokens = {seed.PSYCHNOTES_TOKEN.format(seed.DEMO_THERAPIST): therapist,
               seed.PSYCHNOTES_TOKEN.format(seed.DEMO_TRAINEE): trainee}
-
     assert seed.seed_psychnotes(live.gateway_url, tokens) == 6
+    _SEEDED.add(live.gateway_url)
     assert seed.seed_psychnotes(live.gateway_url, tokens) == 0  # idempotent
+    return therapist, trainee
+
+
+_SEEDED: set[str] = set()  # the stacks (by gateway URL) seed_demo has seeded in this session
+
+
+def test_the_demo_psychotherapy_notes_show_the_lifecycle(live: RunningStack) -> None:
+    therapist, trainee = seed_demo(live)
 
     notes = own_notes(live, therapist, status=seed.KEPT_STATES)
     assert set(notes) == {"demo-psy-1", "demo-psy-2", "demo-psy-3", "demo-psy-4", "demo-psy-5"}

@@ -236,9 +236,27 @@ async def private_pane(me: Therapist, patient_id: str) -> dict[str, Any]:
     token = next(str(p["valueString"]) for p in minted["parameter"] if p["name"] == "token")
     found = await vault.search("DocumentReference", [("patient", f"Patient/{patient_id}"), ("_count", "50")],
                                headers={"Consent-Token": token})
-    earlier = sorted(({"date": str(d.get("date", ""))[:16].replace("T", " "), "text": note_text(d)}
+    earlier = sorted(({"date": str(d.get("date", ""))[:16].replace("T", " "), "text": note_text(d),
+                       "state": private_state(d)}
                       for d in found), key=lambda n: n["date"], reverse=True)
     return {"open": True, "notes": earlier}
+
+
+AWAITING_COSIGNATURE = "https://mindchart.dev/fhir/CodeSystem/awaiting-cosignature"
+
+
+def private_state(doc: dict[str, Any]) -> str:
+    """Where a private note stands in psychnotes' lifecycle, said as the notes list says it of
+    progress notes: an addendum or correction, signed, replaced (superseded by a signed
+    correction) or awaiting its author's supervisor. A note without docStatus (outside the
+    lifecycle, as the workspace writes them) is just a private note."""
+    codes = {r.get("code") for r in doc.get("relatesTo", [])}
+    kind = "Addendum" if "appends" in codes else "Correction" if "replaces" in codes else "Private note"
+    if any(t.get("system") == AWAITING_COSIGNATURE for t in doc.get("meta", {}).get("tag", [])):
+        status = "Awaiting co-signature"
+    else:
+        status = str(note_summary(doc)["status"])
+    return f"{kind} · {status}" if status else kind
 
 
 # -- pages ----------------------------------------------------------------------------------------
