@@ -8,30 +8,25 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.browser.conftest import needs_chromium
 from tests.conftest import free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVICES = ("gateway", "records", "psychnotes")
 READY = "Ctrl-C stops everything."
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and shutil.which("chromium") is None,
-                                reason="Debian's chromium (/usr/bin/chromium) is not installed")
+pytestmark = needs_chromium
 
 
 class Run:
@@ -89,15 +84,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("MINDCHART_")}, **ports,
             "MINDCHART_DATA_DIR": str(tmp_path_factory.mktemp("make-run-var")),
             "MINDCHART_GATEWAY_PUBLIC_URL": gateway}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield launched
-        launched.close()
 
 
 def section(welcome: str, start: str, end: str) -> str:

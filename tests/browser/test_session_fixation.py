@@ -16,17 +16,15 @@ from typing import Any
 from urllib.parse import urlencode
 
 from tests.actors import APP_REDIRECT, create_user, pkce_pair, register_app, sensitive
-from tests.browser.test_smart_standalone_launch import (
-    browser,  # noqa: F401 - the fixture
-    pytestmark,  # noqa: F401 - skip without chromium
-)
+from tests.browser.conftest import needs_chromium
 from tests.conftest import RunningStack
 
+pytestmark = needs_chromium
 PASSWORD = sensitive("fixation victim passphrase 12")
 SHOTS = Path("/tmp/sec-shots")
 
 
-def test_a_victim_cannot_be_signed_in_to_an_attackers_flow(live: RunningStack, browser: Any) -> None:  # noqa: F811
+def test_a_victim_cannot_be_signed_in_to_an_attackers_flow(live: RunningStack, browser: Any) -> None:
     suffix = uuid.uuid4().hex[:6]
     victim, app = f"fixation-victim-{suffix}", f"attacker-app-{suffix}"
     create_user(live.cli_env, victim, PASSWORD, "patient", f"Patient/fix-{suffix}")

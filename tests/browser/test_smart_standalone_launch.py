@@ -5,38 +5,23 @@ with a code → the app exchanges it. No JavaScript is needed by the gateway's p
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
-import pytest
 
 from tests.actors import APP_REDIRECT, create_user, js_modules, pkce_pair, register_app, sensitive
+from tests.browser.conftest import needs_chromium
 from tests.conftest import RunningStack
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PASSWORD = sensitive("browser sign-in passphrase 3")
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and shutil.which("chromium") is None,
-                                reason="Debian's chromium (/usr/bin/chromium) is not installed")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Any:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield launched
-        launched.close()
+pytestmark = needs_chromium
 
 
 def test_standalone_launch_in_a_browser(live: RunningStack, writer_http: httpx.Client, browser: Any) -> None:

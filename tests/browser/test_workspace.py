@@ -23,11 +23,9 @@ import httpx
 import pytest
 
 from tests.actors import create_user, sensitive
+from tests.browser.conftest import needs_chromium
 from tests.conftest import RunningStack
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 SHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots" / "workspace"
 PASSWORD = sensitive("workspace therapist passphrase 19")
@@ -37,8 +35,7 @@ DATA = "Client reports two panic episodes this week, both at the supermarket."
 ASSESSMENT = "Panic symptoms persist but avoidance is decreasing."
 PLAN = "Continue graded exposure; review the hierarchy next week."
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and shutil.which("chromium") is None,
-                                reason="Debian's chromium (/usr/bin/chromium) is not installed")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +49,6 @@ def axe_source() -> str:
         if done.returncode != 0:
             pytest.skip(f"npm ci failed (registry unreachable?): {done.stderr[-300:]}")
     return (JS_DIR / "node_modules" / "axe-core" / "axe.min.js").read_text()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Any:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield launched
-        launched.close()
 
 
 class Visit:
