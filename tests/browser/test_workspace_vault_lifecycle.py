@@ -8,26 +8,23 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import pytest
-
 from mindchart_cli import seed
 from tests.actors import create_user
+from tests.browser.conftest import needs_chromium
 from tests.browser.test_workspace import (  # noqa: F401 (fixtures)
-    CHROMIUM,
     PASSWORD,
     Visit,
     axe_source,
-    browser,
     gateway_sign_in,
     sign_in_to_workspace,
 )
 from tests.conftest import RunningStack
 from tests.e2e.test_psychnotes_demo_seed import seed_demo
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+pytestmark = needs_chromium
 
 
-def test_the_vault_pane_shows_each_private_note_in_its_lifecycle(live: RunningStack, browser: Any,  # noqa: F811
+def test_the_vault_pane_shows_each_private_note_in_its_lifecycle(live: RunningStack, browser: Any,
                                                                  axe_source: str) -> None:  # noqa: F811
     seed_demo(live)
     username = f"demo-th-{uuid.uuid4().hex[:6]}"  # signs in as the demo therapist
