@@ -64,7 +64,10 @@ class Changes:
 
 
 def _utc(stamp: datetime) -> datetime:
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    """Aware, and to the millisecond as BSON stores it, so a revocation this replica made is the
+    same entry when its refresh reads it back."""
+    stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    return stamp.replace(microsecond=stamp.microsecond // 1000 * 1000)
 
 
 class RevocationList:
