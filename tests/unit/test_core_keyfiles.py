@@ -28,9 +28,9 @@ def test_the_wrong_curve_or_a_missing_file_is_a_clear_refusal(tmp_path: Path) ->
     keyfiles.ec_key(path, curve="P-256", alg="ES256", create=True, what="signing key")
     with pytest.raises(keyfiles.KeyFileError, match="private EC P-384"):
         keyfiles.ec_key(path, curve="P-384", alg="ES384", create=False, what="client key")
-    with pytest.raises(keyfiles.KeyFileError, match="cannot read the client key"):
+    with pytest.raises(keyfiles.KeyFileError, match=r"^MINDCHART_X_KEY_FILE \(.*absent.pem\): no such file$"):
         keyfiles.ec_key(tmp_path / "absent.pem", curve="P-384", alg="ES384", create=False,
-                        what="client key")
+                        what="client key", setting="MINDCHART_X_KEY_FILE")
 
 
 def test_racing_creators_agree_on_one_kek(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
 from mindchart_cli import stack
 from mindchart_cli.datastores import CommandError, emit, on_db
+from mindchart_core import keyfiles
 
 client_app = typer.Typer(help="OAuth clients (apps, EHRs, insurers)", no_args_is_help=True)
 user_app = typer.Typer(help="People who sign in", no_args_is_help=True)
@@ -83,6 +84,42 @@ def key_rotate() -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     emit(on_gateway_db(lambda db: admin.rotate_signing_key(db, kek)))
+
+
+@key_app.command("new-kek")
+def key_new_kek(out: Annotated[Path, typer.Option(help="file to create (mode 0600)")]) -> None:
+    """Create a new key-encryption key file for the signing keys: base64 of 32 random bytes on
+    one line. Restart the gateways with it as MINDCHART_GATEWAY_SIGNING_KEK_FILE and the old one
+    in MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES: they seal every key again under it."""
+    try:
+        kek = keyfiles.new_kek_file(out)
+    except keys.KeyConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    emit({"file": str(out), "kek": keys.kek_id(kek)})
+
+
+@key_app.command("kek-status")
+def key_kek_status() -> None:
+    """Which KEK seals each signing key. Exit 0 when every key is under the current KEK (the
+    files in MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES can go), 1 while a key is still sealed
+    under another (a gateway with both KEKs seals them again when it starts)."""
+    try:
+        keks = keys.load_keks(GatewaySettings())
+    except keys.KeyConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    status = on_gateway_db(lambda db: keys.kek_status(db, keks))
+    emit(status)
+    if status["not_under_current_kek"]:
+        for kek, kids in status["previous_keks_still_needed"].items():
+            typer.echo(f"KEK {kek} still seals signing keys {', '.join(kids)}: keep its file in "
+                       f"{keys.PREVIOUS_KEK_SETTING} and start a gateway with both", err=True)
+        others = [k["kid"] for k in status["keys"] if k["sealed_under"] in ("unknown", "clear")]
+        if others:
+            typer.echo(f"signing keys {', '.join(others)} are in clear or under a KEK not "
+                       "configured here", err=True)
+        raise typer.Exit(1)
 
 
 @launch_app.command("create")

@@ -83,6 +83,12 @@ class RequestContextMiddleware:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
+def refusal(exc: KeyFileError | UnsafeConfiguration) -> str:
+    """The one line a refused start-up says (UnsafeConfiguration already begins with it)."""
+    said = str(exc)
+    return said if said.startswith("refusing to start") else f"refusing to start: {said}"
+
+
 class StartupRefusalMiddleware:
     """A lifespan that raises KeyFileError or UnsafeConfiguration (a wrong or missing key, an
     unsafe production setting) fails start-up with that message alone: the ASGI lifespan
@@ -107,7 +113,7 @@ class StartupRefusalMiddleware:
         try:
             await self.app(scope, receive, hold_failure)
         except (KeyFileError, UnsafeConfiguration) as exc:
-            await send({"type": "lifespan.startup.failed", "message": f"refusing to start: {exc}"})
+            await send({"type": "lifespan.startup.failed", "message": refusal(exc)})
             return
         except BaseException:
             for message in held:

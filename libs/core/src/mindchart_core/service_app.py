@@ -11,18 +11,36 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
 from mindchart_core import asgi, errors, health, http_limits, logs, metrics, tracing
-from mindchart_core.settings import ServiceSettings
+from mindchart_core.keyfiles import KeyFileError
+from mindchart_core.settings import ServiceSettings, UnsafeConfiguration
 
 # A lifespan may yield ASGI lifespan state (a mapping uvicorn hands to every connection and
 # Starlette copies into every request's state), e.g. the gateway's http_limits refusal listener.
 Lifespan = (Callable[[FastAPI], AbstractAsyncContextManager[None]]
             | Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any]]])
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def from_environment(settings_class: Callable[[], S], build: Callable[[S], FastAPI]) -> FastAPI:
+    """What a service's `create_app()` does when called without settings, as `uvicorn --factory
+    <service>.app:create_app` (the images, `mindchart run`, the tests' processes) calls it: the
+    settings from the environment, and a configuration refusal (a key file missing, unreadable
+    or malformed, an unsafe production setting) ends the process with that one line on stderr
+    and exit status 1, never a traceback. uvicorn lets any exception of an app factory but a
+    TypeError escape as a traceback; SystemExit is the one way out it leaves alone. Called with
+    settings (in-process, the tests), create_app raises the KeyFileError itself.
+    Refusals during start-up proper (the lifespan: a KEK that opens no stored key) are said the
+    same way by asgi.StartupRefusalMiddleware."""
+    try:
+        return build(settings_class())
+    except (KeyFileError, UnsafeConfiguration) as exc:
+        raise SystemExit(asgi.refusal(exc)) from None
 
 
 def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifespan) -> FastAPI:
@@ -72,4 +90,4 @@ def finish(app: FastAPI, service: str) -> FastAPI:
     return app
 
 
-__all__ = ["Lifespan", "create", "finish"]
+__all__ = ["Lifespan", "create", "finish", "from_environment"]

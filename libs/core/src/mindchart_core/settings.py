@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mindchart_core.keyfiles import read_bytes
+
 WEAK_PASSWORDS = frozenset({"password", "changeme", "change-me", "secret", "mongo", "mongodb", "admin",
                             "example", "demo", "mindchart", "letmein", "123456"})
 EMBEDDED_PORTS = frozenset({27117, 27118, 27119})
@@ -35,7 +37,10 @@ class FileSecretSettings(BaseSettings):
         for name in cls.model_fields:
             path = os.environ.get(f"{prefix}{name.upper()}_FILE")
             if path and name not in values:
-                values[name] = Path(path).read_text().strip()
+                # A missing or unreadable mount refuses start-up naming the setting and the path
+                # (keyfiles.KeyFileError), never the file's content.
+                values[name] = read_bytes(Path(path), setting=f"{prefix}{name.upper()}_FILE"
+                                          ).decode(errors="replace").strip()
         return values
 
 

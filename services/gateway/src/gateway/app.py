@@ -47,11 +47,13 @@ async def _datastore_failure(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    settings = settings or GatewaySettings()
+    if settings is None:  # the process entry: a refusal is one line (service_app)
+        return service_app.from_environment(GatewaySettings, create_app)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        kek = keys.load_kek(settings)
+        keks = keys.load_keks(settings)  # current and previous KEKs: one line if one is bad
+        pem = keys.signing_pem(settings)
         client = service_app.datastore_client(settings, "gateway")
         app.state.mongo = client
         app.state.db = client[settings.db_name]
@@ -60,10 +62,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.db, settings.audit_chain_key(),
             lease_seconds=settings.audit_partition_lease_seconds)
         await app.state.audit_chain.start()
-        # Every stored signing key opens with this KEK, or the gateway refuses to start
-        # (keys.KeyConfigError, said in one line by mindchart_core.asgi.StartupRefusalMiddleware).
-        app.state.keys = Keyring(app.state.db, kek)
-        pem = settings.signing_key_file.read_bytes() if settings.signing_key_file else None
+        # Every stored signing key opens with the current or a previous KEK, or the gateway
+        # refuses to start (keys.KeyConfigError, said in one line by
+        # mindchart_core.asgi.StartupRefusalMiddleware); what a previous KEK sealed is sealed
+        # again under the current one (keys.reseal).
+        app.state.keys = Keyring(app.state.db, keks)
         await app.state.keys.ensure_key(pem)
         app.state.verifiers = {
             name: tokens.TokenVerifier(

@@ -13,6 +13,18 @@ loads it, and the clear field removed.
 The newest key signs; every unretired key is published at /oauth/jwks, so a key added by
 `mindchart key rotate` verifies alongside the old one until the old tokens expire. Whatever only
 verifies (chain_verify, `mindchart audit verify`) builds a Keyring without the KEK: public halves.
+
+The KEK itself rotates as psychnotes' does (psychnotes/rotation.py): `mindchart key new-kek`
+writes a new file; gateways restart with `SIGNING_KEK_FILE` = the new one and
+`SIGNING_PREVIOUS_KEK_FILES` = the old one. At start-up each opens every key with whichever of
+them sealed it and seals again under the current KEK what a previous one sealed (`reseal`), with
+a compare-and-set on the stored ciphertext, so replicas starting at once each re-seal a key at
+most once between them and never overwrite one another's seal. `mindchart key kek-status` says
+which keys are still under a retired KEK; once none is, drop the old file and destroy it.
+Why rotate at all: NIST SP 800-57 Pt. 1 Rev. 5 §5.3 (a cryptoperiod limits how much a
+compromised key exposes) and §5.3.5 (protection needed past a key's cryptoperiod is reapplied
+under a new key), which is what the re-seal does; the signing keys themselves rotate apart
+(`mindchart key rotate`).
 """
 
 from __future__ import annotations
@@ -23,8 +35,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
+import structlog
 from bson.binary import Binary
 from joserfc import jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 
 from gateway import store
@@ -38,7 +52,13 @@ DEV_KEK_NAME = "gateway-signing-kek"
 KEK_DOMAIN = b"mindchart-gateway-signing-kek:"
 _AAD = b"mindchart-gateway-signing-key/v1|"
 
+KEK_SETTING = "MINDCHART_GATEWAY_SIGNING_KEK_FILE"
+PREVIOUS_KEK_SETTING = "MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES"
+
 KeyConfigError = keyfiles.KeyFileError  # the KEK is missing, malformed or not the one keys need
+Keks = keyfiles.Keks
+
+log = structlog.get_logger("keys")
 
 
 def kek_id(kek: bytes) -> str:
@@ -55,13 +75,40 @@ def kek_path(settings: GatewaySettings) -> Path:
 
 def load_kek(settings: GatewaySettings) -> bytes:
     """The KEK that seals the signing keys; in development generated on first use."""
-    return keyfiles.kek(kek_path(settings), create=settings.signing_kek_file is None)
+    return keyfiles.kek(kek_path(settings), create=settings.signing_kek_file is None,
+                        setting=KEK_SETTING)
+
+
+def load_keks(settings: GatewaySettings) -> Keks:
+    """The current KEK and the retired ones (`SIGNING_PREVIOUS_KEK_FILES`), by KEK id."""
+    return keyfiles.load_keks(kek_path(settings), create=settings.signing_kek_file is None,
+                              setting=KEK_SETTING, previous=settings.signing_previous_kek_paths(),
+                              previous_setting=PREVIOUS_KEK_SETTING, domain=KEK_DOMAIN)
+
+
+def as_keks(kek: bytes | Keks) -> Keks:
+    return kek if isinstance(kek, Keks) else Keks(current_id=kek_id(kek), keks={kek_id(kek): kek})
+
+
+def signing_pem(settings: GatewaySettings) -> bytes | None:
+    """The PEM RSA key to import as the first signing key (`SIGNING_KEY_FILE`), if one is set."""
+    if settings.signing_key_file is None:
+        return None
+    return keyfiles.read_bytes(Path(settings.signing_key_file),
+                               setting="MINDCHART_GATEWAY_SIGNING_KEY_FILE")
 
 
 def new_private_jwk(pem: bytes | None = None) -> tuple[str, dict[str, Any]]:
     kid = uuid.uuid4().hex[:16]
     params: Any = {"kid": kid, "use": "sig", "alg": SIGNING_ALG}
-    key = RSAKey.import_key(pem, parameters=params) if pem else RSAKey.generate_key(2048, parameters=params)
+    if pem is None:
+        return kid, RSAKey.generate_key(2048, parameters=params).as_dict(private=True)
+    try:
+        key = RSAKey.import_key(pem, parameters=params)
+    except (ValueError, TypeError, JoseError):
+        key = None
+    if key is None or not key.is_private:
+        raise KeyConfigError("MINDCHART_GATEWAY_SIGNING_KEY_FILE: not a PEM RSA private key")
     return kid, key.as_dict(private=True)
 
 
@@ -82,9 +129,66 @@ def open_private_jwk(kek: bytes, doc: dict[str, Any]) -> dict[str, Any]:
     except sealing.SealError:
         raise KeyConfigError(
             f"signing key {kid} is sealed under KEK {sealed.get('kek')}, but the configured KEK is "
-            f"{kek_id(kek)}: set MINDCHART_GATEWAY_SIGNING_KEK_FILE to the KEK the keys were "
-            "sealed with") from None
+            f"{kek_id(kek)}: set {KEK_SETTING} to the KEK the keys were sealed with") from None
     return dict(orjson.loads(opened))
+
+
+def open_sealed_key(keks: Keks, doc: dict[str, Any]) -> dict[str, Any]:
+    """The private JWK of a stored key document, opened with the KEK (current or previous) its
+    seal names, or KeyConfigError naming the settings and the KEK ids."""
+    kid, under = str(doc["_id"]), str(doc["sealed"].get("kek"))
+    kek = keks.keks.get(under)
+    if kek is None:
+        raise KeyConfigError(
+            f"signing key {kid} is sealed under KEK {under}, but the configured KEK is "
+            f"{keks.current_id} ({KEK_SETTING}) and the previous ones are "
+            f"{', '.join(keks.previous_ids) or 'none'} ({PREVIOUS_KEK_SETTING}): configure the "
+            "KEK the keys were sealed with")
+    return open_private_jwk(kek, doc)
+
+
+async def reseal(db: store.Db, keks: Keks) -> int:
+    """Seal again under the current KEK every stored key that a previous KEK sealed (or that is
+    still in clear, from before the KEK), retired keys included; how many this call re-sealed.
+
+    Each write is a compare-and-set on what was read (the ciphertext, or the clear `jwk`), so
+    with two replicas starting at once one of them re-seals a key and the other's write matches
+    nothing: no seal is overwritten, and a replica configured with yet another KEK cannot take a
+    key away from the first. Idempotent: keys already under the current KEK are not read.
+    An unretired key under a KEK not configured refuses start-up (KeyConfigError); a retired one
+    is left as it is (nothing opens it again) and `mindchart key kek-status` names it."""
+    resealed = 0
+    for doc in await store.signing_keys_not_sealed_under(db, keks.current_id):
+        kid = str(doc["_id"])
+        if "sealed" not in doc:
+            done = await store.seal_signing_key(db, kid, seal_private_jwk(keks.current, kid, doc["jwk"]))
+        elif str(doc["sealed"].get("kek")) not in keks.keks and doc.get("retired"):
+            continue
+        else:
+            private = open_sealed_key(keks, doc)
+            done = await store.reseal_signing_key(db, kid, bytes(doc["sealed"]["ct"]),
+                                                  seal_private_jwk(keks.current, kid, private))
+        resealed += int(done)
+    if resealed:
+        log.info("signing keys sealed again under the current KEK", resealed=resealed,
+                 kek_id=keks.current_id)
+    return resealed
+
+
+async def kek_status(db: store.Db, keks: Keks) -> dict[str, Any]:
+    """Which KEK seals each stored key (`mindchart key kek-status`): a previous KEK file can go
+    once no key names it."""
+    keys = []
+    for doc in await store.all_signing_keys(db):
+        under = str(doc["sealed"].get("kek")) if "sealed" in doc else None
+        state = ("clear" if under is None else "current" if under == keks.current_id
+                 else "previous" if under in keks.keks else "unknown")
+        keys.append({"kid": str(doc["_id"]), "kek": under, "sealed_under": state,
+                     "retired": bool(doc.get("retired"))})
+    still_needed = {kid: [k["kid"] for k in keys if k["kek"] == kid] for kid in keks.previous_ids}
+    return {"kek": keks.current_id, "previous_keks": keks.previous_ids, "keys": keys,
+            "previous_keks_still_needed": {kid: kids for kid, kids in still_needed.items() if kids},
+            "not_under_current_kek": [k["kid"] for k in keys if k["sealed_under"] != "current"]}
 
 
 async def add_key(db: store.Db, kek: bytes, pem: bytes | None = None) -> str:
@@ -99,9 +203,10 @@ class Keyring:
     With the KEK it signs (and seals legacy clear keys as it meets them); without it, it only
     verifies: `sign` refuses, the public halves are all it ever reads."""
 
-    def __init__(self, db: store.Db, kek: bytes | None = None, *, ttl: float = 30.0) -> None:
+    def __init__(self, db: store.Db, kek: bytes | Keks | None = None, *, ttl: float = 30.0) -> None:
         self.db = db
-        self.kek = kek
+        self.keks = as_keks(kek) if kek is not None else None
+        self.kek = self.keks.current if self.keks is not None else None
         self.ttl = ttl
         self._kids: list[str] = []
         self._private: dict[str, RSAKey] = {}  # kid -> key: a key document never changes
@@ -126,9 +231,9 @@ class Keyring:
         self._loaded = time.monotonic()
 
     async def _open(self, doc: dict[str, Any]) -> RSAKey:
-        assert self.kek is not None
+        assert self.kek is not None and self.keks is not None
         if "sealed" in doc:
-            return RSAKey.import_key(open_private_jwk(self.kek, doc))
+            return RSAKey.import_key(open_sealed_key(self.keks, doc))
         # A key stored before the KEK: seal it now and drop the clear copy (one replica wins;
         # the others find no clear `jwk` left to replace).
         key = RSAKey.import_key(doc["jwk"])
@@ -137,7 +242,10 @@ class Keyring:
         return key
 
     async def ensure_key(self, pem: bytes | None = None) -> None:
-        """At least one signing key exists, and every stored one opens with this KEK."""
+        """At least one signing key exists, every stored one opens with the current or a previous
+        KEK, and what a previous KEK sealed is sealed again under the current one (`reseal`)."""
+        if self.keks is not None:
+            await reseal(self.db, self.keks)
         await self.load(force=True)
         if not self._kids:
             if self.kek is None:
@@ -171,5 +279,6 @@ def _public_jwk(doc: dict[str, Any]) -> dict[str, Any]:
     return RSAKey.import_key(doc["jwk"]).as_dict(private=False)  # not sealed yet
 
 
-__all__ = ["KeyConfigError", "Keyring", "add_key", "kek_path", "load_kek", "open_private_jwk",
-           "seal_private_jwk"]
+__all__ = ["Keks", "KeyConfigError", "Keyring", "add_key", "kek_path", "kek_status", "load_kek",
+           "load_keks", "open_private_jwk", "open_sealed_key", "reseal", "seal_private_jwk",
+           "signing_pem"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
+from mindchart_core.keyfiles import read_bytes
 from mindchart_core.settings import ServiceSettings, development_secret
 
 
@@ -22,6 +23,9 @@ class GatewaySettings(ServiceSettings):
     signing_key_file: Path | None = None
     # Key-encryption key (base64 of 32 bytes) sealing the signing keys in the datastore (keys.py).
     signing_kek_file: Path | None = None
+    # Comma-separated retired KEKs: keys still sealed under one open at start-up and are sealed
+    # again under SIGNING_KEK_FILE; `mindchart key kek-status` says when a file can go.
+    signing_previous_kek_files: str = ""
     # HMAC key for the audit hash chain, kept outside the datastore (a secret mount). Without it
     # the chain is plain SHA-256: still tamper-evident, but recomputable by a datastore writer.
     audit_chain_key_file: Path | None = None
@@ -86,6 +90,9 @@ class GatewaySettings(ServiceSettings):
 
         return problems
 
+    def signing_previous_kek_paths(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.signing_previous_kek_files.split(",") if p.strip()]
+
     def internal_secret_value(self) -> str:
         """The configured secret; in development a generated one; in production without one,
         empty: /internal/subscriber then refuses everyone (and records' Subscriptions stay off)."""
@@ -94,7 +101,11 @@ class GatewaySettings(ServiceSettings):
         return development_secret(self.data_dir, "internal-records-gateway")
 
     def audit_chain_key(self) -> bytes | None:
-        return self.audit_chain_key_file.read_bytes().strip() if self.audit_chain_key_file else None
+        """KeyFileError naming the setting and path when the file cannot be read."""
+        if self.audit_chain_key_file is None:
+            return None
+        return read_bytes(Path(self.audit_chain_key_file),
+                          setting="MINDCHART_GATEWAY_AUDIT_CHAIN_KEY_FILE").strip()
 
     def audience_for(self, name: str) -> str:
         """Registered audience name (records|psychnotes) → the FHIR base URL tokens carry."""

@@ -10,6 +10,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bson.binary import Binary
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure
@@ -101,10 +102,30 @@ async def add_signing_key(db: Db, kid: str, sealed_key: dict[str, Any]) -> None:
     )
 
 
-async def seal_signing_key(db: Db, kid: str, sealed_key: dict[str, Any]) -> None:
+async def seal_signing_key(db: Db, kid: str, sealed_key: dict[str, Any]) -> bool:
     """Replace a key stored in clear (before the KEK) by its sealed form, once."""
-    await db.signing_keys.update_one({"_id": kid, "jwk": {"$exists": True}},
-                                     {"$set": sealed_key, "$unset": {"jwk": ""}})
+    result = await db.signing_keys.update_one({"_id": kid, "jwk": {"$exists": True}},
+                                              {"$set": sealed_key, "$unset": {"jwk": ""}})
+    return result.modified_count == 1
+
+
+async def all_signing_keys(db: Db) -> list[dict[str, Any]]:
+    """Every key document, retired ones too (newest first)."""
+    return await db.signing_keys.find({}).sort("created", DESCENDING).to_list()
+
+
+async def signing_keys_not_sealed_under(db: Db, kek_id: str) -> list[dict[str, Any]]:
+    """Key documents, retired ones too, not sealed under KEK `kek_id` (or still in clear)."""
+    return await db.signing_keys.find({"sealed.kek": {"$ne": kek_id}}).to_list()
+
+
+async def reseal_signing_key(db: Db, kid: str, read_ciphertext: bytes,
+                             sealed_key: dict[str, Any]) -> bool:
+    """Replace a key's seal, only if it still holds the ciphertext it was read with
+    (compare-and-set): False when another replica re-sealed it first."""
+    result = await db.signing_keys.update_one(
+        {"_id": kid, "sealed.ct": Binary(read_ciphertext)}, {"$set": {"sealed": sealed_key["sealed"]}})
+    return result.modified_count == 1
 
 
 # -- client-assertion replay protection (SMART Backend Services: SHALL reject a replayed jti) --

@@ -20,7 +20,8 @@ from psychnotes.settings import PsychnotesSettings
 
 
 def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
-    settings = settings or PsychnotesSettings()
+    if settings is None:  # the process entry: a refusal is one line (service_app)
+        return service_app.from_environment(PsychnotesSettings, create_app)
     settings.refuse_unsafe_production()  # before touching key files (service_app checks again)
     keyring = keys.load_keyring(settings)
     signing_key = keys.load_signing_key(settings)

@@ -11,7 +11,6 @@ through the Kubernetes secrets-store CSI driver); in development they are genera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from joserfc.jwk import ECKey
@@ -35,16 +34,9 @@ def kek_id(kek: bytes) -> str:
     return sealing.key_id(KEK_DOMAIN, kek)
 
 
-@dataclass(frozen=True)
-class Keyring:
-    """The current KEK (wraps every new data key) and the retired ones (unwrap only)."""
-
-    current_id: str
-    keks: dict[str, bytes]
-
-    @property
-    def current(self) -> bytes:
-        return self.keks[self.current_id]
+# The current KEK (wraps every new data key) and the retired ones (unwrap only): the one KEK set
+# the gateway's signing keys use too (mindchart_core.keyfiles.Keks).
+Keyring = keyfiles.Keks
 
 
 def dev_key_dir(settings: PsychnotesSettings) -> Path:
@@ -59,13 +51,16 @@ def current_kek_path(settings: PsychnotesSettings) -> Path:
     return dev_key_dir(settings) / DEV_KEK_NAME
 
 
+KEK_SETTING = "MINDCHART_PSYCHNOTES_KEK_FILE"
+PREVIOUS_KEK_SETTING = "MINDCHART_PSYCHNOTES_PREVIOUS_KEK_FILES"
+
+
 def load_keyring(settings: PsychnotesSettings, *, create: bool = True) -> Keyring:
-    current = keyfiles.kek(current_kek_path(settings), create=create and settings.kek_file is None)
-    keks = {kek_id(current): current}
-    for previous in settings.previous_kek_paths():
-        old = read_kek(previous)
-        keks.setdefault(kek_id(old), old)
-    return Keyring(current_id=kek_id(current), keks=keks)
+    """KeyConfigError naming the setting and path when a KEK file is missing or malformed."""
+    return keyfiles.load_keks(current_kek_path(settings),
+                              create=create and settings.kek_file is None, setting=KEK_SETTING,
+                              previous=settings.previous_kek_paths(),
+                              previous_setting=PREVIOUS_KEK_SETTING, domain=KEK_DOMAIN)
 
 
 def _key_path(configured: Path | None, setting: str, dev_name: str,
@@ -81,7 +76,8 @@ def load_signing_key(settings: PsychnotesSettings) -> ECKey:
     """The consent-token signing key (ES256, P-256); its kid is its RFC 7638 thumbprint."""
     path = _key_path(settings.signing_key_file, "SIGNING_KEY_FILE", DEV_SIGNING_KEY_NAME, settings)
     return keyfiles.ec_key(path, curve="P-256", alg="ES256", create=settings.signing_key_file is None,
-                           what="consent-token signing key")
+                           what="consent-token signing key",
+                           setting="MINDCHART_PSYCHNOTES_SIGNING_KEY_FILE")
 
 
 def records_client_key_path(settings: PsychnotesSettings) -> Path:
@@ -96,4 +92,5 @@ def load_records_client_key(settings: PsychnotesSettings, *, create: bool = True
     `<data dir>/keys/`; the stack runner registers its public half with the gateway."""
     return keyfiles.ec_key(records_client_key_path(settings), curve="P-384", alg="ES384",
                            create=create and settings.records_client_key_file is None,
-                           what="records client key")
+                           what="records client key",
+                           setting="MINDCHART_PSYCHNOTES_RECORDS_CLIENT_KEY_FILE")

@@ -18,7 +18,8 @@ from records.settings import RecordsSettings
 
 
 def create_app(settings: RecordsSettings | None = None) -> FastAPI:
-    settings = settings or RecordsSettings()
+    if settings is None:  # the process entry: a refusal is one line (service_app)
+        return service_app.from_environment(RecordsSettings, create_app)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

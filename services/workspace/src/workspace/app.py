@@ -62,7 +62,8 @@ class SecurityHeaders:
 
 
 def create_app(settings: WorkspaceSettings | None = None) -> FastAPI:
-    settings = settings or WorkspaceSettings()
+    if settings is None:  # the process entry: a refusal is one line (service_app)
+        return service_app.from_environment(WorkspaceSettings, create_app)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

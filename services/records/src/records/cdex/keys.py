@@ -27,7 +27,8 @@ def load(key_file: Path | None, data_dir: Path, production: bool) -> ECKey:
     if key_file is None and production:
         raise keyfiles.KeyFileError("MINDCHART_RECORDS_CDEX_CLIENT_KEY_FILE is required in production")
     return keyfiles.ec_key(key_file or data_dir / "records" / DEV_KEY_NAME, curve="P-384",
-                           alg=ALGORITHM, create=key_file is None, what="CDex client key")
+                           alg=ALGORITHM, create=key_file is None, what="CDex client key",
+                           setting="MINDCHART_RECORDS_CDEX_CLIENT_KEY_FILE")
 
 
 def public_jwks(key: ECKey) -> dict[str, Any]:

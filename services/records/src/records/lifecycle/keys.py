@@ -22,9 +22,13 @@ DEV_SIGNING_KEY_NAME = "records-document-signing.pem"
 KeyConfigError = keyfiles.KeyFileError  # the signing key is missing or unusable: do not start
 
 
-def _read(path: Path, *, create: bool = False) -> ECKey:
+SETTING = "MINDCHART_RECORDS_SIGNING_KEY_FILE"
+PREVIOUS_SETTING = "MINDCHART_RECORDS_PREVIOUS_SIGNING_KEY_FILES"
+
+
+def _read(path: Path, setting: str, *, create: bool = False) -> ECKey:
     return keyfiles.ec_key(path, curve="P-256", alg=signatures.ALGORITHM, create=create,
-                           what="document-signing key")
+                           what="document-signing key", setting=setting)
 
 
 def load(settings: RecordsSettings) -> SigningKeys:
@@ -34,8 +38,8 @@ def load(settings: RecordsSettings) -> SigningKeys:
         raise KeyConfigError("MINDCHART_RECORDS_SIGNING_KEY_FILE is required in production")
     else:
         path = Path(settings.data_dir) / "keys" / DEV_SIGNING_KEY_NAME
-    current = _read(path, create=settings.signing_key_file is None)
-    retired = tuple(k for k in (_read(p) for p in settings.previous_signing_key_paths())
+    current = _read(path, SETTING, create=settings.signing_key_file is None)
+    retired = tuple(k for k in (_read(p, PREVIOUS_SETTING) for p in settings.previous_signing_key_paths())
                     if k.kid != current.kid)
     return SigningKeys(current, retired)
 
