@@ -3,6 +3,7 @@ access to the gateway datastore is not enough to forge a token. Real datastore (
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -121,3 +122,65 @@ async def test_rotation_seals_the_new_key_and_both_verify(db: Any) -> None:
     forged = jwt.encode({"alg": "RS256", "kid": rotated["kid"]}, {"sub": "x"}, stranger)
     with pytest.raises(BadSignatureError):
         jwt.decode(forged, verifier)
+
+
+# -- KEK rotation: MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES and keys.reseal ------------------
+
+def rotated(new: bytes, *old: bytes) -> keys.Keks:
+    ids = {keys.kek_id(k): k for k in (new, *old)}
+    return keys.Keks(current_id=keys.kek_id(new), keks=ids)
+
+
+async def test_a_rotated_kek_reseals_every_key_and_the_old_kek_alone_no_longer_opens_them(
+        db: Any) -> None:
+    old, new = sealing.new_key(), sealing.new_key()
+    before_keyring = keys.Keyring(db, old)
+    await before_keyring.ensure_key()
+    await admin.rotate_signing_key(db, old)  # two keys under the old KEK
+    await db.signing_keys.update_one({}, {"$set": {"retired": True}})  # one of them retired
+    before = await keys.Keyring(db, old).sign({"sub": "before"})
+    status = await keys.kek_status(db, rotated(new, old))
+    assert list(status["previous_keks_still_needed"]) == [keys.kek_id(old)]
+    assert len(status["previous_keks_still_needed"][keys.kek_id(old)]) == 2
+    keyring = keys.Keyring(db, rotated(new, old))
+    await keyring.ensure_key()
+    stored = await db.signing_keys.find({}).to_list()
+    assert len(stored) == 2 and {d["sealed"]["kek"] for d in stored} == {keys.kek_id(new)}
+    for doc in stored:  # the retired key too, so the old file can really go
+        assert_no_private_material(doc, keys.open_private_jwk(new, doc))
+        with pytest.raises(keys.KeyConfigError):
+            keys.open_private_jwk(old, doc)
+    verifier = await keys.Keyring(db).keyset(refresh=True)
+    assert jwt.decode(before, verifier).claims["sub"] == "before"  # same key, only re-sealed
+    assert jwt.decode(await keyring.sign({"sub": "after"}), verifier).header["kid"] == \
+        jwt.decode(before, verifier).header["kid"]
+    status = await keys.kek_status(db, rotated(new, old))
+    assert status["previous_keks_still_needed"] == {} and status["not_under_current_kek"] == []
+    with pytest.raises(keys.KeyConfigError) as refused:  # only the old KEK: refused by name
+        await keys.Keyring(db, old).ensure_key()
+    assert keys.kek_id(new) in str(refused.value) and "PREVIOUS_KEK_FILES" in str(refused.value)
+    assert await keys.reseal(db, rotated(new, old)) == 0  # idempotent: nothing left to do
+
+
+async def test_replicas_resealing_at_once_each_key_is_resealed_once_and_no_seal_is_overwritten(
+        db: Any) -> None:
+    old = sealing.new_key()
+    for _ in range(3):
+        await keys.add_key(db, old)
+    # Two replicas with the same configuration, started at once: between them every key is
+    # re-sealed exactly once (the second write of a key matches no ciphertext).
+    same = rotated(sealing.new_key(), old)
+    counts = await asyncio.gather(*(keys.reseal(db, same) for _ in range(2)))
+    assert sum(counts) == 3, counts
+    assert {d["sealed"]["kek"] for d in await db.signing_keys.find({}).to_list()} == {same.current_id}
+    # A replica misconfigured with yet another KEK racing a correct one cannot take keys away:
+    # whichever seal landed first stays, and the loser's keyring then refuses to start.
+    newer, stray = sealing.new_key(), sealing.new_key()
+    first, second = rotated(newer, same.current), rotated(stray, same.current)
+    counts = await asyncio.gather(keys.reseal(db, first), keys.reseal(db, second))
+    assert sum(counts) == 3, counts
+    sealed_under = [d["sealed"]["kek"] for d in await db.signing_keys.find({}).to_list()]
+    for doc in await db.signing_keys.find({}).to_list():
+        ring = first if doc["sealed"]["kek"] == first.current_id else second
+        keys.open_sealed_key(ring, doc)  # every seal opens with the KEK it names
+    assert set(sealed_under) <= {first.current_id, second.current_id}
