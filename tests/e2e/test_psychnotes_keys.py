@@ -5,6 +5,7 @@ own database of the test stack's psychnotes datastore, trusting the stack's gate
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import stat
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
 from starlette.testclient import TestClient
 
+from psychnotes import keys
 from psychnotes.app import create_app
 from psychnotes.settings import PsychnotesSettings
 from tests.actors import run_cli
@@ -132,10 +135,22 @@ def test_rotate_key_rewraps_data_keys_without_touching_ciphertexts(
         vault = Vault(client, access, live)
         assert note_text(vault.read("rot-patient", first).json()) == before
         assert note_text(vault.read("rot-patient", second).json()) == during
-    # And the old KEK alone opens nothing any more.
-    with TestClient(create_app(settings_for(live, db_name, tmp_path, kek_file=old_file))) as client:
-        response = Vault(client, access, live).read("rot-patient", first)
-        assert response.status_code == 500 and before not in response.text
+    # And the old KEK alone opens nothing any more: a vault given only it refuses to start,
+    # naming both KEK ids (keys.check_vault_opens, the check its lifespan makes).
+    assert_refused_with_only(settings_for(live, db_name, tmp_path, kek_file=old_file), new_id)
+
+
+def assert_refused_with_only(settings: PsychnotesSettings, needed_kek: str) -> None:
+    async def check() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_url)
+        try:
+            await keys.check_vault_opens(client[settings.db_name], keys.load_keyring(settings))
+        finally:
+            await client.close()
+
+    with pytest.raises(keys.KeyConfigError) as refused:
+        asyncio.run(check())
+    assert needed_kek in str(refused.value) and "MINDCHART_PSYCHNOTES_KEK_FILE" in str(refused.value)
 
 
 def test_rotate_key_refuses_when_an_old_kek_is_unknown(live: RunningStack, tmp_path: Path, db_name: str) -> None:

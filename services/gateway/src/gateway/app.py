@@ -49,17 +49,22 @@ async def _datastore_failure(request: Request, exc: Exception) -> Response:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     if settings is None:  # the process entry: a refusal is one line (service_app)
         return service_app.from_environment(GatewaySettings, create_app)
+    # Every key file is read before the app exists, and before any datastore is touched: a
+    # missing or malformed one is a KeyConfigError naming its setting and path (one line from
+    # `create_app()`, service_app.from_environment).
+    settings.refuse_unsafe_production()  # every missing production setting at once, first
+    keks = keys.load_keks(settings)
+    pem = keys.signing_pem(settings)
+    audit_chain_key = settings.audit_chain_key()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        keks = keys.load_keks(settings)  # current and previous KEKs: one line if one is bad
-        pem = keys.signing_pem(settings)
         client = service_app.datastore_client(settings, "gateway")
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
         app.state.audit_chain = chain.AuditChain(
-            app.state.db, settings.audit_chain_key(),
+            app.state.db, audit_chain_key,
             lease_seconds=settings.audit_partition_lease_seconds)
         await app.state.audit_chain.start()
         # Every stored signing key opens with the current or a previous KEK, or the gateway

@@ -91,24 +91,25 @@ def as_keks(kek: bytes | Keks) -> Keks:
 
 
 def signing_pem(settings: GatewaySettings) -> bytes | None:
-    """The PEM RSA key to import as the first signing key (`SIGNING_KEY_FILE`), if one is set."""
+    """The PEM RSA key to import as the first signing key (`SIGNING_KEY_FILE`), if one is set;
+    KeyConfigError naming the setting and the path when it is missing or not an RSA private key."""
     if settings.signing_key_file is None:
         return None
-    return keyfiles.read_bytes(Path(settings.signing_key_file),
-                               setting="MINDCHART_GATEWAY_SIGNING_KEY_FILE")
+    path, setting = Path(settings.signing_key_file), "MINDCHART_GATEWAY_SIGNING_KEY_FILE"
+    pem = keyfiles.read_bytes(path, setting=setting)
+    try:
+        private = RSAKey.import_key(pem).is_private
+    except (ValueError, TypeError, JoseError):
+        private = False
+    if not private:
+        raise KeyConfigError(f"{keyfiles.where(path, setting)}: not a PEM RSA private key")
+    return pem
 
 
 def new_private_jwk(pem: bytes | None = None) -> tuple[str, dict[str, Any]]:
     kid = uuid.uuid4().hex[:16]
     params: Any = {"kid": kid, "use": "sig", "alg": SIGNING_ALG}
-    if pem is None:
-        return kid, RSAKey.generate_key(2048, parameters=params).as_dict(private=True)
-    try:
-        key = RSAKey.import_key(pem, parameters=params)
-    except (ValueError, TypeError, JoseError):
-        key = None
-    if key is None or not key.is_private:
-        raise KeyConfigError("MINDCHART_GATEWAY_SIGNING_KEY_FILE: not a PEM RSA private key")
+    key = RSAKey.import_key(pem, parameters=params) if pem else RSAKey.generate_key(2048, parameters=params)
     return kid, key.as_dict(private=True)
 
 

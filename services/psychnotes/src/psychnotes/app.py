@@ -33,6 +33,9 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         app.state.mongo = client
         app.state.db = client[settings.db_name]
         await store.ensure_indexes(app.state.db)
+        # A KEK that wraps none of the stored data keys refuses start-up in one line
+        # (mindchart_core.asgi.StartupRefusalMiddleware), not at the first read.
+        await keys.check_vault_opens(app.state.db, keyring)
         app.state.audit_log = audit_log.AuditLog(app.state.db)
         revocation_task = await revocations.start()  # backends refuse revoked tokens too
         yield

@@ -12,10 +12,12 @@ through the Kubernetes secrets-store CSI driver); in development they are genera
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from joserfc.jwk import ECKey
 
 from mindchart_core import keyfiles, sealing
+from psychnotes import store
 from psychnotes.settings import PsychnotesSettings
 
 KEK_BYTES = sealing.KEY_BYTES  # AES-256
@@ -61,6 +63,19 @@ def load_keyring(settings: PsychnotesSettings, *, create: bool = True) -> Keyrin
                               create=create and settings.kek_file is None, setting=KEK_SETTING,
                               previous=settings.previous_kek_paths(),
                               previous_setting=PREVIOUS_KEK_SETTING, domain=KEK_DOMAIN)
+
+
+async def check_vault_opens(db: Any, keyring: Keyring) -> None:
+    """Start-up refuses, naming the settings and KEK ids, when a stored data key is wrapped by a
+    KEK that is neither the current one nor a previous one: a wrong or dropped KEK file would
+    otherwise turn every read of those notes into an error, long after start-up."""
+    unknown = await store.kek_not_among(db, list(keyring.keks))
+    if unknown is not None:
+        raise KeyConfigError(
+            f"the vault holds data keys wrapped by KEK {unknown}, but the configured KEK is "
+            f"{keyring.current_id} ({KEK_SETTING}) and the previous ones are "
+            f"{', '.join(keyring.previous_ids) or 'none'} ({PREVIOUS_KEK_SETTING}): configure "
+            "the KEK they were wrapped with")
 
 
 def _key_path(configured: Path | None, setting: str, dev_name: str,

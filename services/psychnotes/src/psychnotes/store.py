@@ -221,6 +221,16 @@ async def sealed_documents(db: Db, collection: str, current_kek: str) -> AsyncIt
         yield doc
 
 
+async def kek_not_among(db: Db, known: list[str]) -> str | None:
+    """A KEK id some stored data key is wrapped by that is not in `known` (None: there is none)."""
+    for collection in SEALED_COLLECTIONS:
+        doc = await db[collection].find_one(
+            {"sealed.dek.kek": {"$exists": True, "$nin": known}}, {"sealed.dek.kek": 1})
+        if doc is not None:
+            return str(doc["sealed"]["dek"]["kek"])
+    return None
+
+
 async def set_sealed(db: Db, collection: str, doc_id: str, old_kek: str, sealed: dict[str, Any]) -> bool:
     result = await db[collection].update_one({"_id": doc_id, "sealed.dek.kek": old_kek},
                                              {"$set": {"sealed": sealed}})
