@@ -443,6 +443,9 @@ def test_services_read_credentials_from_secret_files(compose: dict[str, Any]) ->
             if key.endswith("_FILE"):
                 secret = value.removeprefix("/run/secrets/")
                 assert value.startswith("/run/secrets/") and secret in secrets_of(service), key
+            if key.endswith("_FILES"):  # comma-separated, e.g. previous KEKs while one rotates
+                for path in filter(None, (p.strip() for p in value.split(","))):
+                    assert path.removeprefix("/run/secrets/") in secrets_of(service), key
         # Every key file the service refuses to start in production without is given to it.
         for required in production_key_files(name):
             assert required in env, f"{name} would refuse to start: {required} is not set"
@@ -800,6 +803,9 @@ def check_secrets_are_references_only(docs: list[dict[str, Any]]) -> None:
                 value = str(env.get("value", ""))
                 if env["name"].endswith("_FILE") and value.startswith("/run/secrets/"):
                     assert value in mounted, f"{service}: {env['name']} names {value}, not mounted"
+                if env["name"].endswith("_FILES"):  # comma-separated, e.g. previous KEKs
+                    for path in filter(None, (p.strip() for p in value.split(","))):
+                        assert path in mounted, f"{service}: {env['name']} names {path}, not mounted"
                 assert not re.search(r"mongodb(\+srv)?://[^/\s]*@", value), env["name"]
                 assert "PRIVATE KEY" not in value, env["name"]
                 secret_ref = env.get("valueFrom", {}).get("secretKeyRef")
@@ -811,6 +817,25 @@ def check_secrets_are_references_only(docs: list[dict[str, Any]]) -> None:
         for name in referenced:
             # Each service's Secrets are named after it: records never mounts a psychnotes key.
             assert name.startswith(f"{service}-"), f"{service} mounts Secret {name}"
+
+
+def test_a_gateway_kek_rotation_overlay_finds_the_previous_kek_mounted(k8s: Any) -> None:
+    """deploy/README "Rotating the gateway's KEK": an overlay adds SIGNING_PREVIOUS_KEK_FILES; the
+    base already projects the optional Secret that holds that file, so a gateway started during
+    the rotation finds it. A path nothing mounts would refuse start-up, and this check says so."""
+    import copy
+
+    for path, mounted in (("/run/secrets/mindchart/signing-kek-previous", True),
+                          ("/run/secrets/mindchart/elsewhere", False)):
+        docs = copy.deepcopy(k8s[1])
+        [gateway] = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "gateway"]
+        container = gateway["spec"]["template"]["spec"]["containers"][0]
+        container["env"].append({"name": "MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES", "value": path})
+        if mounted:
+            check_secrets_are_references_only(docs)
+        else:
+            with pytest.raises(AssertionError, match="not mounted"):
+                check_secrets_are_references_only(docs)
 
 
 def check_scaling(docs: list[dict[str, Any]], service: str) -> None:
