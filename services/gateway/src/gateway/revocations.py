@@ -11,15 +11,19 @@ never a stale "not revoked". Refresh tokens and introspection still query the da
 (`store.is_revoked`, `store.get_refresh`) and see a revocation immediately.
 
 The feed (`GET /oauth/revocations`, `changes`) answers records and psychnotes from this list. It
-is a long poll (RFC 6202 §2.1: the server holds the request and answers when there is something
-to deliver; §5.5 on timeouts: "generally 30 seconds is a safer value", so a hold is capped at
-MAX_WAIT_SECONDS): a backend that already has everything this replica knows is answered as soon
-as the list changes (this replica's own revocation at once, another replica's at this one's next
-refresh), the server drains, or `wait` seconds pass. Each entry the list learns gets this
-process's next sequence number; the cursor it hands out (`<epoch>.<seq>`) names exactly what a
-backend has seen, so a change is never missed nor sent twice to a backend that stays on one
-replica. A cursor from another process (a restart, another replica) falls back to the datastore
-stamp (`since`, with the overlap) as before.
+is a long poll (RFC 6202 §1: the server "attempts to 'hold open' (not immediately reply to) each
+HTTP request, responding only when there are events to deliver"; §5.5 on timeouts: "generally 30
+seconds is a safer value", so a hold is capped at MAX_WAIT_SECONDS): a backend that already has
+everything this replica knows is answered as soon as the list changes (this replica's own
+revocation at once, another replica's at this one's next refresh), the server drains, or `wait`
+seconds pass. Each entry the list learns gets this process's next sequence number; the cursor it
+hands out (`<epoch>.<seq>`) names exactly what a backend has seen, so a change is never missed
+nor sent twice to a backend that stays on one replica. A cursor from another process (a restart,
+another replica) falls back to the datastore stamp (`since`, with the overlap) as before, held
+while nothing is newer than that stamp (so a backend whose requests a load balancer spreads over
+replicas never spins). Not covered exactly there: a revocation whose write committed out of
+order, older than `since`, that this replica already held when the request came; it goes out
+with the overlap when the hold ends (at most 25 s).
 """
 
 from __future__ import annotations
