@@ -44,6 +44,40 @@ def _route_template(scope: Scope) -> str:
     return str(path) if path else "unmatched"
 
 
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The request's id: its (last) `X-Request-ID` when well formed, else a new one."""
+    incoming = b""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            incoming = value
+    return incoming.decode() if incoming and _VALID_ID.match(incoming) else uuid.uuid4().hex
+
+
+# Metric children by label values (service, method, route, status): `.labels()` builds and
+# looks up a key under a lock on every call. Routes are templates and methods and statuses few,
+# so this stays small; it is dropped wholesale should it ever grow past _MAX_CHILDREN.
+_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+_MAX_CHILDREN = 10_000
+
+
+def request_finished(service: str, scope: Scope, status: int, started: float) -> None:
+    """HTTP metrics and the access log line of a request that started at `started`
+    (time.perf_counter())."""
+    elapsed = time.perf_counter() - started
+    route = _route_template(scope)
+    method = str(scope.get("method", ""))
+    key = (service, method, route, str(status))
+    children = _children.get(key)
+    if children is None:
+        if len(_children) >= _MAX_CHILDREN:
+            _children.clear()
+        children = _children[key] = (HTTP_REQUESTS.labels(*key), HTTP_LATENCY.labels(*key[:3]))
+    children[0].inc()
+    children[1].observe(elapsed)
+    log.info("request", method=method, route=route, status=status,
+             latency_ms=round(elapsed * 1000, 2))
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, service: str) -> None:
         self.app = app
@@ -53,8 +87,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER, b"")
-        request_id = incoming.decode() if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        request_id = request_id_from(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -73,13 +106,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            elapsed = time.perf_counter() - started
-            route = _route_template(scope)
-            method: Any = scope.get("method", "")
-            HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
-            HTTP_LATENCY.labels(self.service, method, route).observe(elapsed)
-            log.info("request", method=method, route=route, status=status,
-                     latency_ms=round(elapsed * 1000, 2))
+            request_finished(self.service, scope, status, started)
             structlog.contextvars.unbind_contextvars("request_id")
 
 

@@ -384,7 +384,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
@@ -402,7 +402,7 @@ class BodyDeadlineMiddleware:
         self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _has_body(scope["headers"]):
+        if scope["type"] != "http" or not has_body(scope["headers"]):
             await self.app(scope, receive, send)
             return
         seconds = self.seconds if self.seconds is not None else limits().body_timeout_seconds
@@ -427,4 +427,4 @@ class BodyDeadlineMiddleware:
 
 
 __all__ = ["REFUSALS_STATE_KEY", "BodyDeadlineMiddleware", "HttpLimits", "LimitedHttpToolsProtocol",
-           "Refusal", "RefusalListener", "draining", "limits"]
+           "Refusal", "RefusalListener", "draining", "has_body", "limits"]

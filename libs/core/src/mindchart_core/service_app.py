@@ -43,13 +43,14 @@ def from_environment(settings_class: Callable[[], S], build: Callable[[S], FastA
         raise SystemExit(asgi.refusal(exc)) from None
 
 
-def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifespan) -> FastAPI:
+def create(service: str, title: str, settings: ServiceSettings, lifespan: Lifespan,
+           app_class: type[FastAPI] = FastAPI) -> FastAPI:
     logs.configure(service, settings.log_level)
     settings.refuse_unsafe_production()
     # No trailing-slash redirects: behind the gateway (which does not forward Host) Starlette's 307
     # pointed at the backend's own address, sending clients and their tokens past the gateway. A
     # path that does not match is a 404 OperationOutcome like any other.
-    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+    app = app_class(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.state.settings = settings
 

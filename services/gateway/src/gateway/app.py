@@ -12,6 +12,7 @@ import httpx
 from fastapi import FastAPI, Request
 from pymongo.errors import PyMongoError
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from gateway import (
     audit,
@@ -20,6 +21,7 @@ from gateway import (
     checkpoints,
     cors,
     forwarded,
+    front,
     keys,
     proxy,
     ratelimit,
@@ -30,7 +32,7 @@ from gateway import (
 )
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_core import errors, http_limits, service_app, tokens
+from mindchart_core import errors, http_limits, service_app, tokens, tracing
 
 
 async def _datastore_failure(request: Request, exc: Exception) -> Response:
@@ -44,6 +46,23 @@ async def _datastore_failure(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "temporarily_unavailable", "error_description": refusal.diagnostics},
                         status_code=503, headers={"Retry-After": str(errors.RETRY_AFTER_SECONDS),
                                                   "Cache-Control": "no-store"})
+
+
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app, with FHIR requests sent straight to `front.FhirFront` (which does
+    for them what the middleware stack below does for every other request)."""
+
+    fhir_front: front.FhirFront | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fhir_front = self.fhir_front
+        if fhir_front is not None:
+            endpoint = fhir_front.endpoint_for(scope)
+            if endpoint is not None:
+                scope["app"] = self
+                await fhir_front(endpoint, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -118,7 +137,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await app.state.audit_chain.stop()
         await client.close()
 
-    app = service_app.create("gateway", "Mindchart gateway", settings, lifespan)
+    app = service_app.create("gateway", "Mindchart gateway", settings, lifespan, GatewayApp)
+    assert isinstance(app, GatewayApp)
     app.add_exception_handler(PyMongoError, _datastore_failure)
     app.include_router(routes.router)
     # Innermost: FHIR requests skip the router (proxy.FhirDispatch); every layer below wraps them.
@@ -130,6 +150,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(bodylimit.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(audit.AuditMiddleware, observer=settings.issuer)
     # Outside audit and rate limiting: both see the address forwarded.py vouches for.
-    app.add_middleware(forwarded.ForwardedForMiddleware,
-                       trusted=forwarded.parse_networks(settings.trusted_proxies))
+    trusted = forwarded.parse_networks(settings.trusted_proxies)
+    app.add_middleware(forwarded.ForwardedForMiddleware, trusted=trusted)
+    if not tracing.enabled():  # with tracing on, every request goes through the span's layer
+        app.fhir_front = front.FhirFront(
+            service="gateway", observer=settings.issuer, max_body_bytes=settings.max_body_bytes,
+            trusted=trusted, routed=routes.FHIR_BASE_ROUTES, datastore_failure=_datastore_failure)
     return service_app.finish(app, "gateway")

@@ -142,6 +142,24 @@ def disclosure_records(header_values: list[bytes], request_id: str, observer: st
     return records, problem
 
 
+async def audit_response(scope: Scope, status: int, headers: list[tuple[bytes, bytes]],
+                         latency_ms: float, observer: str, audit_chain: chain.AuditChain,
+                         ) -> list[tuple[bytes, bytes]]:
+    """Store the audit record of a response about to start (and a PrivacyDisclosure record for
+    each release a backend reported); returns its headers without the disclosure header. Raises
+    when the records could not be stored: the caller answers 503 instead."""
+    reported = [v for k, v in headers if k.lower() == DISCLOSURE_HEADER]
+    if reported:
+        headers = [(k, v) for k, v in headers if k.lower() != DISCLOSURE_HEADER]
+    state = scope.setdefault("state", {})
+    disclosures, problem = disclosure_records(reported, str(state.get("request_id", "")), observer)
+    if problem:
+        state["refusal"] = problem
+    location = next((v.decode("latin-1") for k, v in headers if k.lower() == b"location"), None)
+    await audit_chain.append(build_record(scope, status, latency_ms, observer, location), *disclosures)
+    return headers
+
+
 UNAUDITED = frozenset({"/healthz", "/readyz", "/metrics", "/oauth/revocations"})
 
 class AuditMiddleware:
@@ -167,18 +185,10 @@ class AuditMiddleware:
             if message["type"] == "http.response.start":
                 responded = True
                 elapsed = (time.perf_counter() - started) * 1000
-                headers = list(message.get("headers", []))
-                reported = [v for k, v in headers if k.lower() == DISCLOSURE_HEADER]
-                message["headers"] = [(k, v) for k, v in headers if k.lower() != DISCLOSURE_HEADER]
                 try:
-                    request_id = str(scope.get("state", {}).get("request_id", ""))
-                    disclosures, problem = disclosure_records(reported, request_id, self.observer)
-                    if problem:
-                        scope.setdefault("state", {})["refusal"] = problem
-                    location = next(
-                        (v.decode("latin-1") for k, v in headers if k.lower() == b"location"), None)
-                    record = build_record(scope, message["status"], elapsed, self.observer, location)
-                    await audit_chain.append(record, *disclosures)
+                    message["headers"] = await audit_response(
+                        scope, message["status"], list(message.get("headers", [])), elapsed,
+                        self.observer, audit_chain)
                 except Exception as exc:
                     failed = True
                     log.error("audit_write_failed", error_type=type(exc).__name__)

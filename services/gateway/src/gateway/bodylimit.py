@@ -16,7 +16,7 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _refusal(path: str, limit: int) -> Response:
+def refusal(path: str, limit: int) -> Response:
     text = f"Request body exceeds the {limit}-byte limit"
     if path.startswith("/oauth"):
         return JSONResponse({"error": "invalid_request", "error_description": text}, status_code=413,
@@ -35,7 +35,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await _refusal(scope.get("path", ""), self.max_bytes)(scope, receive, send)
+            await refusal(scope.get("path", ""), self.max_bytes)(scope, receive, send)
             return
         seen = 0
         started = False
@@ -59,4 +59,4 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await _refusal(scope.get("path", ""), self.max_bytes)(scope, receive, send)
+            await refusal(scope.get("path", ""), self.max_bytes)(scope, receive, send)

@@ -14,6 +14,14 @@ _OURS = (b"access-control-allow-origin", b"access-control-expose-headers")
 _METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
+def with_cors_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An answer's headers with ours (any origin; what a browser app may read) in place of any
+    the handler set."""
+    kept = [(k, v) for k, v in headers if k.lower() not in _OURS]
+    kept += [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", _EXPOSE)]
+    return kept
+
+
 def shared(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in _PREFIXES)
 
@@ -38,9 +46,7 @@ class CorsMiddleware:
 
         async def with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _OURS]
-                kept += [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", _EXPOSE)]
-                message["headers"] = kept
+                message["headers"] = with_cors_headers(message.get("headers", []))
             await send(message)
 
         await self.app(scope, receive, with_cors)

@@ -33,6 +33,22 @@ def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
     return any(ip in network for network in networks)
 
 
+def resolve_client(scope: dict[str, Any], trusted: tuple[Network, ...]) -> dict[str, Any]:
+    """`scope`, or a copy whose `client` is the address a trusted peer reports."""
+    peer = scope.get("client")
+    if peer and _trusted(str(peer[0]), trusted):
+        hops = [h.strip() for raw in (v for k, v in scope.get("headers", []) if k == b"x-forwarded-for")
+                for h in raw.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not _trusted(hop, trusted):
+                try:
+                    ipaddress.ip_address(hop)
+                except ValueError:
+                    break  # garbage in the header: keep the proxy's own address
+                return {**scope, "client": (hop, 0)}
+    return scope
+
+
 class ForwardedForMiddleware:
     def __init__(self, app: Any, *, trusted: tuple[Network, ...]) -> None:
         self.app = app
@@ -40,17 +56,5 @@ class ForwardedForMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and self.trusted:
-            peer = scope.get("client")
-            if peer and _trusted(str(peer[0]), self.trusted):
-                hops = [h.strip() for raw in (v for k, v in scope.get("headers", [])
-                                              if k == b"x-forwarded-for")
-                        for h in raw.decode("latin-1").split(",") if h.strip()]
-                for hop in reversed(hops):
-                    if not _trusted(hop, self.trusted):
-                        try:
-                            ipaddress.ip_address(hop)
-                        except ValueError:
-                            break  # garbage in the header: keep the proxy's own address
-                        scope = {**scope, "client": (hop, 0)}
-                        break
+            scope = resolve_client(scope, self.trusted)
         await self.app(scope, receive, send)

@@ -252,6 +252,9 @@ class ProxyEndpoint:
         await forward(scope, receive, send, state.upstream, upstream, str(context.get("request_id", "")))
 
 
+DatastoreFailure = Callable[[Request, Exception], Awaitable[Response]]
+
+
 class FhirDispatch:
     """The gateway's innermost middleware: a request for a FHIR base (`/fhir`, `/psychnotes/fhir`
     and below) goes straight to that backend's ProxyEndpoint, past Starlette's router (which
@@ -263,7 +266,7 @@ class FhirDispatch:
     documents under the bases (`ROUTED`) stay FastAPI routes."""
 
     def __init__(self, app: ASGIApp, *, routed: frozenset[str],
-                 datastore_failure: Callable[[Request, Exception], Awaitable[Response]]) -> None:
+                 datastore_failure: DatastoreFailure) -> None:
         self.app = app
         self.routed = routed
         self.datastore_failure = datastore_failure
@@ -425,6 +428,6 @@ async def forward(scope: Scope, receive: Receive, send: Send, upstream_pool: Ups
         response.release()
 
 
-__all__ = ["BASES", "METHODS", "FhirDispatch", "Interaction", "ProxyEndpoint", "Registrations",
-           "Upstream", "VerifiedTokens", "classify", "fhirjson", "forward", "needs_token", "patient_of",
-           "retry_is_safe"]
+__all__ = ["BASES", "METHODS", "DatastoreFailure", "FhirDispatch", "Interaction", "ProxyEndpoint",
+           "Registrations", "Upstream", "VerifiedTokens", "classify", "fhirjson", "forward",
+           "needs_token", "patient_of", "retry_is_safe"]
