@@ -8,6 +8,7 @@ Only allow-listed request headers travel upstream, so identity headers a client 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -165,18 +166,21 @@ _TOKEN_TTL = 10.0
 
 class VerifiedTokens:
     """Access tokens whose signature, issuer and audience were checked in the last `_TOKEN_TTL`
-    seconds, by their exact text. Expiry is checked again on every use and revocation is
-    checked by the caller, so a cached token is refused as soon as it expires or is revoked;
-    a retired signing key stops verifying within the keyring's reload interval plus this TTL."""
+    seconds, keyed by a SHA-256 digest of their exact text (32 bytes a token, not its ~1 KiB),
+    at most `size` of them. Expiry is checked again on every use (with the verifier's clock
+    skew), so a cached token is refused once it expires; revocation is checked by the caller on
+    every request, cached or not; a retired signing key stops verifying within the keyring's
+    reload interval plus this TTL."""
 
     def __init__(self, verifier: tokens.TokenVerifier, *, size: int = 10_000) -> None:
         self.verifier = verifier
         self.size = size
-        self._tokens: dict[str, tuple[float, tokens.AccessToken]] = {}
+        self._tokens: dict[bytes, tuple[float, tokens.AccessToken]] = {}
 
     async def verify(self, raw: str) -> tokens.AccessToken:
         now = time.monotonic()
-        cached = self._tokens.get(raw)
+        key = hashlib.sha256(raw.encode("latin-1", "replace")).digest()
+        cached = self._tokens.get(key)
         if cached is not None and cached[0] > now:
             token = cached[1]
             if token.expires_at + tokens.CLOCK_SKEW_SECONDS < time.time():
@@ -187,8 +191,11 @@ class VerifiedTokens:
             self._tokens = {k: v for k, v in self._tokens.items() if v[0] > now}
             if len(self._tokens) >= self.size:
                 self._tokens.clear()
-        self._tokens[raw] = (now + _TOKEN_TTL, token)
+        self._tokens[key] = (now + _TOKEN_TTL, token)
         return token
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
 
 class Registrations:

@@ -25,8 +25,7 @@ AUDIT_INDEXES: list[tuple[tuple[str, ...], bool]] = [
     # unique: two writers can never both claim the same link of a partition (chain.py); legacy
     # records (no `partition`) are indexed under null, so their old `seq` uniqueness holds too.
     (("partition", "seq"), True),
-    (("patient",), False),
-    (("entities",), False),
+    (("entities",), False),  # a patient's records too: `entities` holds the record's patient
     (("agents",), False),
     (("request_id",), False),  # a request's records, from the x-request-id in its logs
     (("recorded",), False),  # the search's order and its walk back in time
@@ -50,8 +49,9 @@ async def ensure_indexes(db: Db) -> None:
 
 async def _ensure_audit_indexes(db: Db) -> None:
     """Create AUDIT_INDEXES, then drop any other index on `audit_events` (deployments shed the
-    retired `client_id`, `kind` and the single-chain `seq`); `_id_` is never touched. Created
-    first, so a replica still writing while another upgrades never loses the unique position."""
+    retired `client_id`, `kind`, `patient` and the single-chain `seq`); `_id_` is never touched.
+    Created first, so a replica still writing while another upgrades never loses the unique
+    position."""
     for fields, unique in AUDIT_INDEXES:
         await db.audit_events.create_index([(f, ASCENDING) for f in fields], unique=unique)
     wanted = {tuple((f, ASCENDING) for f in fields) for fields, _ in AUDIT_INDEXES}
