@@ -5,6 +5,7 @@ token issuance, consent refusals and export jobs."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from pymongo import monitoring
@@ -52,6 +53,9 @@ class CommandTimer(monitoring.CommandListener):
     def __init__(self, service: str) -> None:
         self.service = service
         self._started: dict[int, float] = {}
+        # The histogram's child per (command, outcome): `.labels()` builds and looks up its key
+        # under a lock on every call, and every audited request makes at least one command.
+        self._children: dict[tuple[str, str], Any] = {}
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         self._started[event.request_id] = time.perf_counter()
@@ -62,7 +66,10 @@ class CommandTimer(monitoring.CommandListener):
         if began is None:
             return
         name = event.command_name if event.command_name in _COMMANDS else "other"
-        DB_LATENCY.labels(self.service, name, outcome).observe(time.perf_counter() - began)
+        child = self._children.get((name, outcome))
+        if child is None:
+            child = self._children[(name, outcome)] = DB_LATENCY.labels(self.service, name, outcome)
+        child.observe(time.perf_counter() - began)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         self._finish(event, "ok")
