@@ -6,9 +6,13 @@ verifies, and synced rate-limit windows share one budget."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -16,6 +20,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from gateway import ratelimit
+from mindchart_cli import stack
 from tests.actors import create_user, register_app, run_cli, smart_login
 from tests.conftest import RunningStack
 from tests.replicas import Replica, running
@@ -137,6 +142,44 @@ def test_the_feed_refuses_bad_parameters_and_resumes_by_cursor(live: RunningStac
                                       "2026-01-01T00:00:00+00:00"}, timeout=30)
     assert foreign.status_code == 200 and foreign.json()["cursor"] == everything["cursor"]
     assert httpx.get(f"{live.gateway_url}/readyz", timeout=30).status_code == 200
+
+
+def test_a_gateway_shutting_down_answers_held_feed_requests_at_once(live: RunningStack) -> None:
+    """uvicorn's graceful shutdown waits for every request in progress; a held feed request (up to
+    20 s) is answered as soon as draining begins (mindchart_core.http_limits.draining), so a
+    gateway told to stop answers it and exits well before the hold would have ended."""
+    gateway = Replica("gateway", "gateway-drain")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **live.config.service_env("gateway"),
+           "MINDCHART_GATEWAY_PORT": str(gateway.port)}
+    with open(live.runner.log_dir / "gateway-drain.log", "ab") as log:
+        process = subprocess.Popen(stack.service_argv("gateway", "127.0.0.1", gateway.port),
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the gateway exited; see gateway-drain.log"
+            try:
+                if httpx.get(f"{gateway.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the gateway did not become ready"
+            time.sleep(0.2)
+        feed = f"{gateway.url}/oauth/revocations"
+        cursor = httpx.get(feed, timeout=30).json()["cursor"]
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.get, feed, params={"cursor": cursor, "wait": "20"}, timeout=60)
+            time.sleep(1)  # the request is in, and held
+            assert not held.done()
+            process.terminate()
+            answer = held.result(timeout=12)
+            assert answer.status_code == 200 and answer.json()["revoked"] == []
+        # uvicorn re-raises the SIGTERM once its graceful shutdown is done
+        assert process.wait(timeout=12) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_replicas_write_one_verifiable_chain(live: RunningStack, replica: str) -> None:
