@@ -40,8 +40,14 @@ async def get_store(request: Request) -> ResourceStore:
     return ResourceStore(request.app.state.mongo, request.app.state.db, policy)
 
 
+async def _settings(request: Request) -> RecordsSettings:
+    """settings_of as a dependency. Async on purpose: FastAPI runs a plain `def` dependency in a
+    worker thread, a thread hand-off on every request for a dictionary lookup."""
+    return settings_of(request)
+
+
 StoreDep = Annotated[ResourceStore, Depends(get_store)]
-SettingsDep = Annotated[RecordsSettings, Depends(settings_of)]
+SettingsDep = Annotated[RecordsSettings, Depends(_settings)]
 
 
 def definition_of(resource_type: str) -> ResourceDef:
