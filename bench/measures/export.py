@@ -62,7 +62,7 @@ async def export_once(ctx: Context) -> dict[str, Any] | str:
             if poll.status_code == 503 and _transient(poll):
                 transient += 1
             elif poll.status_code != 202:
-                return f"failed: the export status answered {poll.status_code}"
+                return f"failed: the export status answered {poll.status_code}{_diagnostics(poll)}"
             if time.perf_counter() - started > POLL_LIMIT_S:
                 return f"failed: no manifest within {POLL_LIMIT_S} s"
             await asyncio.sleep(min(float(poll.headers.get("retry-after") or 1), 1.0))
@@ -84,6 +84,17 @@ async def export_once(ctx: Context) -> dict[str, Any] | str:
             "resources_per_s": round(resources / elapsed, 1) if elapsed else 0.0,
             "rss_baseline_mib": round(baseline, 1), "rss_peak_mib": round(peak, 1),
             "errors_in_manifest": len(manifest.get("error", [])), "transient_polls": transient}
+
+
+def _diagnostics(response: Any) -> str:
+    """The OperationOutcome's diagnostics of a failed status poll (a failed job says why)."""
+    try:
+        issues = response.json().get("issue") or []
+    except ValueError:
+        return ""
+    said = "; ".join(str(i.get("diagnostics")) for i in issues
+                     if isinstance(i, dict) and i.get("diagnostics"))
+    return f" ({said[:200]})" if said else ""
 
 
 def _transient(response: Any) -> bool:

@@ -3,7 +3,10 @@
 Checkpoints per resource type: a type whose files are complete is committed in the job document
 by the attempt holding the lease (store.commit_type). A worker that claims an abandoned job keeps
 the committed types, discards everything else the dead attempt wrote, and exports the remaining
-types from their start, so every resource lands in the manifest exactly once.
+types from their start, so every resource lands in the manifest exactly once. The same holds when
+the datastore fails an attempt and its own worker resumes it as a new attempt (worker.py): files,
+commits and disclosure counts all carry the attempt number, so a failed attempt's writes, even ones
+the datastore applies after the worker gave up on them, never count.
 
 Each type's query is the caller's access filter (AccessPolicy.filter_for, rebuilt from the
 kick-off token's claims) AND the export's own narrowing: compartment (Patient/Group level),
@@ -73,8 +76,6 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
     base = type_clauses(job, definition, policy, patients, base_url)
     withheld = 0
     restricted = frozenset() if job.get("include_restricted") else frozenset(store.RESTRICTED_LABELS)
-    if attempt > 1:  # a dead attempt may have counted part of this type already
-        await store.reset_pending_type(db, job["_id"], kind)
     keep = ndjson.elements_for(kind, job.get("elements"))
     files = ndjson.FileSeries(db, job["_id"], attempt, kind="output", line_type=kind,
                               source_type=kind, per_file=settings.resources_per_file)
@@ -97,10 +98,10 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
                 # Counts per patient stay in memory up to a bound, so a patient's many resources
                 # cost one upsert, not one per batch.
                 if len(per_patient) >= MAX_PENDING_PATIENTS:
-                    await store.add_pending_disclosures(db, job, kind, per_patient)
+                    await store.add_pending_disclosures(db, job, kind, attempt, per_patient)
                     per_patient = {}
         await check(f"{kind}: {files.total} resources")
-        await store.add_pending_disclosures(db, job, kind, per_patient)
+        await store.add_pending_disclosures(db, job, kind, attempt, per_patient)
         await files.close()
         deleted = 0
         if job.get("since") is not None:
@@ -175,7 +176,7 @@ async def run(db: store.Db, job: dict[str, Any], settings: ExportSettings, base_
             summary = {"count": 0, "withheld": 0, "deleted": 0}  # scope no longer covers the type
         if not await store.commit_type(db, job["_id"], attempt, kind, summary):
             raise LeaseLost
-        done[kind] = summary
+        done[kind] = {**summary, "attempt": attempt}  # as commit_type stored it
         await check(f"{len(done)} of {len(job['types'])} types done"
                     + (f"; next {remaining[index + 1]}" if index + 1 < len(remaining) else ""))
     withheld = {t: int(d.get("withheld", 0)) for t, d in done.items()}
@@ -185,7 +186,7 @@ async def run(db: store.Db, job: dict[str, Any], settings: ExportSettings, base_
         await files.add(withheld_outcome(withheld))
         await files.close()
     await check("recording disclosures")
-    await store.record_export_disclosures(db, job["_id"])
+    await store.record_export_disclosures(db, job["_id"], {t: int(d["attempt"]) for t, d in done.items()})
     if not await store.complete(db, job["_id"], attempt, settings.file_ttl_seconds):
         raise LeaseLost
 

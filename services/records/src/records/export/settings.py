@@ -23,7 +23,10 @@ class ExportSettings(BaseSettings):
     poll_seconds: float = 1.0
     sweep_seconds: float = 30.0
     workers: int = 2
+    # Attempts lost to workers that died (a job that keeps killing its workers fails after these)
+    # and attempts the datastore failed (timed out or unreachable) and the worker resumed.
     max_attempts: int = 5
+    max_stalls: int = 20
     # Cursor batch: documents fetched per round trip, and the unit of progress and lease checks.
     batch_size: int = 500
     # Pause between batches: caps one export's load on the shared datastore (0 = full speed).

@@ -30,7 +30,7 @@ from typing import Any
 
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from mindchart_core import errors
@@ -109,6 +109,19 @@ async def claim(db: Db, owner: str, lease_seconds: float) -> dict[str, Any] | No
 
 def _mine(job_id: str, attempt: int) -> dict[str, Any]:
     return {"_id": job_id, "attempt": attempt, "state": "running"}
+
+
+async def resume(db: Db, job_id: str, attempt: int, lease_seconds: float) -> dict[str, Any] | None:
+    """The lease holder starts a new attempt of its own job after the datastore failed it
+    (timed out or unreachable): the attempt number moves on, so whatever the failed attempt's
+    late writes do lands under the old number and is discarded like a dead attempt's, and
+    `stalls` counts it apart from attempts lost to dead workers. None: no longer ours."""
+    return await db.export_jobs.find_one_and_update(
+        _mine(job_id, attempt),
+        {"$set": {"lease_expires": now() + timedelta(seconds=lease_seconds)},
+         "$inc": {"attempt": 1, "stalls": 1}},
+        return_document=ReturnDocument.AFTER,
+    )
 
 
 async def renew(db: Db, job_id: str, attempt: int, lease_seconds: float, progress: str) -> bool:
@@ -279,15 +292,17 @@ async def compartment_page(db: Db, resource_type: str, filt: dict[str, Any],
 
 # -- disclosure log -------------------------------------------------------------------------------
 
-async def add_pending_disclosures(db: Db, job: dict[str, Any], resource_type: str,
+async def add_pending_disclosures(db: Db, job: dict[str, Any], resource_type: str, attempt: int,
                                   per_patient: dict[str, int]) -> None:
-    """Count what this export releases per patient; recorded when the export completes."""
+    """Count what this export releases per patient, under the attempt that counted it: only the
+    attempt that committed the type counts when the export completes, so a failed attempt's
+    counts (even a write of it the datastore applies late) are never added twice."""
     if not per_patient:
         return
     await db.disclosures.bulk_write([
         UpdateOne(
             {"_id": f"{job['_id']}:{patient}"},
-            {"$inc": {f"counts.{resource_type}": n},
+            {"$inc": {f"pending.{resource_type}.{attempt}": n},
              "$setOnInsert": {"patient": patient, "job": job["_id"], "event": "export",
                               "state": "pending", "recipient": job["client_id"],
                               "recipient_user": job.get("recipient_user"),
@@ -298,16 +313,35 @@ async def add_pending_disclosures(db: Db, job: dict[str, Any], resource_type: st
     ], ordered=False)
 
 
-async def reset_pending_type(db: Db, job_id: str, resource_type: str) -> None:
-    """Forget a dead attempt's counts of a type before that type is exported again."""
-    await db.disclosures.update_many({"job": job_id, "state": "pending"},
-                                     {"$unset": {f"counts.{resource_type}": ""}})
+def committed_counts(doc: dict[str, Any], committed: dict[str, int]) -> dict[str, int]:
+    """A pending disclosure's counts per type, from the committing attempt of each type only.
+    `counts` already there is an entry pending from before counts were kept per attempt."""
+    counts = dict(doc.get("counts") or {})
+    for resource_type, by_attempt in (doc.get("pending") or {}).items():
+        n = (by_attempt or {}).get(str(committed.get(resource_type)))
+        if n:
+            counts[resource_type] = int(n)
+    return counts
 
 
-async def record_export_disclosures(db: Db, job_id: str) -> None:
-    await db.disclosures.delete_many({"job": job_id, "state": "pending", "counts": {}})
-    await db.disclosures.update_many({"job": job_id, "state": "pending"},
-                                     {"$set": {"state": "recorded", "recorded": now()}})
+async def record_export_disclosures(db: Db, job_id: str, committed: dict[str, int],
+                                    batch: int = 500) -> None:
+    """Turn the job's pending disclosures into recorded ones, all at one moment; a patient left
+    with nothing counted (only failed attempts saw them) gets no entry. Idempotent: a worker that
+    resumes the job after a failure here records only what is still pending."""
+    moment = now()
+    writes: list[Any] = []
+    async for doc in db.disclosures.find({"job": job_id, "state": "pending"}, batch_size=batch):
+        counts = committed_counts(doc, committed)
+        where = {"_id": doc["_id"], "state": "pending"}
+        writes.append(UpdateOne(where, {"$set": {"counts": counts, "state": "recorded",
+                                                 "recorded": moment}, "$unset": {"pending": ""}})
+                      if counts else DeleteOne(where))
+        if len(writes) >= batch:
+            await db.disclosures.bulk_write(writes, ordered=False)
+            writes = []
+    if writes:
+        await db.disclosures.bulk_write(writes, ordered=False)
 
 
 async def record_download(db: Db, job: dict[str, Any], file_doc: dict[str, Any],
