@@ -70,6 +70,7 @@ async def run_all(plan: Plan, selected: set[str]) -> int:
                 result = await module.run(ctx)
             except Exception as exc:  # one broken measurement must not hide the others
                 result = report.Result(module.KEY, module.TITLE).failed(f"{type(exc).__name__}: {exc}"[:300])
+            if result.status == "failed":  # raised, or a failure the measurement saw (a failed export)
                 kept = keep_logs(stack.runner.log_dir, report.RESULTS / plan.mode, number)
                 result.rows[0].notes.append(f"Process logs at the failure: {', '.join(kept)}.")
             result.load_average_before, result.load_average_after = before, machine.load_average()

@@ -90,7 +90,7 @@ class Workers(background.Workers):
             metrics.EXPORT_JOBS.labels("complete").inc()
             log.info("export_complete", job=job["_id"], attempt=attempt)
         except exporter.LeaseLost:
-            log.info("export_lease_lost", job=job["_id"], attempt=attempt)
+            log.warning("export_lease_lost", job=job["_id"], attempt=attempt)
             current = await store.job(self.db, job["_id"])
             if current is None or current["state"] == "cancelled":  # cancelled, maybe swept
                 await store.discard_files(self.db, job["_id"])
@@ -125,7 +125,7 @@ class Workers(background.Workers):
                 delay = min(delay * 2, 2.0)
                 continue
             if job is not None:
-                log.info("export_resumed", job=job_id, attempt=int(job["attempt"]),
+                log.warning("export_resumed", job=job_id, attempt=int(job["attempt"]),
                          stalls=int(job.get("stalls", 0)))
             return job
         return None
