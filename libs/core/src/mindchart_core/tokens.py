@@ -171,13 +171,19 @@ class RevocationFeed:
 
     async def run(self) -> None:
         """The long-poll loop (a lifespan task)."""
+        failed = False
         async with httpx.AsyncClient(timeout=self._timeout()) as http:
             while True:
                 asked = time.monotonic()
                 try:
-                    news = await self.refresh(http, wait=self.wait)
+                    # After a failed request, ask to be answered at once: a held request would
+                    # leave this feed stale (and every request refused 503) for up to `wait`
+                    # seconds after the gateway is back, with nothing new to report.
+                    news = await self.refresh(http, wait=0.0 if failed else self.wait)
+                    failed = False
                 except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                     log.warning("revocation_refresh_failed", error_type=type(exc).__name__)
+                    failed = True
                     await asyncio.sleep(self.refresh_seconds)
                     continue
                 if not news and time.monotonic() - asked < self.wait / 2:

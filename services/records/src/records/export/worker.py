@@ -126,7 +126,7 @@ class Workers(background.Workers):
                 continue
             if job is not None:
                 log.warning("export_resumed", job=job_id, attempt=int(job["attempt"]),
-                         stalls=int(job.get("stalls", 0)))
+                            stalls=int(job.get("stalls", 0)))
             return job
         return None
 
