@@ -376,6 +376,17 @@ def test_frozen_audit_store_never_answers_unaudited(resilient: ResilientStack,
     finally:
         resilient.thaw("datastore-gateway")
     resilient.wait_ready()
+    # Backends vouch for revocations again once the gateway's feed answers them; a feed request
+    # the gateway held through the freeze ends within its hold (20 s), and until then records
+    # answers 503 (fail closed). Bounded: the hold plus margin.
+    deadline = time.monotonic() + 45
+    while True:
+        r = fhir.get("/Patient", params={"_count": 1})
+        ledger.answer(r)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        assert r.status_code == 503, r.text
+        time.sleep(0.5)
     for _ in range(5):
         r = fhir.get("/Patient", params={"_count": 1})
         ledger.answer(r)
