@@ -82,7 +82,8 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
     per_patient: dict[str, int] = {}
     in_batch = 0
     try:
-        async for doc in store.stream(db, kind, base, settings.batch_size):
+        window = store.Window("sp.lastUpdated_lo", job.get("since"), job["transaction_time"])
+        async for doc in store.stream(db, kind, base, window, settings.batch_size):
             in_batch += 1
             # Withheld here rather than by the query, so they are counted in the same pass.
             if restricted and not restricted.isdisjoint((doc.get("sp") or {}).get("_security") or ()):
@@ -144,7 +145,8 @@ async def export_deletions(db: store.Db, job: dict[str, Any], attempt: int,
         await check(f"{kind}: deletions")
 
     try:
-        async for doc in store.deletions(db, kind, store.and_(*clauses), settings.batch_size):
+        window = store.Window("ts", job["since"], job["transaction_time"])
+        async for doc in store.deletions(db, kind, store.and_(*clauses), window, settings.batch_size):
             batch.append(doc["id"])
             if len(batch) >= settings.batch_size:
                 await flush()
@@ -174,9 +176,10 @@ async def run(db: store.Db, job: dict[str, Any], settings: ExportSettings, base_
                                         base_url, check)
         except errors.Forbidden:
             summary = {"count": 0, "withheld": 0, "deleted": 0}  # scope no longer covers the type
-        if not await store.commit_type(db, job["_id"], attempt, kind, summary):
+        committed = await store.commit_type(db, job["_id"], attempt, kind, summary)
+        if committed is None:
             raise LeaseLost
-        done[kind] = {**summary, "attempt": attempt}  # as commit_type stored it
+        done[kind] = committed
         await check(f"{len(done)} of {len(job['types'])} types done"
                     + (f"; next {remaining[index + 1]}" if index + 1 < len(remaining) else ""))
     withheld = {t: int(d.get("withheld", 0)) for t, d in done.items()}
