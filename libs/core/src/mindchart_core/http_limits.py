@@ -391,11 +391,38 @@ def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+def deadline_receive(receive: Receive, seconds: float,
+                     on_body: Callable[[int], None] | None = None) -> Receive:
+    """`receive` with the body deadline: the whole body must arrive within `seconds` of now, or the
+    read raises RequestTimeout (408, `Connection: close`). `on_body` hears the size of each body
+    chunk as it arrives (the gateway's body limit counts with it, and may raise). Reads after the
+    body (waiting for a disconnect) are unbounded, as streaming responses need. The one wrapper
+    BodyDeadlineMiddleware and the gateway's FHIR front (gateway/front.py) both use."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    complete = False
+
+    async def bounded_receive() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise errors.RequestTimeout(f"The request body did not arrive within {seconds:g} s",
+                                        headers={"Connection": "close"}) from None
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
+        if on_body is not None and message["type"] == "http.request":
+            on_body(len(message.get("body", b"")))
+        return message
+
+    return bounded_receive
+
+
 class BodyDeadlineMiddleware:
     """A request body must arrive in full within `seconds` of the head, or the request is answered
     408 with `Connection: close` by the application's own error handler (so it is logged and, at
-    the gateway, audited like any refusal). Waiting for a disconnect after the body is unbounded,
-    as streaming responses do."""
+    the gateway, audited like any refusal); `deadline_receive` does the bounding."""
 
     def __init__(self, app: ASGIApp, *, seconds: float | None = None) -> None:
         self.app = app
@@ -406,25 +433,8 @@ class BodyDeadlineMiddleware:
             await self.app(scope, receive, send)
             return
         seconds = self.seconds if self.seconds is not None else limits().body_timeout_seconds
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        complete = False
-
-        async def bounded_receive() -> Message:
-            nonlocal complete
-            if complete:
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise errors.RequestTimeout(f"The request body did not arrive within {seconds:g} s",
-                                            headers={"Connection": "close"}) from None
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        await self.app(scope, bounded_receive, send)
+        await self.app(scope, deadline_receive(receive, seconds), send)
 
 
 __all__ = ["REFUSALS_STATE_KEY", "BodyDeadlineMiddleware", "HttpLimits", "LimitedHttpToolsProtocol",
-           "Refusal", "RefusalListener", "draining", "has_body", "limits"]
+           "Refusal", "RefusalListener", "deadline_receive", "draining", "has_body", "limits"]

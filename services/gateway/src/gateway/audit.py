@@ -160,7 +160,55 @@ async def audit_response(scope: Scope, status: int, headers: list[tuple[bytes, b
     return headers
 
 
+class AuditedSend:
+    """The `send` of one audited request, the one implementation AuditMiddleware and the FHIR
+    front (front.py) share: a response start goes on only once its audit record (and a
+    PrivacyDisclosure record for each release reported) is stored; if they cannot be stored,
+    the client gets a 503 through `send` instead and nothing more of that response goes out
+    (45 CFR 164.312(b): no answer unaudited). `started` is the request's time.perf_counter()."""
+
+    __slots__ = ("audit_chain", "failed", "observer", "receive", "responded", "scope", "send",
+                 "started")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, observer: str,
+                 audit_chain: chain.AuditChain, started: float) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.observer, self.audit_chain, self.started = observer, audit_chain, started
+        self.responded = False  # a response start got past the audit (or was refused by it)
+        self.failed = False  # its records could not be stored: the 503 went out instead
+
+    async def __call__(self, message: Message) -> None:
+        if self.failed:
+            return
+        if message["type"] == "http.response.start":
+            self.responded = True
+            elapsed = (time.perf_counter() - self.started) * 1000
+            try:
+                message["headers"] = await audit_response(
+                    self.scope, message["status"], list(message.get("headers", [])), elapsed,
+                    self.observer, self.audit_chain)
+            except Exception as exc:
+                self.failed = True
+                log.error("audit_write_failed", error_type=type(exc).__name__)
+                refusal = errors.Unavailable(
+                    "The request could not be audited; try again",
+                    headers={"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
+                await refusal.response()(self.scope, self.receive, self.send)
+                return
+        await self.send(message)
+
+    async def internal_error(self, exc: Exception) -> None:
+        """Answer an exception raised before any response started (the caller re-raises once
+        one has): a 500 audited like any answer, a 503 if it cannot be. Answered here rather than
+        by ServerErrorMiddleware (outside this layer, outside the request id), which would send
+        a 500 nobody audited."""
+        log.error("unhandled_error", error_type=type(exc).__name__)
+        failure = errors.FhirError("Internal server error", status=500, code="exception")
+        await failure.response()(self.scope, self.receive, self)
+
+
 UNAUDITED = frozenset({"/healthz", "/readyz", "/metrics", "/oauth/revocations"})
+
 
 class AuditMiddleware:
     def __init__(self, app: ASGIApp, *, observer: str) -> None:
@@ -173,40 +221,11 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope.get("path") in UNAUDITED:
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        failed = False
-        responded = False
-        audit_chain: chain.AuditChain = scope["app"].state.audit_chain
-
-        async def audited_send(message: Message) -> None:
-            nonlocal failed, responded
-            if failed:
-                return
-            if message["type"] == "http.response.start":
-                responded = True
-                elapsed = (time.perf_counter() - started) * 1000
-                try:
-                    message["headers"] = await audit_response(
-                        scope, message["status"], list(message.get("headers", [])), elapsed,
-                        self.observer, audit_chain)
-                except Exception as exc:
-                    failed = True
-                    log.error("audit_write_failed", error_type=type(exc).__name__)
-                    refusal = errors.Unavailable(
-                        "The request could not be audited; try again",
-                        headers={"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
-                    await refusal.response()(scope, receive, send)
-                    return
-            await send(message)
-
+        audited = AuditedSend(scope, receive, send, self.observer, scope["app"].state.audit_chain,
+                              time.perf_counter())
         try:
-            await self.app(scope, receive, audited_send)
+            await self.app(scope, receive, audited)
         except Exception as exc:
-            if responded:
+            if audited.responded:
                 raise
-            # Answer the failure here rather than let ServerErrorMiddleware (outside this layer,
-            # outside the request id) send a 500 nobody audited: the 500 goes through
-            # audited_send like any answer, and becomes a 503 if it cannot be audited either.
-            log.error("unhandled_error", error_type=type(exc).__name__)
-            failure = errors.FhirError("Internal server error", status=500, code="exception")
-            await failure.response()(scope, receive, audited_send)
+            await audited.internal_error(exc)

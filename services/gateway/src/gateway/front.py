@@ -24,16 +24,13 @@ with the access log's metric lookups about a tenth of the gateway's CPU per read
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import structlog
-from pymongo.errors import PyMongoError
-from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import audit, bodylimit, chain, cors, forwarded, proxy
-from mindchart_core import asgi, errors, http_limits
+from gateway import audit, bodylimit, cors, forwarded, proxy
+from mindchart_core import asgi, http_limits
 
 log = structlog.get_logger(__name__)
 
@@ -79,37 +76,7 @@ class FhirFront:
         # -- forwarded-for --
         if self.trusted:
             scope = forwarded.resolve_client(scope, self.trusted)
-        audit_chain: chain.AuditChain = scope["app"].state.audit_chain
-        responded = False  # a response start got past the audit (or was refused by it)
-        audit_failed = False
         cors_headers = True  # endpoint answers carry CORS; the audit layer's own 413/500 do not
-
-        async def respond(message: Message) -> None:
-            nonlocal status, responded, audit_failed
-            if audit_failed:
-                return
-            if message["type"] == "http.response.start":
-                responded = True
-                headers: list[tuple[bytes, bytes]] = message.get("headers", [])
-                if cors_headers:
-                    headers = cors.with_cors_headers(headers)
-                try:
-                    headers = await audit.audit_response(
-                        scope, message["status"], headers, (time.perf_counter() - started) * 1000,
-                        self.observer, audit_chain)
-                except Exception as exc:
-                    audit_failed = True
-                    log.error("audit_write_failed", error_type=type(exc).__name__)
-                    refusal = errors.Unavailable(
-                        "The request could not be audited; try again",
-                        headers={"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
-                    await refusal.response()(scope, receive, with_request_id)
-                    return
-                status = message["status"]
-                headers = [h for h in headers if h[0].lower() != asgi.REQUEST_ID_HEADER]
-                headers.append(request_id_header)
-                message["headers"] = headers
-            await send(message)
 
         async def with_request_id(message: Message) -> None:
             nonlocal status
@@ -119,37 +86,36 @@ class FhirFront:
                                       if h[0].lower() != asgi.REQUEST_ID_HEADER] + [request_id_header]
             await send(message)
 
+        # -- audit -- (its 503 for a failed audit carries the request id only)
+        audited = audit.AuditedSend(scope, receive, with_request_id, self.observer,
+                                    scope["app"].state.audit_chain, started)
+
+        async def respond(message: Message) -> None:  # -- CORS --
+            if cors_headers and message["type"] == "http.response.start":
+                message["headers"] = cors.with_cors_headers(message.get("headers", []))
+            await audited(message)
+
+        def responded() -> bool:
+            return audited.responded
+
         try:
             try:
-                try:
-                    body_receive = self._bounded_receive(scope, receive)
-                    if body_receive is None:  # a declared size over the limit
-                        cors_headers = False
-                        refusal = bodylimit.refusal(scope["path"], self.max_body_bytes)
-                        await refusal(scope, receive, respond)
-                        return
-                    await endpoint(scope, body_receive, respond)
-                except (errors.FhirError, PyMongoError) as exc:
-                    if responded:
-                        raise
-                    if isinstance(exc, errors.FhirError):
-                        response = exc.response()
-                    else:
-                        response = await self.datastore_failure(Request(scope), exc)
-                    await response(scope, receive, respond)
+                body_receive = self._bounded_receive(scope, receive)
+                if body_receive is None:  # a declared size over the limit
+                    cors_headers = False
+                    await bodylimit.refusal(scope["path"], self.max_body_bytes)(scope, receive, respond)
+                    return
+                await proxy.serve(endpoint, scope, body_receive, respond, self.datastore_failure,
+                                  responded)
             except bodylimit.BodyTooLarge:
-                if responded:
+                if audited.responded:
                     raise
                 cors_headers = False
                 await bodylimit.refusal(scope["path"], self.max_body_bytes)(scope, receive, respond)
         except Exception as exc:
-            if responded:
+            if audited.responded:
                 raise
-            # As audit.AuditMiddleware: the 500 is audited like any answer (503 if it cannot be).
-            log.error("unhandled_error", error_type=type(exc).__name__)
-            cors_headers = False
-            failure = errors.FhirError("Internal server error", status=500, code="exception")
-            await failure.response()(scope, receive, respond)
+            await audited.internal_error(exc)  # as audit.AuditMiddleware: no CORS on the 500
         finally:
             asgi.request_finished(self.service, scope, status, started)
             structlog.contextvars.unbind_contextvars("request_id")
@@ -163,29 +129,15 @@ class FhirFront:
         declared = next((v for k, v in headers if k == b"content-length"), b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return None
-        seconds = http_limits.limits().body_timeout_seconds
-        deadline = asyncio.get_running_loop().time() + seconds
-        complete = False
         seen = 0
 
-        async def bounded_receive() -> Message:
-            nonlocal complete, seen
-            if complete:
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise errors.RequestTimeout(f"The request body did not arrive within {seconds:g} s",
-                                            headers={"Connection": "close"}) from None
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise bodylimit.BodyTooLarge
-            return message
+        def count(size: int) -> None:
+            nonlocal seen
+            seen += size
+            if seen > self.max_body_bytes:
+                raise bodylimit.BodyTooLarge
 
-        return bounded_receive
+        return http_limits.deadline_receive(receive, http_limits.limits().body_timeout_seconds, count)
 
 
 __all__ = ["FhirFront"]

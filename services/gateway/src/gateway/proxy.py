@@ -290,6 +290,18 @@ class FhirDispatch:
         await self.app(scope, receive, send)
 
     async def _serve(self, endpoint: ProxyEndpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve(endpoint, scope, receive, send, self.datastore_failure)
+
+
+async def serve(endpoint: ProxyEndpoint, scope: Scope, receive: Receive, send: Send,
+                datastore_failure: DatastoreFailure,
+                responded: Callable[[], bool] | None = None) -> None:
+    """Run `endpoint`; a FhirError or a datastore failure it raises before its response started
+    is answered as the app's handlers answer it (the FhirError's OperationOutcome; a datastore
+    failure by `datastore_failure`), anything else raised goes on up. `responded` says whether a
+    response has started, when the caller tracks it already (front.py's audit); else `send` is
+    watched here. The one implementation FhirDispatch and the FHIR front share."""
+    if responded is None:
         started = False
 
         async def tracked(message: Message) -> None:
@@ -297,16 +309,22 @@ class FhirDispatch:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await endpoint(scope, receive, tracked)
-        except (errors.FhirError, PyMongoError) as exc:
-            if started:
-                raise
-            if isinstance(exc, errors.FhirError):
-                response = exc.response()
-            else:
-                response = await self.datastore_failure(Request(scope), exc)
-            await response(scope, receive, send)
+        def watched() -> bool:
+            return started
+
+        responded, endpoint_send = watched, tracked
+    else:
+        endpoint_send = send
+    try:
+        await endpoint(scope, receive, endpoint_send)
+    except (errors.FhirError, PyMongoError) as exc:
+        if responded():
+            raise
+        if isinstance(exc, errors.FhirError):
+            response = exc.response()
+        else:
+            response = await datastore_failure(Request(scope), exc)
+        await response(scope, receive, send)
 
 
 # (path prefix, backend) of the proxied FHIR bases; the longer prefix first.
@@ -437,4 +455,4 @@ async def forward(scope: Scope, receive: Receive, send: Send, upstream_pool: Ups
 
 __all__ = ["BASES", "METHODS", "DatastoreFailure", "FhirDispatch", "Interaction", "ProxyEndpoint",
            "Registrations", "Upstream", "VerifiedTokens", "classify", "fhirjson", "forward",
-           "needs_token", "patient_of", "retry_is_safe"]
+           "needs_token", "patient_of", "retry_is_safe", "serve"]
