@@ -49,7 +49,8 @@ def test_metadata_is_a_valid_r4_capability_statement_without_a_token(live: Runni
     by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
     notes = by_type["DocumentReference"]
     assert {p["name"] for p in notes["searchParam"]} == {
-        "patient", "subject", "_id", "date", "author", "status", "relatesto"}
+        "patient", "subject", "_id", "date", "author", "status", "relatesto", "_lastUpdated", "_tag",
+        "_security"}
     assert {p["name"] for p in by_type["Consent"]["searchParam"]} == {"patient", "subject"}
     # A Consent is never edited: its 405 routes are not capabilities.
     assert {i["code"] for i in by_type["Consent"]["interaction"]} == {"read", "create", "search-type"}

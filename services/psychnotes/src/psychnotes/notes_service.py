@@ -25,7 +25,11 @@ from psychnotes.lifecycle import amends
 
 log = structlog.get_logger(__name__)
 SEARCH_PARAMS = frozenset({"patient", "subject", "_id", "date", "author", "status", "relatesto",
-                           "_count", "_cursor", "_format"})
+                           "_lastUpdated", "_tag", "_security", "_count", "_cursor", "_format"})
+# R4 search.html §2.1.1.2 common parameters: `_tag` and `_security` are tokens on meta.tag and
+# meta.security, `_lastUpdated` a date on meta.lastUpdated. The stored stub keeps the note's meta
+# in clear (never its text), so they filter on it; `_lastUpdated` on the version's time `ts`.
+META_TOKENS = {"_tag": "resource.meta.tag", "_security": "resource.meta.security"}
 MAX_COUNT = 100
 
 
@@ -297,17 +301,37 @@ async def note_history(ctx: service.Context, token: consent_token.ConsentToken, 
     return fhirjson.FhirResponse(service.bundle(head, entries), headers=headers)
 
 
-def _date_clause(value: str) -> dict[str, Any]:
+def _date_clause(value: str, field: str = "date", name: str = "date") -> dict[str, Any]:
     prefix, rest = (value[:2], value[2:]) if value[:2] in ("ge", "gt", "le", "lt", "eq") else ("eq", value)
     try:
         lo, hi = parse_instant(rest), parse_instant(rest, end=True)
     except ValueError:
-        raise errors.Invalid(f"date: '{value[:40]}' is not a date or instant") from None
+        raise errors.Invalid(f"{name}: '{value[:40]}' is not a date or instant") from None
     if hi == lo:
         hi = lo + timedelta(milliseconds=1)
-    return {"ge": {"date": {"$gte": lo}}, "gt": {"date": {"$gte": hi}},
-            "le": {"date": {"$lt": hi}}, "lt": {"date": {"$lt": lo}},
-            "eq": {"date": {"$gte": lo, "$lt": hi}}}[prefix]
+    return {"ge": {field: {"$gte": lo}}, "gt": {field: {"$gte": hi}},
+            "le": {field: {"$lt": hi}}, "lt": {field: {"$lt": lo}},
+            "eq": {field: {"$gte": lo, "$lt": hi}}}[prefix]
+
+
+def _meta_token_clause(name: str, value: str) -> dict[str, Any]:
+    """R4 search.html §2.1.1.4.5 token forms on a Coding list: `system|code`, `code` (any
+    system), `|code` (no system), `system|` (any code of the system); commas are OR."""
+    alternatives: list[dict[str, Any]] = []
+    for item in [v for v in value.split(",") if v][:MAX_COUNT]:
+        if "|" in item:
+            system, _, code = item.partition("|")
+            match: dict[str, Any] = {"system": system} if system else {"system": {"$exists": False}}
+            if code:
+                match["code"] = code
+            elif not system:
+                raise errors.Invalid(f"{name}: '|' names neither a system nor a code")
+        else:
+            match = {"code": item}
+        alternatives.append({META_TOKENS[name]: {"$elemMatch": match}})
+    if not alternatives:
+        raise errors.Invalid(f"{name} needs a value")
+    return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
 
 
 async def search_notes(ctx: service.Context, token: consent_token.ConsentToken,
@@ -319,7 +343,8 @@ async def search_notes(ctx: service.Context, token: consent_token.ConsentToken,
     for name, value in items:
         if name not in SEARCH_PARAMS:
             raise errors.Invalid(f"Search parameter '{name[:40]}' is not supported here "
-                                 "(supported: patient, _id, date, author, status, relatesto, _count)")
+                                 "(supported: patient, _id, date, author, status, relatesto, "
+                                 "_lastUpdated, _tag, _security, _count)")
         if name in ("patient", "subject"):
             wanted = value if value.startswith("Patient/") else f"Patient/{value}"
             if wanted != token.patient:
@@ -329,6 +354,10 @@ async def search_notes(ctx: service.Context, token: consent_token.ConsentToken,
             clauses.append({"_id": {"$in": [v for v in value.split(",") if v][:MAX_COUNT]}})
         elif name == "date":
             clauses.append(_date_clause(value))
+        elif name == "_lastUpdated":
+            clauses.append(_date_clause(value, "ts", name))
+        elif name in META_TOKENS:
+            clauses.append(_meta_token_clause(name, value))
         elif name == "author":
             clauses.append({"author": value if "/" in value else f"Practitioner/{value}"})
         elif name == "status":

@@ -48,6 +48,12 @@ SEARCH_PARAM_DEFINITIONS: dict[str, dict[str, tuple[str, str | None, str]]] = {
                    "Without it a search leaves entered-in-error notes out"),
         "relatesto": ("reference", f"{SP}/DocumentReference-relatesto",
                       "A note's addenda and corrections"),
+        "_lastUpdated": ("date", f"{SP}/Resource-lastUpdated",
+                         "When the note's current version was written; prefixes eq, ge, gt, le, lt"),
+        "_tag": ("token", f"{SP}/Resource-tag",
+                 "meta.tag: system|code, code, |code or system|; comma-separated alternatives"),
+        "_security": ("token", f"{SP}/Resource-security",
+                      "meta.security: every note carries V, PSYTHPN and NOAUTH (set by the server)"),
     },
     "Consent": {
         "patient": ("reference", f"{SP}/clinical-patient", "Exactly one patient"),
