@@ -7,6 +7,7 @@ after holding. The refresh loop is driven by hand here (`refresh()`), as `run()`
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -94,16 +95,44 @@ async def test_a_draining_server_answers_held_requests_at_once(replicas: Any) ->
         http_limits.draining().clear()
 
 
+def _as_if_refreshing_failed(listed: revocations.RevocationList) -> None:
+    """The list's last successful refresh an hour ago: what a datastore frozen or unreachable for
+    longer than `stale_after` leaves behind (each refresh fails after the datastore timeout)."""
+    listed._fresh_at = time.monotonic() - 3600
+
+
 async def test_a_stale_list_refuses_rather_than_answer_nothing_new(replicas: Any) -> None:
     a, _ = replicas
     cursor = (await a.changes(cursor=None, since=None, wait=0)).cursor
-    a.stale_after = 0.0  # as if refreshing had failed for longer than allowed
-    with pytest.raises(errors.Unavailable):
+    _as_if_refreshing_failed(a)
+    with pytest.raises(errors.Unavailable):  # asked without a wait: 503 at once
         await a.changes(cursor=cursor, since=None, wait=0)
-    a.stale_after = 60.0
+    # A hold that ends while the list is still stale: 503, never an empty "nothing new".
+    with pytest.raises(errors.Unavailable):
+        await asyncio.wait_for(a.changes(cursor=cursor, since=None, wait=0.3), 5)
+
+
+async def test_requests_held_through_staleness_are_answered_when_the_list_is_fresh_again(
+        replicas: Any) -> None:
+    """Issue 16: a backend's request held while the gateway's datastore was frozen left the
+    backend stale (every token refused 503) until the hold ended, up to 20 s after the thaw. Now
+    the first refresh that succeeds again answers every held request at once."""
+    a, b = replicas
+    cursor = (await a.changes(cursor=None, since=None, wait=0)).cursor
+    held_before = asyncio.create_task(a.changes(cursor=cursor, since=None, wait=20))
+    assert not await _settled(held_before)  # up to date: held
+    _as_if_refreshing_failed(a)  # the datastore froze while it was held
+    held_during = asyncio.create_task(a.changes(cursor=cursor, since=None, wait=20))
+    assert not await _settled(held_before) and not await _settled(held_during)
+    await a.refresh()  # the datastore is back: the first refresh that succeeds
+    for held in (held_before, held_during):
+        answer = await asyncio.wait_for(held, 5)
+        assert answer.revoked == [] and answer.cursor == cursor  # vouched for: nothing new
+    # And what changed meanwhile is delivered with that first answer.
     held = asyncio.create_task(a.changes(cursor=cursor, since=None, wait=20))
     assert not await _settled(held)
-    a.stale_after = 0.0
-    a._wake()  # what the refresh loop does when a failed refresh leaves the list stale
-    with pytest.raises(errors.Unavailable):
-        await asyncio.wait_for(held, 5)
+    _as_if_refreshing_failed(a)
+    await b.revoke_jti("during-the-outage", LATER)  # another replica's, in the datastore
+    assert not await _settled(held)
+    await a.refresh()
+    assert _ids(await asyncio.wait_for(held, 5)) == {"jti:during-the-outage"}

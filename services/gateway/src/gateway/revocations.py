@@ -24,6 +24,14 @@ while nothing is newer than that stamp (so a backend whose requests a load balan
 replicas never spins). Not covered exactly there: a revocation whose write committed out of
 order, older than `since`, that this replica already held when the request came; it goes out
 with the overlap when the hold ends (at most 25 s).
+
+A list that cannot vouch for itself (refreshing failed for `stale_after`: the datastore frozen or
+unreachable) never answers "nothing new": a request without a wait gets 503 at once, a held one
+stays held and is answered by the first refresh that succeeds again (the list turning fresh
+again is an event to deliver in RFC 6202 §1's sense: it is what the backend needs to vouch for
+tokens again). Before that, a request held through an outage
+kept its backend stale, refusing every token with 503, until its hold ended up to 20 s after the
+datastore was back (issue 16).
 """
 
 from __future__ import annotations
@@ -109,7 +117,13 @@ class RevocationList:
         since = self._newest - OVERLAP if self._newest is not None else None
         for doc in await store.revocations_since(self.db, since):
             self._learn(str(doc["_id"]), doc["expires"], doc.get("revoked_at"))
+        was_stale = self.stale
         self._fresh_at = started
+        if was_stale and not self.stale:
+            # Fresh again (the datastore is back): requests held while the list could not vouch
+            # for itself are answered now, so their backends are fresh again at once.
+            log.info("revocation_list_fresh_again")
+            self._wake()
         if started - self._pruned_at > 60:
             now = datetime.now(UTC)
             self._entries = {k: v for k, v in self._entries.items() if v.expires > now}
@@ -127,8 +141,6 @@ class RevocationList:
                 await self.refresh()
             except Exception as exc:  # keep looping; is_revoked falls back when stale
                 log.warning("revocation_refresh_failed", error_type=type(exc).__name__)
-                if self.stale:
-                    self._wake()  # held feed requests answer 503 rather than "nothing new"
 
     async def is_revoked(self, jti: str, family: str | None) -> bool:
         if self.stale:
@@ -173,25 +185,37 @@ class RevocationList:
 
     async def changes(self, *, cursor: str | None, since: datetime | None, wait: float) -> Changes:
         """The feed's answer: at once if there is news for this backend (or `wait` is 0), else
-        when the list changes, the server starts draining, or `wait` seconds pass. A list that
-        cannot vouch for itself (refreshing has failed for `stale_after`) answers 503, never an
-        empty "nothing new"."""
+        when the list changes, turns fresh again, the server starts draining, or `wait` seconds
+        pass. A list that cannot vouch for itself (refreshing has failed for `stale_after`)
+        never answers an empty "nothing new": asked without a wait, it answers 503 at once; a
+        held request stays held through the staleness and is answered as soon as a refresh
+        succeeds again (`refresh` wakes it), or 503 if its `wait` ends first. So a backend whose
+        request the gateway held through a datastore outage is fresh again as soon as the
+        gateway is, not when its hold would have ended (issue 16)."""
         wait = min(max(wait, 0.0), MAX_WAIT_SECONDS)
-        changed = self._changed
-        if self.stale:
-            raise errors.Unavailable("Token revocations cannot be listed right now")
-        answer, news = self._answer(cursor, since)
         draining = http_limits.draining()
-        if news or wait == 0 or self._held >= MAX_HELD or draining.is_set():
-            return answer
+        if self.stale and (wait == 0 or self._held >= MAX_HELD or draining.is_set()):
+            raise errors.Unavailable("Token revocations cannot be listed right now")
+        if not self.stale:
+            answer, news = self._answer(cursor, since)
+            if news or wait == 0 or self._held >= MAX_HELD or draining.is_set():
+                return answer
+        deadline = time.monotonic() + wait
         self._held += 1
         try:
-            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(draining.wait())]
-            try:
-                await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pending in waits:
-                    pending.cancel()
+            while True:
+                changed = self._changed
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(draining.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for pending in waits:
+                        pending.cancel()
+                if not self.stale or draining.is_set():
+                    break  # something changed or the list is fresh again: answer; draining: go
         finally:
             self._held -= 1
         if self.stale:
