@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -26,7 +28,10 @@ SETTLE_SECONDS = 3.0
 async def _poll(url: str, count: int) -> None:
     from mindchart_core import tokens
 
-    feeds = [tokens.RevocationFeed(url) for _ in range(count)]
+    # The feed secret the stack's backends read it with (its development one, under the data dir
+    # given in the environment by `_rest`): the gateway answers nobody else.
+    secret = tokens.feed_secret("", data_dir=Path(os.environ["MINDCHART_DATA_DIR"]), production=False)
+    feeds = [tokens.RevocationFeed(url, secret=secret) for _ in range(count)]
     tasks = await asyncio.gather(*(feed.start() for feed in feeds))
     print("following", flush=True)  # every feed has had its first answer
     await asyncio.gather(*tasks)
@@ -44,7 +49,8 @@ def _rest(stack: harness.BenchStack, extra: int, seconds: float) -> dict[str, fl
     if extra:
         pollers = subprocess.Popen(
             [sys.executable, "-m", "bench.idle", "--poll", f"{stack.gateway_url}/oauth/revocations",
-             "--count", str(extra)], cwd=machine.REPO, stdout=subprocess.PIPE, text=True)
+             "--count", str(extra)], cwd=machine.REPO, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "MINDCHART_DATA_DIR": str(stack.config.data_dir)})
     try:
         if pollers is not None and pollers.stdout is not None:
             pollers.stdout.readline()  # "following": every poller has started

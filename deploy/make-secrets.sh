@@ -82,5 +82,15 @@ write records-cdex-client-key.pem openssl genpkey -quiet -algorithm EC -pkeyopt 
 write psychnotes-careteam-client.pem openssl genpkey -quiet -algorithm EC -pkeyopt ec_paramgen_curve:P-384
 # Key-encryption key for psychotherapy-note bodies: 32 random bytes, base64 text on one line.
 write psychnotes-kek openssl rand -base64 32
+# The revocation feed's secret: the gateway answers its feed only to callers presenting it, and
+# records and psychnotes present it (one value; a copy per service, each mounts only its own).
+write gateway-revocations-secret openssl rand -hex 32
+for svc in records psychnotes; do
+    if [ -e "$dir/$svc-revocations-secret" ] \
+        && ! cmp -s "$dir/gateway-revocations-secret" "$dir/$svc-revocations-secret"; then
+        rm "$dir/$svc-revocations-secret"  # a copy of an earlier value: copied again
+    fi
+    write "$svc-revocations-secret" cat "$dir/gateway-revocations-secret"
+done
 
 echo "secrets in $dir"

@@ -21,6 +21,7 @@ from pymongo import AsyncMongoClient
 
 from gateway import ratelimit
 from mindchart_cli import stack
+from mindchart_core import tokens
 from tests.actors import create_user, register_app, run_cli, smart_login
 from tests.conftest import RunningStack
 from tests.replicas import Replica, running
@@ -125,23 +126,30 @@ def test_backends_at_rest_do_not_poll_the_feed(live: RunningStack) -> None:
     assert _feed_answers(live.gateway_url) - before <= 3
 
 
+def _feed_client(live: RunningStack) -> httpx.Client:
+    """What records and psychnotes read the feed with: the stack's feed secret (development)."""
+    secret = tokens.feed_secret("", data_dir=live.config.data_dir, production=False)
+    return httpx.Client(headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+
+
 def test_the_feed_refuses_bad_parameters_and_resumes_by_cursor(live: RunningStack) -> None:
     feed = f"{live.gateway_url}/oauth/revocations"
-    for params in ({"wait": "soon"}, {"wait": "26"}, {"wait": "-1"}, {"wait": "nan"},
-                   {"since": "yesterday"}, {"since": "2026-12-01T10:00:00"}, {"cursor": "x" * 65}):
-        refused = httpx.get(feed, params=params, timeout=30)
-        assert refused.status_code == 400, params
-        assert refused.json()["resourceType"] == "OperationOutcome"
-    everything = httpx.get(feed, timeout=30).json()
-    assert set(everything) == {"revoked", "newest", "cursor"}
-    # Up to date and told to wait a second: held, then answered with nothing new and the same cursor.
-    held = httpx.get(feed, params={"cursor": everything["cursor"], "wait": "1"}, timeout=30).json()
-    assert held == {"revoked": [], "newest": everything["newest"], "cursor": everything["cursor"]}
-    # A cursor this replica never gave (another process's) resumes from `since` instead.
-    foreign = httpx.get(feed, params={"cursor": "0.0", "since": everything["newest"] or
-                                      "2026-01-01T00:00:00+00:00"}, timeout=30)
-    assert foreign.status_code == 200 and foreign.json()["cursor"] == everything["cursor"]
-    assert httpx.get(f"{live.gateway_url}/readyz", timeout=30).status_code == 200
+    with _feed_client(live) as http:
+        for params in ({"wait": "soon"}, {"wait": "26"}, {"wait": "-1"}, {"wait": "nan"},
+                       {"since": "yesterday"}, {"since": "2026-12-01T10:00:00"}, {"cursor": "x" * 65}):
+            refused = http.get(feed, params=params)
+            assert refused.status_code == 400, params
+            assert refused.json()["resourceType"] == "OperationOutcome"
+        everything = http.get(feed).json()
+        assert set(everything) == {"revoked", "newest", "cursor"}
+        # Up to date and told to wait a second: held, then answered with nothing new and the same cursor.
+        held = http.get(feed, params={"cursor": everything["cursor"], "wait": "1"}).json()
+        assert held == {"revoked": [], "newest": everything["newest"], "cursor": everything["cursor"]}
+        # A cursor this replica never gave (another process's) resumes from `since` instead.
+        foreign = http.get(feed, params={"cursor": "0.0", "since": everything["newest"] or
+                                          "2026-01-01T00:00:00+00:00"})
+        assert foreign.status_code == 200 and foreign.json()["cursor"] == everything["cursor"]
+        assert http.get(f"{live.gateway_url}/readyz").status_code == 200
 
 
 def test_a_gateway_shutting_down_answers_held_feed_requests_at_once(live: RunningStack) -> None:
@@ -166,9 +174,9 @@ def test_a_gateway_shutting_down_answers_held_feed_requests_at_once(live: Runnin
             assert time.monotonic() < deadline, "the gateway did not become ready"
             time.sleep(0.2)
         feed = f"{gateway.url}/oauth/revocations"
-        cursor = httpx.get(feed, timeout=30).json()["cursor"]
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(httpx.get, feed, params={"cursor": cursor, "wait": "20"}, timeout=60)
+        with _feed_client(live) as http, ThreadPoolExecutor(1) as pool:
+            cursor = http.get(feed).json()["cursor"]
+            held = pool.submit(http.get, feed, params={"cursor": cursor, "wait": "20"}, timeout=60)
             time.sleep(1)  # the request is in, and held
             assert not held.done()
             process.terminate()

@@ -18,6 +18,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from starlette.testclient import TestClient
 
+from mindchart_core import tokens
 from psychnotes import keys
 from psychnotes.app import create_app
 from psychnotes.settings import PsychnotesSettings
@@ -42,6 +43,7 @@ def settings_for(live: RunningStack, db_name: str, data_dir: Path, **changes: An
         "public_base_url": live.psychnotes, "issuer": live.gateway_url,
         "jwks_url": f"{live.gateway_url}/oauth/jwks",
         "revocations_url": f"{live.gateway_url}/oauth/revocations",
+        "revocations_secret": tokens.feed_secret("", data_dir=live.config.data_dir, production=False),
         # the stack's own psychnotes client (registered at the gateway) asks for care teams
         "token_url": f"{live.gateway_url}/oauth/token", "records_base_url": live.fhir,
         "records_client_key_file": live.config.data_dir / "keys" / "psychnotes-records-client.pem"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -19,11 +20,23 @@ from joserfc.jwk import KeySet
 from starlette.requests import Request
 
 from mindchart_core import errors, scopes
+from mindchart_core.settings import development_secret
 
 log = structlog.get_logger(__name__)
 
 ACCESS_TOKEN_ALGORITHMS = ["RS256", "ES256", "RS384", "ES384"]
 CLOCK_SKEW_SECONDS = 30
+FEED_SECRET_NAME = "revocation-feed"  # the development secret's file under <data dir>/keys/
+
+
+def feed_secret(configured: str, *, data_dir: Path, production: bool) -> str:
+    """The secret the gateway's revocation feed is read with (`*_REVOCATIONS_SECRET`, or its
+    `_FILE` twin): the gateway answers only callers presenting it (gateway/revocations.py). In
+    development one generated under the data dir, shared by the services of one machine; in
+    production what is configured (each service refuses to start without it)."""
+    if configured or production:
+        return configured
+    return development_secret(data_dir, FEED_SECRET_NAME)
 
 
 @dataclass(frozen=True)
@@ -114,14 +127,21 @@ class RevocationFeed:
     that came back at once with nothing new (a gateway that does not hold requests, or one
     holding too many) is followed by a pause of `refresh_seconds`, as polling was before.
 
+    The feed is not public: each request carries `secret` (`feed_secret`) as a bearer credential,
+    and the gateway refuses any other caller with 401 before holding anything, so nobody outside
+    can take the held slots (gateway/revocations.py `check_reader`). A refused request counts as
+    a failed one (logged `revocation_feed_refused`, never with the secret).
+
     The feed knows token ids and grant ids only (`jti:<jti>`, `family:<sid>`), never tokens. Fail
     closed: if no answer has arrived for `stale_after` seconds (more than a held request lasts),
     `check` answers 503 rather than accept a token it cannot vouch for. The gateway answers 503
     itself when its own list cannot be vouched for, so an answer means "nothing else as of now".
     """
 
-    def __init__(self, url: str, *, refresh_seconds: float = 1.0, wait: float = 20.0) -> None:
+    def __init__(self, url: str, *, secret: str = "", refresh_seconds: float = 1.0,
+                 wait: float = 20.0) -> None:
         self.url = url
+        self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self.refresh_seconds = refresh_seconds
         self.wait = wait
         self.stale_after = max(10 * refresh_seconds, wait + 10.0, 30.0)
@@ -138,7 +158,10 @@ class RevocationFeed:
         params = {name: value for name, value in (
             ("since", self._since), ("cursor", self._cursor), ("wait", f"{wait:g}" if wait else None))
             if value}
-        response = await http.get(self.url, params=params or None)
+        response = await http.get(self.url, params=params or None, headers=self._headers)
+        if response.status_code in (401, 403):  # the feed secret is missing or not the gateway's
+            log.warning("revocation_feed_refused", status=response.status_code,
+                        secret_sent=bool(self._headers))
         response.raise_for_status()
         body = response.json()
         now = int(time.time())

@@ -102,7 +102,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             name: proxy.VerifiedTokens(verifier) for name, verifier in app.state.verifiers.items()}
         app.state.registrations = proxy.Registrations(app.state.db)
         app.state.revocations = revocations.RevocationList(
-            app.state.db, refresh_seconds=settings.revocation_refresh_seconds)
+            app.state.db, refresh_seconds=settings.revocation_refresh_seconds,
+            reader_secret=tokens.feed_secret(settings.revocations_secret, data_dir=settings.data_dir,
+                                             production=settings.is_production))
         await app.state.revocations.refresh()
         app.state.rate_limiter = ratelimit.RateLimiter(
             window_seconds=settings.rate_limit_window_seconds,

@@ -32,11 +32,24 @@ again is an event to deliver in RFC 6202 §1's sense: it is what the backend nee
 tokens again). Before that, a request held through an outage
 kept its backend stale, refusing every token with 503, until its hold ended up to 20 s after the
 datastore was back (issue 16).
+
+Who may read the feed (default deny): only Mindchart's own backends. Every feed request must
+carry the deployment's feed secret (`MINDCHART_GATEWAY_REVOCATIONS_SECRET`, the same value as
+records' and psychnotes' `*_REVOCATIONS_SECRET`) as an `Authorization: Bearer` credential
+(RFC 6750 §2.1); anything else is refused with 401 and a `WWW-Authenticate: Bearer` challenge
+(§3; no credential at all: a challenge with no error code, §3.1) before its parameters are read
+or a slot taken. The feed was public before: anyone could fill the MAX_HELD slots with idle
+requests, pushing the backends' own requests into being answered at once and so into polling,
+and keep the gateway busy answering them. The secret is a service credential, not a token: it
+is compared in constant time, never logged, and nothing else accepts it. Why not the backends'
+SMART Backend Services tokens: records has no client at the gateway, and the token endpoint needs
+the gateway's datastore, while the feed is exactly what must recover the moment it comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 import time
 from dataclasses import dataclass
@@ -46,7 +59,7 @@ from typing import Any
 import structlog
 
 from gateway import store
-from mindchart_core import errors, http_limits
+from mindchart_core import errors, http_limits, tokens
 
 log = structlog.get_logger(__name__)
 OVERLAP = timedelta(seconds=5)
@@ -83,8 +96,9 @@ def _utc(stamp: datetime) -> datetime:
 
 
 class RevocationList:
-    def __init__(self, db: store.Db, *, refresh_seconds: float = 1.0) -> None:
+    def __init__(self, db: store.Db, *, refresh_seconds: float = 1.0, reader_secret: str = "") -> None:
         self.db = db
+        self._reader_secret = reader_secret.encode()  # empty: nobody may read the feed
         self.refresh_seconds = refresh_seconds
         self.stale_after = max(5 * refresh_seconds, refresh_seconds + 5.0)
         self.epoch = secrets.token_hex(4)  # this process: a cursor of another one is not exact
@@ -157,6 +171,13 @@ class RevocationList:
         self._learn(revoked_id, lapses, stamp)
 
     # -- the feed --------------------------------------------------------------------------------
+    def check_reader(self, authorization: str | None) -> None:
+        """401 unless the request presents the feed secret (module docstring): before anything
+        else, so a refused caller is never held."""
+        presented = tokens.bearer_value(authorization).encode()  # none: 401, challenge, no error
+        if not self._reader_secret or not hmac.compare_digest(presented, self._reader_secret):
+            raise errors.Unauthorized("The revocation feed is for Mindchart's own services")
+
     def _seen_up_to(self, cursor: str | None) -> int | None:
         """The sequence number a cursor of this process names, else None."""
         epoch, _, seq = (cursor or "").partition(".")

@@ -248,7 +248,10 @@ async def revocations_feed(request: Request) -> Response:
     still resumes, with a few seconds of overlap; with neither, every unexpired revocation.
     `wait` (seconds, at most revocations.MAX_WAIT_SECONDS) makes it a long poll: a backend that
     is up to date is answered when something is revoked. Ids only (`jti:<jti>`,
-    `family:<sid>`) with their expiry: nothing here is usable as a credential."""
+    `family:<sid>`) with their expiry: nothing here is usable as a credential. Only callers
+    presenting the feed secret are answered (revocations.py, "Who may read the feed")."""
+    listed: revocations.RevocationList = request.app.state.revocations
+    listed.check_reader(request.headers.get("authorization"))
     params = request.query_params
     since_text, cursor, wait_text = params.get("since"), params.get("cursor"), params.get("wait")
     since = None
@@ -269,7 +272,6 @@ async def revocations_feed(request: Request) -> Response:
             raise errors.Invalid("wait must be a number of seconds") from None
         if not 0 <= wait <= revocations.MAX_WAIT_SECONDS:
             raise errors.Invalid(f"wait must be between 0 and {revocations.MAX_WAIT_SECONDS:g} seconds")
-    listed: revocations.RevocationList = request.app.state.revocations
     answer = await listed.changes(cursor=cursor, since=since, wait=wait)
     return Response(orjson.dumps(answer.to_json()), media_type="application/json", headers=NO_STORE)
 

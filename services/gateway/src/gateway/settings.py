@@ -51,6 +51,9 @@ class GatewaySettings(ServiceSettings):
     # How often each replica asks the datastore for revocations newer than the last it saw: a
     # revoked access token is refused by every other replica within this interval.
     revocation_refresh_seconds: float = 1.0
+    # The secret records and psychnotes present to read the revocation feed (revocations.py);
+    # nobody else is answered. Development: generated under the data dir (tokens.feed_secret).
+    revocations_secret: str = ""
     # Requests refused before parsing (431, 414, 408, malformed 400) recorded one by one per
     # window per process; beyond, counted into one summary record per window (refusals.py).
     refusal_audit_per_window: int = 60
@@ -87,6 +90,9 @@ class GatewaySettings(ServiceSettings):
         if self.signing_kek_file is None:
             problems.append("MINDCHART_GATEWAY_SIGNING_KEK_FILE is not set (the signing keys in the "
                             "datastore are sealed under it)")
+        if not self.revocations_secret:
+            problems.append("MINDCHART_GATEWAY_REVOCATIONS_SECRET_FILE is not set (records and "
+                            "psychnotes present it to follow the revocation feed)")
 
         return problems
 

@@ -43,8 +43,10 @@ def create_app(settings: PsychnotesSettings | None = None) -> FastAPI:
         await care_teams.close()
         await client.close()
 
-    revocations = tokens.RevocationFeed(settings.revocations_url,
-                                        refresh_seconds=settings.revocation_refresh_seconds)
+    revocations = tokens.RevocationFeed(
+        settings.revocations_url, refresh_seconds=settings.revocation_refresh_seconds,
+        secret=tokens.feed_secret(settings.revocations_secret, data_dir=settings.data_dir,
+                                  production=settings.is_production))
     app = service_app.create("psychnotes", "Mindchart psychnotes", settings, lifespan)
     app.state.keyring = keyring
     app.state.signing_key = signing_key

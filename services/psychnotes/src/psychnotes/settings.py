@@ -34,6 +34,9 @@ class PsychnotesSettings(ServiceSettings):
     # the refresh interval is the pause after a failed request or one answered at once.
     revocations_url: str = "http://127.0.0.1:8000/oauth/revocations"
     revocation_refresh_seconds: float = 1.0
+    # The secret the feed is read with (= the gateway's MINDCHART_GATEWAY_REVOCATIONS_SECRET);
+    # development: generated under the data dir (mindchart_core.tokens.feed_secret).
+    revocations_secret: str = ""
     kek_file: Path | None = None
     previous_kek_files: str = ""  # comma-separated; retired KEKs kept until re-wrapped
     signing_key_file: Path | None = None
@@ -59,6 +62,9 @@ class PsychnotesSettings(ServiceSettings):
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
+        if not self.revocations_secret:
+            problems.append("MINDCHART_PSYCHNOTES_REVOCATIONS_SECRET_FILE is not set (the gateway's "
+                            "revocation feed answers only its holders: every token would get 503)")
         if self.kek_file is None:
             problems.append("MINDCHART_PSYCHNOTES_KEK_FILE is not set (notes would be unreadable "
                             "after a redeploy)")

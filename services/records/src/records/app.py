@@ -42,8 +42,10 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         await export.stop(app)
         await client.close()
 
-    revocations = tokens.RevocationFeed(settings.revocations_url,
-                                        refresh_seconds=settings.revocation_refresh_seconds)
+    revocations = tokens.RevocationFeed(
+        settings.revocations_url, refresh_seconds=settings.revocation_refresh_seconds,
+        secret=tokens.feed_secret(settings.revocations_secret, data_dir=settings.data_dir,
+                                  production=settings.is_production))
     app = service_app.create("records", "Mindchart records", settings, lifespan)
     app.state.verifier = tokens.TokenVerifier(
         issuer=settings.issuer, audience=settings.public_base_url,

@@ -23,6 +23,9 @@ class RecordsSettings(ServiceSettings):
     # the refresh interval is the pause after a failed request or one answered at once.
     revocations_url: str = "http://127.0.0.1:8000/oauth/revocations"
     revocation_refresh_seconds: float = 1.0
+    # The secret the feed is read with (= the gateway's MINDCHART_GATEWAY_REVOCATIONS_SECRET);
+    # development: generated under the data dir (mindchart_core.tokens.feed_secret).
+    revocations_secret: str = ""
     # records' own document-signing key (PEM, EC P-256) for signed notes (records/lifecycle);
     # development: generated under the data dir. Retired keys stay published for verification.
     signing_key_file: Path | None = None
@@ -30,6 +33,9 @@ class RecordsSettings(ServiceSettings):
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
+        if not self.revocations_secret:
+            problems.append("MINDCHART_RECORDS_REVOCATIONS_SECRET_FILE is not set (the gateway's "
+                            "revocation feed answers only its holders: every token would get 503)")
         if self.signing_key_file is None:
             problems.append("MINDCHART_RECORDS_SIGNING_KEY_FILE is not set (signatures of notes "
                             "would not verify after a redeploy)")
