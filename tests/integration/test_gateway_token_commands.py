@@ -7,6 +7,8 @@ transaction number (not a retryable write: SecantusDB scans and sorts every retr
 remembers on each new one). Expired jtis are not deleted per request. A replayed jti, a foreign
 signature, an expired or over-long assertion, and scopes beyond the registration are refused
 as before; the audit record of the request is the audit middleware's, outside this count.
+Housekeeping deletes (expired jtis; expired sessions, codes, launches and revocations on sign-in)
+run at most once a minute per process (oauth.Sweep) and drop only what expired.
 """
 
 from __future__ import annotations
@@ -148,3 +150,27 @@ async def test_expired_jtis_are_swept_and_recent_ones_kept(gateway: Any) -> None
     await store.forget_expired_assertions(db)
     left = {doc["_id"] async for doc in db.assertion_jtis.find({})}
     assert left == {f"{CLIENT}\njust-expired"}
+
+
+async def test_a_sweep_runs_at_most_once_per_interval(gateway: Any) -> None:
+    db, commands, _, _ = gateway
+    sweep = oauth.Sweep(store.forget_expired_assertions, seconds=60.0)
+    commands.on = True
+    for _ in range(5):
+        await sweep(db)
+    commands.on = False
+    assert commands.seen == [("delete", "assertion_jtis", False)]
+
+
+async def test_the_sign_in_sweep_drops_only_what_expired(gateway: Any) -> None:
+    db, _, _, _ = gateway
+    now = datetime.now(UTC)
+    await store.put_session(db, {"_id": "old-session", "expires": now - timedelta(seconds=1)})
+    await store.put_session(db, {"_id": "live-session", "expires": now + timedelta(minutes=5)})
+    await store.put_code(db, {"_id": "old-code", "expires": now - timedelta(hours=2)})
+    await store.put_code(db, {"_id": "spent-code", "expires": now - timedelta(minutes=5)})
+    await store.forget_expired(db)
+    assert [d["_id"] async for d in db.authorization_sessions.find({})] == ["live-session"]
+    # A code is kept an hour past its expiry: a replayed code still finds itself used (RFC 6749
+    # §4.1.2) and revokes what it issued, rather than being merely unknown.
+    assert [d["_id"] async for d in db.authorization_codes.find({})] == ["spent-code"]

@@ -51,6 +51,9 @@ _CHALLENGE = re.compile(r"^[A-Za-z0-9\-_]{43}$")  # base64url(SHA-256), unpadded
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # argon2 verification of a fixed hash for unknown usernames, so timing does not reveal them.
 _DUMMY_HASH = oauth.hash_secret("no such user, constant work")
+# Expired sessions, codes, launches and revocations go once a minute, from an authorize request
+# that finds the sweep due (was four deletes per session stored and one per code).
+EXPIRED_SWEEP = oauth.Sweep(store.forget_expired)
 
 
 def _redirect(uri: str, **params: str | None) -> RedirectResponse:
@@ -132,6 +135,7 @@ async def start(request: Request, params: dict[str, str]) -> Response:
         "nonce": params.get("nonce"), "launch": launch_context, "created": now,
         "expires": now + timedelta(seconds=settings.authorization_session_seconds),
     }
+    await EXPIRED_SWEEP(db)
     await store.put_session(db, session)
     return _with_cookie(request, pages.sign_in(session["csrf"], client_label(client), action=LOGIN),
                         session["_id"])

@@ -12,6 +12,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
@@ -158,23 +159,31 @@ async def _authenticate_assertion(db: store.Db, settings: GatewaySettings, asser
         db, client_id, str(token.claims["jti"]), datetime.fromtimestamp(exp, UTC)
     ):
         raise OAuthError("invalid_client", "Client assertion was already used (jti replay)")
-    await _sweep_assertions(db)
+    await ASSERTION_SWEEP(db)
     return client
 
 
-# Expired jtis are dropped at most once a minute per process, not on every token request (that
-# delete was one datastore write per token, measured in bench figure 5): the collection holds at
-# most a minute's assertions more than it must, and none of them can be replayed (store.py).
-ASSERTION_SWEEP_SECONDS = 60.0
-_next_sweep = 0.0
+class Sweep:
+    """A housekeeping delete of expired documents, run by the request that finds it due, at most
+    once every `seconds` in this process: never one more datastore write on every request."""
+
+    def __init__(self, sweep: Callable[[store.Db], Awaitable[None]], seconds: float = 60.0) -> None:
+        self._sweep = sweep
+        self.seconds = seconds
+        self._next = 0.0
+
+    async def __call__(self, db: store.Db) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.seconds
+        await self._sweep(db)
 
 
-async def _sweep_assertions(db: store.Db) -> None:
-    global _next_sweep
-    if time.monotonic() < _next_sweep:
-        return
-    _next_sweep = time.monotonic() + ASSERTION_SWEEP_SECONDS
-    await store.forget_expired_assertions(db)
+# Expired jtis go once a minute, not on every token request (that delete was one datastore write
+# per token, bench figure 5): the collection holds at most a minute's assertions more than it
+# must, and none of them can be replayed (store.forget_expired_assertions).
+ASSERTION_SWEEP = Sweep(store.forget_expired_assertions)
 
 
 async def fetch_client_jwks(url: str) -> KeySet:

@@ -200,13 +200,14 @@ async def record_login_success(db: Db, username: str) -> None:
 # Secrets (codes, refresh tokens) are stored by their SHA-256 only.
 
 async def put_session(db: Db, session: dict[str, Any]) -> None:
-    await forget_expired(db)
     await db.authorization_sessions.insert_one(session)
 
 
 async def forget_expired(db: Db) -> None:
-    """Drop what can no longer be used (no TTL indexes: the embedded datastore lacks them)."""
+    """Drop what can no longer be used (no TTL indexes: the embedded datastore lacks them). Every
+    reader checks `expires` itself, so this is housekeeping, run now and then (oauth.Sweep)."""
     now = datetime.now(UTC)
+    await db.authorization_codes.delete_many({"expires": {"$lt": now - timedelta(hours=1)}})
     await db.authorization_sessions.delete_many({"expires": {"$lt": now}})
     await db.launches.delete_many({"expires": {"$lt": now}})
     await db.revoked_tokens.delete_many({"expires": {"$lt": now}})
@@ -229,7 +230,6 @@ async def end_session(db: Db, session_id: str) -> bool:
 
 
 async def put_code(db: Db, code: dict[str, Any]) -> None:
-    await db.authorization_codes.delete_many({"expires": {"$lt": datetime.now(UTC) - timedelta(hours=1)}})
     await db.authorization_codes.insert_one(code)
 
 
