@@ -8,20 +8,21 @@ Only allow-listed request headers travel upstream, so identity headers a client 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 from pymongo.errors import PyMongoError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import ratelimit, store
+from gateway import ratelimit, store, upstream
 from mindchart_core import asgi, errors, fhirjson, tokens
 
 FORWARDED_REQUEST_HEADERS = frozenset({
@@ -255,8 +256,8 @@ class ProxyEndpoint:
             check_scopes(token, classify(method, rest))
         elif method != "GET":
             raise errors.MethodNotAllowed("Only GET is supported here")
-        upstream = state.settings.records_url if self.backend == "records" else state.settings.psychnotes_url
-        await forward(scope, receive, send, state.upstream, upstream, str(context.get("request_id", "")))
+        base_url = state.settings.records_url if self.backend == "records" else state.settings.psychnotes_url
+        await forward(scope, receive, send, state.upstream, base_url, str(context.get("request_id", "")))
 
 
 DatastoreFailure = Callable[[Request, Exception], Awaitable[Response]]
@@ -350,47 +351,18 @@ async def _request_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-# Below uvicorn's default `--timeout-keep-alive` (5 s) on the backends, so the pool closes an idle
-# connection before the backend does, instead of racing it (RFC 9112 §9.3: "a client might send a
-# request at the same time that the server has decided to close the idle connection").
-POOL_KEEPALIVE_SECONDS = 4.0
-UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
-
-
-def _session(timeout_seconds: float, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
-    session = aiohttp.ClientSession(
-        # Like httpx's: a limit per connect and per read, not on the whole (streamed) response.
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_seconds, sock_read=timeout_seconds),
-        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),  # identity bodies, relayed as they are
-        # psychnotes reports what a read released in one header (DISCLOSURE_HEADER): a search page
-        # of 100 notes is about 8 KiB, past aiohttp's 8190-byte default, which made the page a
-        # 503 "upstream unavailable" (tests/resilience kill test). Backends are ours; still bounded.
-        max_field_size=UPSTREAM_MAX_HEADER_BYTES,
-    )
-    # aiohttp retries every method it deems idempotent, PUT and DELETE included, once on any
-    # pooled connection; a FHIR PUT replayed that way stores a second version. Which requests
-    # are retried, and on what connection, is decided in forward() instead.
-    session._retry_connection = False  # aiohttp has no public switch for it
-    return session
-
-
 class Upstream:
-    """The proxy's connections to the backends: aiohttp (C-accelerated HTTP parsing) rather than
-    httpx, whose pure-Python HTTP/1.1 stack was most of the gateway's CPU per proxied read. A
-    keep-alive pool for every request, and a fresh connection each for the one retry, so a retry
-    never lands on another connection the backend has already closed."""
+    """The proxy's connections to the backends (upstream.py): a keep-alive pool for every request,
+    and a fresh connection for the one retry, so a retry never lands on another connection the
+    backend has already closed. `timeout_seconds` bounds each connect, the wait for a response
+    head (retry included) and each wait for more of a streamed body."""
 
     def __init__(self, timeout_seconds: float) -> None:
         self.timeout_seconds = timeout_seconds
-        self.pooled = _session(timeout_seconds, aiohttp.TCPConnector(
-            limit=200, limit_per_host=100, ttl_dns_cache=300, keepalive_timeout=POOL_KEEPALIVE_SECONDS))
-        self.fresh = _session(timeout_seconds, aiohttp.TCPConnector(
-            limit=50, ttl_dns_cache=300, force_close=True))
+        self.pool = upstream.Pool(timeout_seconds)
 
     async def close(self) -> None:
-        await self.pooled.close()
-        await self.fresh.close()
+        self.pool.close()
 
 
 def retry_is_safe(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -407,50 +379,85 @@ def retry_is_safe(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
     return method in ("PUT", "PATCH", "DELETE") and any(k == b"if-match" for k, _ in headers)
 
 
+def _request_head(scope: Scope, method: str, authority: bytes, request_id: str,
+                  body: bytes | None) -> bytes:
+    """The request line and headers sent upstream (RFC 9112 §3, §5): only allow-listed headers,
+    our request id, Host, and Content-Length for a body (or an empty POST/PUT/PATCH)."""
+    target = (scope.get("root_path", "") + scope["path"]).encode("latin-1")
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        target += b"?" + query
+    parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
+    accept = False
+    for name, value in scope["headers"]:
+        if name in _FORWARDED and name != b"x-request-id" and name != b"content-length":
+            parts += (name, b": ", value, b"\r\n")
+            accept = accept or name == b"accept"
+    if not accept:  # what the previous client (aiohttp) sent without one
+        parts.append(b"accept: */*\r\n")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        parts += (b"content-length: ", str(len(body or b"")).encode(), b"\r\n")
+    parts += (b"x-request-id: ", request_id.encode("latin-1"), b"\r\n\r\n")
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=16)
+def _authority(base_url: str) -> tuple[str, int, bytes]:
+    """(host, port, Host header value) of a backend's base URL (plain http: the backends sit on
+    the gateway's private network)."""
+    parts = urlsplit(base_url)
+    return parts.hostname or "localhost", parts.port or 80, parts.netloc.encode()
+
+
 async def forward(scope: Scope, receive: Receive, send: Send, upstream_pool: Upstream,
-                  upstream: str, request_id: str) -> None:
+                  upstream_url: str, request_id: str) -> None:
     """Relay the request (allow-listed headers only) and stream the answer back unchanged but for
     hop-by-hop headers. Bodies are passed through as bytes, never parsed here."""
     incoming: list[tuple[bytes, bytes]] = scope["headers"]
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in incoming
-               if k in _FORWARDED and k != b"x-request-id" and k != b"content-length"]
-    headers.append(("x-request-id", request_id))
-    url = upstream + scope.get("root_path", "") + scope["path"]
-    if scope.get("query_string"):
-        url += "?" + scope["query_string"].decode("latin-1")
     body = await _request_body(receive) if _has_body(incoming) else None
     method: str = scope["method"]
+    host, port, authority = _authority(upstream_url)
+    head = _request_head(scope, method, authority, request_id, body)
+    pool = upstream_pool.pool
+    conn: upstream.Connection | None = None
     try:
-        # The whole wait for the response head, retry included, is bounded (the sessions bound
-        # each connect and each read); a streamed body then flows as long as reads keep coming.
+        # The whole wait for the response head, retry included, is bounded; a streamed body then
+        # flows as long as each wait for more of it stays within the timeout.
         async with asyncio.timeout(upstream_pool.timeout_seconds):
+            conn = await pool.connection(host, port)
             try:
-                response = await upstream_pool.pooled.request(method, url, headers=headers, data=body,
-                                                              allow_redirects=False)
-            except aiohttp.ClientConnectorError:
-                raise  # no connection was made: nothing was sent, and a retry would fail alike
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                conn.send_request(head, body)
+                status, headers = await conn.response_head()
+            except upstream.Dropped:
                 # The connection closed or reset before any response arrived (one the backend
                 # closed while idle, or a backend restarted): once more, on a fresh connection.
+                pool.release(host, port, conn)
+                conn = None
                 if not retry_is_safe(method, incoming):
                     raise
-                response = await upstream_pool.fresh.request(method, url, headers=headers, data=body,
-                                                             allow_redirects=False)
-    except TimeoutError:
-        raise errors.FhirError("The upstream FHIR server timed out", status=504, code="timeout") from None
-    except aiohttp.ClientError:
-        raise errors.Unavailable("The upstream FHIR server is unavailable") from None
+                conn = await pool.connection(host, port, fresh=True)
+                conn.send_request(head, body)
+                status, headers = await conn.response_head()
+    except BaseException as exc:  # a failure, or the client gone (cancelled): the connection too
+        if conn is not None:
+            pool.release(host, port, conn)
+        if isinstance(exc, TimeoutError):
+            raise errors.FhirError("The upstream FHIR server timed out", status=504,
+                                   code="timeout") from None
+        if isinstance(exc, upstream.UpstreamError):
+            raise errors.Unavailable("The upstream FHIR server is unavailable") from None
+        raise
     try:
-        out_headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _NOT_RELAYED]
-        await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
+        out_headers = [(k, v) for k, v in headers if k not in _NOT_RELAYED]
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
         held = b""  # one chunk behind, so the last one goes out with more_body=False (one write less)
-        async for chunk in response.content.iter_any():
+        while (chunk := await conn.next_chunk(upstream_pool.timeout_seconds)) is not None:
             if held:
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             held = chunk
         await send({"type": "http.response.body", "body": held, "more_body": False})
     finally:
-        response.release()
+        pool.release(host, port, conn)  # closed unless the response was read to its end
 
 
 __all__ = ["BASES", "METHODS", "DatastoreFailure", "FhirDispatch", "Interaction", "ProxyEndpoint",
