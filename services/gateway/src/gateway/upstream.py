@@ -3,15 +3,17 @@ response parsed by httptools (llhttp, the parser uvicorn already uses for the ga
 requests), its body streamed through with flow control.
 
 Why not aiohttp's ClientSession (used before): per proxied read its request and response
-machinery (headers as CIMultiDicts, cookie handling, traces, timers, a StreamReader, a task per
-connection wait) was about a quarter of the gateway's CPU; this client does only what the
+machinery (ClientRequest and ClientResponse objects, multidict headers, a StreamReader)
+was about a quarter of the gateway's CPU (py-spy, 2026-12-02); this client does only what the
 proxy needs: one request line and the allow-listed headers as bytes, the response head as a list
 of byte pairs, the body as it comes (measured side by side: README, "The gateway's proxy hop").
 
 What it keeps of HTTP/1.1 (RFC 9112): persistent connections (§9.3) reused while the response said
 keep-alive, closed when it did not, when it ended early, or after POOL_KEEPALIVE_SECONDS idle
 (below uvicorn's 5 s `--timeout-keep-alive` on the backends, so the pool closes an idle connection
-before the backend does); message framing by Content-Length or chunked coding (§6, llhttp); a
+before the backend does, and a request on a connection the backend closed meanwhile is the
+caller's to retry: RFC 2616 §8.1.4, "clients, servers, and proxies MUST be able to recover from
+asynchronous close events"); message framing by Content-Length or chunked coding (§6, llhttp); a
 bound on each response header field (UPSTREAM_MAX_HEADER_BYTES). Request bodies go whole, with
 Content-Length. The retry policy (which requests may be sent again, on what connection) is the
 caller's (proxy.forward).
