@@ -279,33 +279,51 @@ class AuditChain:
                 self.partition = None
 
     async def append(self, *records: dict[str, Any]) -> None:
+        """Store `records` (in one batch with whatever else is waiting); raises the first failure.
+        Every future made here has its outcome retrieved, whichever way this call ends: a request
+        that appends several records (a response and its disclosures) or that is cancelled while a
+        batch holding its records fails must not leave "Future exception was never retrieved"."""
         loop = asyncio.get_running_loop()
         futures = []
         for record in records:
             future: asyncio.Future[None] = loop.create_future()
             self._pending.append((record, future))
             futures.append(future)
-        async with self._lock:
-            if not all(f.done() for f in futures):
-                # Let requests that are ready in this turn of the event loop join the batch.
-                await asyncio.sleep(0)
-                batch, self._pending = self._pending, []
-                try:
-                    partition = await self.start()
-                    now = time.monotonic()
-                    advance = now - self._head_moved >= HEAD_SECONDS
-                    self._tail = await _write(self.db, partition, [r for r, _ in batch], self.key,
-                                              self._tail, advance)
-                    if advance:
-                        self._head_moved, self._head_seq = now, self._tail[0]
-                except Exception as exc:  # every waiter of this batch learns it failed
-                    self._tail = None
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_exception(exc)
-                else:
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_result(None)
-        for future in futures:
-            await future
+        try:
+            async with self._lock:
+                if not all(f.done() for f in futures):
+                    # Let requests that are ready in this turn of the event loop join the batch.
+                    await asyncio.sleep(0)
+                    batch, self._pending = self._pending, []
+                    try:
+                        partition = await self.start()
+                        now = time.monotonic()
+                        advance = now - self._head_moved >= HEAD_SECONDS
+                        self._tail = await _write(self.db, partition, [r for r, _ in batch],
+                                                  self.key, self._tail, advance)
+                        if advance:
+                            self._head_moved, self._head_seq = now, self._tail[0]
+                    except BaseException as exc:  # every waiter of this batch learns it failed
+                        self._tail = None
+                        failure = exc if isinstance(exc, Exception) else RuntimeError(
+                            "the audit batch was interrupted")  # this call was cancelled mid-write
+                        for _, f in batch:
+                            if not f.done():
+                                f.set_exception(failure)
+                        raise
+                    else:
+                        for _, f in batch:
+                            if not f.done():
+                                f.set_result(None)
+        except BaseException:
+            # Cancelled (or the batch failed): a future still waiting is cancelled, so a later
+            # batch skips it; one already failed is retrieved here, as nobody else will await it.
+            for f in futures:
+                if not f.cancel() and not f.cancelled():
+                    f.exception()
+            raise
+        # Every future is done by now (a batch resolves all it took before releasing the lock).
+        outcomes = [f.exception() for f in futures]
+        failure = next((e for e in outcomes if e is not None), None)
+        if failure is not None:
+            raise failure
