@@ -81,7 +81,8 @@ def classify(method: str, rest: str) -> Interaction:
 # `$name` is `{operation}`, so a client cannot grow the metrics' label set by inventing names.
 KNOWN_OPERATIONS = frozenset({
     "$export", "$everything", "$validate", "$docref", "$consent-token", "$revoke",
-    "$revoke-consent-token", "$disclosures", "$match", "$meta", "$export-status", "$export-file",
+    "$revoke-consent-token", "$disclosures", "$match", "$meta", "$meta-add", "$meta-delete",
+    "$export-status", "$export-file",
     "$approve", "$candidates", "$refuse",
     "$sign", "$entered-in-error", "$verify-signature",  # the note lifecycle (both backends)
     "$attest",  # psychnotes: an authorization's second-person check

@@ -14,6 +14,7 @@ from records.amendments import routes as amendments
 from records.amendments import service as amendments_service
 from records.amendments import store as marker
 from records.lifecycle import routes as lifecycle
+from records.meta import routes as meta
 from records.settings import RecordsSettings
 
 
@@ -57,6 +58,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     cdex.install(app)  # likewise: Task writes and the review operations
     lifecycle.install(app)  # $sign, $verify-signature, signing JWKS (same reason)
     app.include_router(amendments.router)  # Task/{id}/$deny ... (same reason)
+    app.include_router(meta.router)  # $meta, $meta-add, $meta-delete (same reason)
     subscriptions.install(app)  # before routes.router too: Subscription and Basic are its own
     app.include_router(routes.router)
     return service_app.finish(app, "records")

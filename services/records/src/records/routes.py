@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from mindchart_core import errors, fhirjson, tokens, validation
 from records import bundles, cdex, patch, service, subscriptions
+from records import meta as resource_meta
 from records.amendments import appended
 from records.amendments import routes as amendments
 from records.export import declare as declare_bulk_export
@@ -74,6 +75,7 @@ async def metadata(request: Request, settings: SettingsDep) -> Response:
     declare_lifecycle(statement, settings.public_base_url)  # $sign, $verify-signature
     amendments.declare(statement, settings.public_base_url)  # 164.526 requests (records/amendments)
     subscriptions.declare(statement)  # topic-based Subscription (records/subscriptions)
+    resource_meta.declare(statement)  # $meta, $meta-add, $meta-delete (records/meta)
     return fhirjson.FhirResponse(statement, headers={"Access-Control-Allow-Origin": "*"})
 
 

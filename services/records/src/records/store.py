@@ -343,6 +343,9 @@ def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url:
     body = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), **body}
     sp = extract.extract(body, definition, base_url)
     sp.update(query.last_updated_fields(moment))
+    # The claimed profiles, for `$meta`'s summary of what is in use (records/meta): always
+    # present, so a document without the field is one stored before it (read whole there).
+    sp["_profile"] = sorted({p for p in meta.get("profile") or [] if isinstance(p, str)})
     if compartment is None:
         compartment = extract.patient_compartment(body, definition, base_url)
     doc = {"_id": body["id"], "vid": version, "ts": moment, "deleted": False,
@@ -647,6 +650,28 @@ class ResourceStore:
             moment, ident, _ = page[-1]
             nxt = query.Cursor(False, [moment.replace(tzinfo=UTC).isoformat()], ident)
         return [e for _, _, e in page], nxt
+
+    async def meta_in_use(self, definition: ResourceDef) -> list[tuple[list[str], list[str], list[str]]]:
+        """(profiles, security tokens, tag tokens) of every current resource of the type the
+        caller may search (records/meta `$meta` at type and system level): the values extracted
+        at write time, never the stored JSON, except for documents stored before `sp._profile`
+        existed, whose profiles are read from `raw`."""
+        filt = _and(self.policy.filter_for(definition, "search-type"), {"deleted": {"$ne": True}})
+        found: list[tuple[list[str], list[str], list[str]]] = []
+        older: list[str] = []
+        projection = {"sp._profile": 1, "sp._security": 1, "sp._tag": 1}
+        async for doc in self.db[definition.type].find(filt, projection, batch_size=1000):
+            sp = doc.get("sp") or {}
+            if "_profile" not in sp:
+                older.append(doc["_id"])
+            found.append((list(sp.get("_profile") or []), list(sp.get("_security") or []),
+                          list(sp.get("_tag") or [])))
+        for start in range(0, len(older), 500):
+            async for doc in self.db[definition.type].find({"_id": {"$in": older[start:start + 500]}},
+                                                           {"raw": 1}):
+                meta = orjson.loads(bytes(doc["raw"])).get("meta") or {} if doc.get("raw") else {}
+                found.append(([p for p in meta.get("profile") or [] if isinstance(p, str)], [], []))
+        return found
 
     # -- writes -----------------------------------------------------------------------------
 
