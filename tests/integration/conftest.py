@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 
 from mindchart_cli import stack
@@ -32,10 +32,12 @@ def mongo_url() -> Iterator[str]:
 
 
 @asynccontextmanager
-async def fresh_database(mongo_url: str, prefix: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+async def fresh_database(mongo_url: str, prefix: str, listeners: Sequence[monitoring.CommandListener] = (),
+                         ) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
     """A database of its own on the module's datastore (`<prefix>_<random>`), dropped afterwards;
-    `.client` is the client it was opened with."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True)
+    `.client` is the client it was opened with (with `listeners` as its event listeners)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True,
+                                                                event_listeners=list(listeners))
     database = client[f"{prefix}_{uuid.uuid4().hex[:8]}"]
     try:
         yield database

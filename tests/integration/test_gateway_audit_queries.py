@@ -12,41 +12,21 @@ reads by (partition, seq) alone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pymongo import ASCENDING, AsyncMongoClient, monitoring
+from pymongo import ASCENDING
 from starlette.requests import Request
 
 from gateway import audit, audit_routes, audit_store, chain, chain_verify, store
 from mindchart_core import audit as audit_shape
+from tests.commands import Commands
+from tests.integration.conftest import fresh_database
 
 OURS = "Patient/ours"
 OTHERS = 200
-
-
-class FindCapture(monitoring.CommandListener):
-    """The filter of every `find` sent to audit_events while `capturing` is on."""
-
-    def __init__(self) -> None:
-        self.capturing = False
-        self.filters: list[dict[str, Any]] = []
-        self.limits: dict[int, int] = {}  # position in `filters` -> the find's limit (find_one: 1)
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if self.capturing and event.command_name == "find" and event.command["find"] == "audit_events":
-            if event.command.get("limit"):
-                self.limits[len(self.filters)] = int(event.command["limit"])
-            self.filters.append(dict(event.command.get("filter") or {}))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 def rest_record(patient: str, client_id: str, request_id: str, status: int = 200) -> dict[str, Any]:
@@ -67,11 +47,14 @@ def disclosure_record(patient: str, client_id: str, request_id: str) -> dict[str
 
 
 @pytest.fixture(scope="module")
-async def trail(mongo_url: str) -> AsyncIterator[tuple[Any, FindCapture]]:
-    capture = FindCapture()
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True,
-                                                                event_listeners=[capture])
-    db = client[f"gateway_audit_{int(time.time())}"]
+async def trail(mongo_url: str) -> AsyncIterator[tuple[Any, Commands]]:
+    capture = Commands("find")
+    async with fresh_database(mongo_url, "gateway_audit", [capture]) as db:
+        await written_trail(db)
+        yield db, capture
+
+
+async def written_trail(db: Any) -> None:
     await store.ensure_indexes(db)
     writer = chain.AuditChain(db)
     for i in range(OTHERS):
@@ -85,9 +68,6 @@ async def trail(mongo_url: str) -> AsyncIterator[tuple[Any, FindCapture]]:
     # A running gateway moves its partition's head document within chain.HEAD_SECONDS of a write;
     # this writer has no background task, so move it as that task would.
     await writer.move_head()
-    yield db, capture
-    await client.drop_database(db.name)
-    await client.close()
 
 
 async def examined(db: Any, filt: dict[str, Any], limit: int = 0) -> int:
@@ -98,13 +78,16 @@ async def examined(db: Any, filt: dict[str, Any], limit: int = 0) -> int:
     return int(plan["executionStats"]["totalDocsExamined"])
 
 
-async def captured(db: Any, capture: FindCapture, work: Any) -> tuple[Any, list[dict[str, Any]]]:
-    capture.filters, capture.limits, capture.capturing = [], {}, True
-    try:
+def audit_finds(capture: Commands) -> list[dict[str, Any]]:
+    """The `find` commands sent to audit_events in the last recording."""
+    return [e.command for e in capture.sent if e.command["find"] == "audit_events"]
+
+
+async def captured(db: Any, capture: Commands, work: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """What `work` returns, and the filter of every find it sent to audit_events."""
+    with capture.recording():
         result = await work
-    finally:
-        capture.capturing = False
-    return result, capture.filters
+    return result, [dict(find.get("filter") or {}) for find in audit_finds(capture)]
 
 
 def search_request(query: str) -> Request:
@@ -184,7 +167,8 @@ async def test_search_without_a_driver_reads_about_a_page(trail: Any) -> None:
     filt, count, before = audit_routes.search_filter(search_request("_count=10"))
     (page, _), sent = await captured(db, capture, audit_store.search(db, filt, count, before))
     assert len(page) == 10
-    reads = [await examined(db, f, capture.limits.get(i, 0)) for i, f in enumerate(sent)]
+    limits = [int(find.get("limit") or 0) for find in audit_finds(capture)]  # find_one: 1
+    reads = [await examined(db, f, limit) for f, limit in zip(sent, limits, strict=True)]
     assert sum(reads) <= 2 * (count + 1) + 16, reads
 
 

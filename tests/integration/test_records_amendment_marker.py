@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from pymongo import AsyncMongoClient, monitoring
 
 from mindchart_core import scopes, tokens
 from records import service, store
@@ -25,6 +23,8 @@ from records.amendments import service as amendments
 from records.amendments import store as marker_store
 from records.policy import AccessPolicy
 from records.resources import RESOURCES
+from tests.commands import Commands
+from tests.integration.conftest import fresh_database
 from tests.records_resources import access_token, progress_note
 
 BASE = "http://127.0.0.1:8000/fhir"
@@ -32,34 +32,15 @@ NOTES = RESOURCES["DocumentReference"]
 AUTHOR = "Practitioner/marker-author"
 
 
-class Finds(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.counting = False
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if self.counting and event.command_name in ("find", "aggregate", "count", "getMore"):
-            self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None: ...
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None: ...
-
-    @contextmanager
-    def count(self) -> Iterator[list[str]]:
-        self.names, self.counting = [], True
-        try:
-            yield self.names
-        finally:
-            self.counting = False
-
-
 @pytest.fixture
 async def world(mongo_url: str) -> AsyncIterator[dict[str, Any]]:
-    finds = Finds()
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True,
-                                                                event_listeners=[finds])
-    db = client[f"records_marker_{time.time_ns()}"]
+    finds = Commands("find", "aggregate", "count", "getMore")
+    async with fresh_database(mongo_url, "records_marker", [finds]) as db:
+        yield await world_in(db, finds)
+
+
+async def world_in(db: Any, finds: Commands) -> dict[str, Any]:
+    client = db.client
     await store.ensure_indexes(db)
     system = store.ResourceStore(client, db, AccessPolicy(access_token("system/*.cruds", audience=BASE), BASE))
     patient = store.ResourceStore(client, db, AccessPolicy(access_token(
@@ -71,10 +52,8 @@ async def world(mongo_url: str) -> AsyncIterator[dict[str, Any]]:
     signed = {"docStatus": "final", "author": [{"reference": AUTHOR}]}
     disputed = await system.create(NOTES, progress_note("p1", **signed))
     plain = await system.create(NOTES, progress_note("p1", **signed))
-    yield {"db": db, "system": system, "patient": patient, "author": author, "finds": finds,
-           "disputed": disputed, "plain": plain}
-    await client.drop_database(db.name)
-    await client.close()
+    return {"db": db, "system": system, "patient": patient, "author": author, "finds": finds,
+            "disputed": disputed, "plain": plain}
 
 
 async def dispute(w: dict[str, Any], *, rebut: bool = True) -> tuple[str, str | None]:
@@ -97,10 +76,10 @@ async def stored_marker(w: dict[str, Any], note_id: str) -> Any:
 
 async def links(w: dict[str, Any], note_id: str) -> tuple[dict[str, str], list[str]]:
     """The Link header a read of the note answers, and the datastore queries the read made."""
-    with w["finds"].count() as finds:
+    with w["finds"].recording() as sent:
         note = await w["system"].read(NOTES, note_id)
         header = await appended.link_header(w["system"], note, BASE)
-    return header, finds
+    return header, [e.command_name for e in sent]
 
 
 async def test_a_read_costs_no_query_for_nothing_appended_and_one_for_something(world: dict[str, Any]) -> None:
@@ -120,8 +99,9 @@ async def test_a_read_costs_no_query_for_nothing_appended_and_one_for_something(
     # A search page: the note's material as include entries, one query for the whole page.
     async def search(*params: tuple[str, str]) -> tuple[list[tuple[str, str]], list[str]]:
         request = service.parse_search(NOTES, list(params), BASE, strict=True)
-        with w["finds"].count() as finds:
+        with w["finds"].recording() as sent:
             bundle = orjson.loads(await service.search_bundle(w["system"], NOTES, request, BASE))
+        finds = [e.command_name for e in sent]
         return [(e["resource"]["id"], e["search"]["mode"]) for e in bundle.get("entry", [])], finds
 
     entries, finds = await search(("_id", w["disputed"].id))

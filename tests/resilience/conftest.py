@@ -44,6 +44,15 @@ SOAK = os.environ.get("MINDCHART_SOAK") == "1"  # `make soak`: longer loads, mor
 COUNTS: list[tuple[str, dict[str, int]]] = []
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS in /proc/<pid>/status), in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def report(test: str, **counts: int) -> None:
     """Record a test's counts for the terminal summary, and print them (visible with -rA)."""
     COUNTS.append((test, counts))

@@ -22,6 +22,7 @@ from tests.resilience.conftest import (
     ResilientStack,
     audit_counts,
     report,
+    rss_mib,
 )
 
 MIB = 1024 * 1024
@@ -29,14 +30,6 @@ SERVICES = ("gateway", "records", "psychnotes")
 # How long a test waits for the server to give up on a slow client: several times the configured
 # deadline, so a loaded machine cannot fail it; a server with no deadline never answers at all.
 PATIENCE_S = 4 * max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 10
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _port(resilient: ResilientStack, service: str) -> int:
@@ -123,7 +116,7 @@ def test_huge_headers_on_eight_connections_hold_no_memory(resilient: ResilientSt
     """The review's attack: a 64 MiB header on each of 8 connections, before any authentication.
     The gateway stops reading at its limit, so neither the bytes nor its memory grow."""
     pid = resilient.pid("gateway")
-    before = _rss_mib(pid)
+    before = rss_mib(pid)
     sent: list[int] = []
 
     def attack() -> None:
@@ -144,7 +137,7 @@ def test_huge_headers_on_eight_connections_hold_no_memory(resilient: ResilientSt
         thread.start()
     for thread in threads:
         thread.join(120)
-    grown = _rss_mib(pid) - before
+    grown = rss_mib(pid) - before
     assert len(sent) == 8
     assert max(sent) < 64 * MIB, f"the gateway read a whole 64 MiB header: {sent}"
     assert grown < 64, f"the gateway grew by {grown:.0f} MiB"
@@ -211,10 +204,10 @@ def test_json_patch_bomb_is_refused_quickly_and_stores_nothing(
     path = f"/Patient/{created.json()['id']}"
     bomb = [{"op": "copy", "from": "/name", "path": "/name/-"}] * 40
     pid = resilient.pid("records")
-    before = _rss_mib(pid)
+    before = rss_mib(pid)
     answer = fhir.patch(path, content=json.dumps(bomb),
                         headers={"Content-Type": "application/json-patch+json"})
-    grown = _rss_mib(pid) - before
+    grown = rss_mib(pid) - before
     assert answer.status_code == 422, answer.text[:300]
     assert answer.json()["issue"][0]["code"] == "too-costly"
     assert grown < 64, f"records grew by {grown:.0f} MiB"

@@ -16,21 +16,13 @@ import uuid
 import httpx
 import pytest
 
-from tests.resilience.conftest import SEND_TIMEOUT_S, ResilientStack, report
+from tests.resilience.conftest import SEND_TIMEOUT_S, ResilientStack, report, rss_mib
 
 MIB = 1024 * 1024
 STALLED = 6  # connections that stop reading, per wave
 # How long a test waits for the server to cut a stalled reader off: several send timeouts (the
 # first look may see the last bytes of a kernel buffer drain), so a loaded machine cannot fail it.
 PATIENCE_S = 6 * SEND_TIMEOUT_S + 20
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _cut_off_count(resilient: ResilientStack, service: str) -> float:
@@ -126,7 +118,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_holds_no_memory(
     assert whole.status_code == 200 and len(whole.content) > 10 * MIB, len(whole.content)
     port = resilient.config.http_ports["gateway"]
     pids = {name: resilient.pid(name) for name in ("gateway", "records")}
-    before = {name: _rss_mib(pid) for name, pid in pids.items()}
+    before = {name: rss_mib(pid) for name, pid in pids.items()}
     peak = dict(before)
     after_waves: list[dict[str, float]] = []
     served_meanwhile = 0
@@ -141,7 +133,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_holds_no_memory(
         while (_cut_off_count(resilient, "gateway") < cut_before + STALLED
                and time.monotonic() < deadline):
             for name, pid in pids.items():
-                peak[name] = max(peak[name], _rss_mib(pid))
+                peak[name] = max(peak[name], rss_mib(pid))
             time.sleep(0.5)
         # Once they read again, each gets what the kernels had buffered, then the end: the rest
         # of the ~12 MiB page was dropped with the connection. (Never cut off, each would now
@@ -157,7 +149,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_holds_no_memory(
         while _connections_to(records_port) >= STALLED:
             assert time.monotonic() < deadline + 30, "the gateway still holds its upstream connections"
             time.sleep(0.5)
-        after_waves.append({name: _rss_mib(pid) for name, pid in pids.items()})
+        after_waves.append({name: rss_mib(pid) for name, pid in pids.items()})
     # The upstream connections were released: records was not left holding its pages.
     assert httpx.get(f"{resilient.direct_url('records')}/readyz", timeout=10).status_code == 200
     assert fhir.get(big_page.removeprefix("/fhir")).status_code == 200
