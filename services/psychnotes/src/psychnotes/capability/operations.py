@@ -96,6 +96,13 @@ _TOKEN_OUT = (
     _out("purpose", "code", "Purpose of use (v3-ActReason)", max="*"),
 )
 
+
+def _consent_status_change(code: str, title: str, status: str, description: str) -> Operation:
+    """An instance operation on a Consent that moves it to `status` and answers with it."""
+    return Operation(code, "Consent", True, title, description, affects_state=True,
+                     parameters=(_out("return", "Consent", f"The authorization, now {status}"),))
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "sign", "DocumentReference", True, "Sign a psychotherapy note",
@@ -138,19 +145,15 @@ OPERATIONS: tuple[Operation, ...] = (
                 _out("message", "string", "What failed", min=0),
             )),
         )),
-    Operation(
-        "revoke", "Consent", True, "Revoke an authorization",
+    _consent_status_change(
+        "revoke", "Revoke an authorization", "inactive",
         "45 CFR 164.508(b)(5): the patient, the person who recorded it or the compliance role "
         "revokes an authorization. It becomes inactive and every consent token minted from it is "
-        "refused from the next request on. Revoking twice answers the same.",
-        affects_state=True,
-        parameters=(_out("return", "Consent", "The authorization, now inactive"),)),
-    Operation(
-        "attest", "Consent", True, "Attest an authorization",
+        "refused from the next request on. Revoking twice answers the same."),
+    _consent_status_change(
+        "attest", "Attest an authorization", "active",
         "An authorization recorded by anyone but the patient stays proposed until a second person "
-        "with the compliance role attests it; nobody attests their own. It becomes active.",
-        affects_state=True,
-        parameters=(_out("return", "Consent", "The authorization, now active"),)),
+        "with the compliance role attests it; nobody attests their own. It becomes active."),
     Operation(
         "consent-token", "Consent", True, "Mint a consent token from an authorization",
         "A recipient the authorization names (by fhirUser, or a client by its backend tokens) "
