@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -34,16 +35,19 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _wait_ready(replica: Replica, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_WITHIN_S
+def wait_ready(url: str, process: subprocess.Popen[Any], name: str, *,
+               within: float = READY_WITHIN_S, exited: Callable[[], object] | None = None) -> None:
+    """Wait until the service `process` at `url` answers /readyz 200; fails if it exits first
+    (with `exited()` as the message, when given) or is not ready `within` seconds."""
+    deadline = time.monotonic() + within
     while True:
-        assert process.poll() is None, f"{replica.log} exited; see {replica.log}.log"
+        assert process.poll() is None, exited() if exited else f"{name} exited; see {name}.log"
         try:
-            if httpx.get(f"{replica.url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, f"{replica.log} was not ready within {READY_WITHIN_S:.0f} s"
+        assert time.monotonic() < deadline, f"{name} was not ready within {within:.0f} s"
         time.sleep(0.2)
 
 
@@ -63,5 +67,5 @@ def running(live: RunningStack, *replicas: Replica) -> Iterator[None]:
             cleanup.callback(process.terminate)
             processes.append(process)
         for replica, process in zip(replicas, processes, strict=True):
-            _wait_ready(replica, process)
+            wait_ready(replica.url, process, replica.log)
         yield

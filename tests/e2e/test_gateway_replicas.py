@@ -24,7 +24,7 @@ from mindchart_cli import stack
 from mindchart_core import tokens
 from tests.actors import create_user, register_app, run_cli, smart_login
 from tests.conftest import RunningStack
-from tests.replicas import Replica, running
+from tests.replicas import Replica, running, wait_ready
 
 PASSWORD = "correct horse battery staple"
 
@@ -163,16 +163,7 @@ def test_a_gateway_shutting_down_answers_held_feed_requests_at_once(live: Runnin
         process = subprocess.Popen(stack.service_argv("gateway", "127.0.0.1", gateway.port),
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "the gateway exited; see gateway-drain.log"
-            try:
-                if httpx.get(f"{gateway.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the gateway did not become ready"
-            time.sleep(0.2)
+        wait_ready(gateway.url, process, "gateway-drain", within=120)
         feed = f"{gateway.url}/oauth/revocations"
         with _feed_client(live) as http, ThreadPoolExecutor(1) as pool:
             cursor = http.get(feed).json()["cursor"]

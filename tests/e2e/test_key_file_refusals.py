@@ -19,13 +19,11 @@ import importlib
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +32,7 @@ from mindchart_core import keyfiles, sealing
 from psychnotes import keys as psychnotes_keys
 from psychnotes import vault
 from tests.conftest import RunningStack, free_port
+from tests.replicas import wait_ready
 
 SERVICES = {"gateway", "records", "psychnotes", "workspace"}
 SECRET_BYTES = base64.b64encode(b"k" * 16)  # a recognisable KEK of the wrong length
@@ -217,16 +216,8 @@ def test_psychnotes_given_a_kek_that_wraps_none_of_its_data_keys_refuses_in_one_
                                               "MINDCHART_PSYCHNOTES_PREVIOUS_KEK_FILES": str(right)},
                          port)
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                assert rotating.poll() is None, rotating.communicate()[1]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "psychnotes did not start with both KEKs"
-                time.sleep(0.3)
+            wait_ready(f"http://127.0.0.1:{port}", rotating, "psychnotes with both KEKs", within=90,
+                       exited=lambda: rotating.communicate()[1])
         finally:
             rotating.terminate()
             rotating.communicate(timeout=30)
