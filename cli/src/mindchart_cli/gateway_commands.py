@@ -12,9 +12,8 @@ import typer
 from gateway import admin, chain_verify, checkpoints, keys, launches
 from gateway.keys import Keyring
 from gateway.settings import GatewaySettings
-from mindchart_cli import stack
+from mindchart_cli import kek_files, stack
 from mindchart_cli.datastores import CommandError, emit, on_db
-from mindchart_core import keyfiles
 
 client_app = typer.Typer(help="OAuth clients (apps, EHRs, insurers)", no_args_is_help=True)
 user_app = typer.Typer(help="People who sign in", no_args_is_help=True)
@@ -78,11 +77,8 @@ def user_create(
 def key_rotate() -> None:
     """Add a new signing key, sealed under the gateway's KEK (MINDCHART_GATEWAY_SIGNING_KEK_FILE);
     it signs from now on, the old ones still verify."""
-    try:
+    with kek_files.key_file_errors():
         kek = keys.load_kek(GatewaySettings())
-    except keys.KeyConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     emit(on_gateway_db(lambda db: admin.rotate_signing_key(db, kek)))
 
 
@@ -91,12 +87,7 @@ def key_new_kek(out: Annotated[Path, typer.Option(help="file to create (mode 060
     """Create a new key-encryption key file for the signing keys: base64 of 32 random bytes on
     one line. Restart the gateways with it as MINDCHART_GATEWAY_SIGNING_KEK_FILE and the old one
     in MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES: they seal every key again under it."""
-    try:
-        kek = keyfiles.new_kek_file(out)
-    except keys.KeyConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    emit({"file": str(out), "kek": keys.kek_id(kek)})
+    kek_files.new_kek(out, keys.kek_id)
 
 
 @key_app.command("kek-status")
@@ -104,11 +95,8 @@ def key_kek_status() -> None:
     """Which KEK seals each signing key. Exit 0 when every key is under the current KEK (the
     files in MINDCHART_GATEWAY_SIGNING_PREVIOUS_KEK_FILES can go), 1 while a key is still sealed
     under another (a gateway with both KEKs seals them again when it starts)."""
-    try:
+    with kek_files.key_file_errors():
         keks = keys.load_keks(GatewaySettings())
-    except keys.KeyConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     status = on_gateway_db(lambda db: keys.kek_status(db, keks))
     emit(status)
     if status["not_under_current_kek"]:

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from mindchart_cli import kek_files
 from mindchart_cli.datastores import CommandError, emit, on_db
 from psychnotes import keys, rotation
 from psychnotes.settings import PsychnotesSettings
@@ -23,12 +24,7 @@ psychnotes_app = typer.Typer(help="The psychotherapy-notes vault", no_args_is_he
 @psychnotes_app.command("new-kek")
 def new_kek(out: Annotated[Path, typer.Option(help="file to create (mode 0600)")]) -> None:
     """Create a new key-encryption key file: base64 of 32 random bytes on one line."""
-    try:
-        kek = keys.new_kek_file(out)
-    except keys.KeyConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    emit({"file": str(out), "kek": keys.kek_id(kek)})
+    kek_files.new_kek(out, keys.kek_id)
 
 
 @psychnotes_app.command("rotate-key")
@@ -38,7 +34,7 @@ def rotate_key(
 ) -> None:
     """Re-wrap every data key under the new KEK (note ciphertexts are not touched)."""
     settings = PsychnotesSettings()
-    try:
+    with kek_files.key_file_errors():
         new = keys.read_kek(new_kek_file)
         known: dict[str, bytes] = {}
         current = keys.current_kek_path(settings)
@@ -46,9 +42,6 @@ def rotate_key(
             if path.exists():
                 old = keys.read_kek(path)
                 known[keys.kek_id(old)] = old
-    except keys.KeyConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     keyring = keys.Keyring(current_id=keys.kek_id(new), keks={**known, keys.kek_id(new): new})
 
     async def work(db: object) -> object:
