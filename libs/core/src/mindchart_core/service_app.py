@@ -69,7 +69,16 @@ def datastore_client(settings: ServiceSettings, service: str) -> AsyncMongoClien
     for /metrics, and every wait on the datastore bounded by `mongo_timeout_seconds`: server
     selection, connecting, each socket read (one command or one cursor batch, so a long export
     is not cut off) and waiting for a pooled connection. A frozen or unreachable datastore turns
-    into a 503 (errors.py) instead of a request that hangs as long as the datastore does.
+    into a 503 (errors.py) instead of a request that hangs as long as the datastore does; not
+    within one timeout, though: a read or write that fails on a network error (a socket timeout
+    is one) is retried once (retryable reads, https://www.mongodb.com/docs/manual/core/retryable-reads/,
+    and writes), after a new connection's handshake, so a frozen datastore is reported after about
+    3x the timeout (measured, PyMongo 4.20: 2.5 s set, 7.6 s; 2.5 s with retryReads off). The
+    retry is kept (it rides over a dropped pooled connection); `timeoutMS` would bound the whole
+    operation but, by default, also a non-tailable cursor's whole life (the client-side operations
+    timeout specification's timeoutMode default, cursorLifetime, as drivers document it, e.g.
+    https://mongodb.github.io/node-mongodb-native/7.0/variables/CursorTimeoutMode-1.html),
+    cutting off a long export.
     Pooled connections idle longer than `mongo_max_idle_seconds` are closed before reuse
     (maxIdleTimeMS, PyMongo's pool options), before the datastore's own idle cut-off can leave a
     dead one in the pool (settings.py says why).
