@@ -15,7 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, monitoring
 
 from records.export import store
 from tests.integration.conftest import fresh_database
@@ -23,6 +23,7 @@ from tests.integration.conftest import fresh_database
 FIELD = "sp.lastUpdated_lo"
 BATCH = 5  # slices of about 4 * BATCH = 20 documents, read only when they hold at most 40
 UNTIL = datetime(2026, 6, 1, tzinfo=UTC)
+GATHER = 30.0
 
 
 def doc(ident: str, moment: datetime, patients: list[str], *, deleted: bool = False) -> dict[str, Any]:
@@ -30,11 +31,12 @@ def doc(ident: str, moment: datetime, patients: list[str], *, deleted: bool = Fa
             "deleted": deleted, "raw": b"{}"}
 
 
-def bursty_store() -> list[dict[str, Any]]:
-    """Sparse years, then a burst of 300 in three seconds, then one millisecond holding 60 (one
-    transaction Bundle), then writes after the export's transactionTime."""
+def bursty_store(*, sparse: bool = True) -> list[dict[str, Any]]:
+    """Sparse years (unless not `sparse`), then a burst of 300 in three seconds, then one
+    millisecond holding 60 (one transaction Bundle), then writes after the export's
+    transactionTime, and 20 deleted."""
     docs = [doc(f"sparse-{i}", datetime(2019, 1, 1, tzinfo=UTC) + timedelta(days=45 * i), ["p1"])
-            for i in range(40)]
+            for i in range(40 if sparse else 0)]
     burst = datetime(2026, 3, 1, 9, tzinfo=UTC)
     docs += [doc(f"burst-{i}", burst + timedelta(milliseconds=10 * i), [f"p{i % 7}"]) for i in range(300)]
     bundle = datetime(2026, 4, 2, 12, tzinfo=UTC)
@@ -53,28 +55,79 @@ async def load(db: Any, docs: list[dict[str, Any]]) -> Any:
     return collection
 
 
-def test_time_slices_cover_the_window_once_and_each_stays_small(mongo_url: str) -> None:
-    async def main() -> tuple[list[int], Counter[str], set[str]]:
-        async with fresh_database(mongo_url, "export_slices") as db:
-            collection = await load(db, bursty_store())
-            sizes, seen = [], Counter[str]()
-            window = store.Window(FIELD, None, UNTIL)
-            async for bounds in store.time_slices(collection, window, 4 * BATCH):
-                found = await collection.find(bounds, {"_id": 1}).to_list()
-                sizes.append(len(found))
-                seen.update(d["_id"] for d in found)
-            streamed = {d["_id"] async for d in store.stream(db, "Observation", {FIELD: {"$lte": UNTIL}},
-                                                              window, BATCH)}
-            return sizes, seen, streamed
+class FindSizes(monitoring.CommandListener):
+    """Documents each `find` answered, its getMores included, and the counts sent."""
 
-    sizes, seen, streamed = asyncio.run(main())
-    expected = {d["_id"] for d in bursty_store() if d["sp"]["lastUpdated_lo"] <= UNTIL}
-    assert set(seen) == expected
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.counts: list[dict[str, Any]] = []
+        self._finds: dict[int, int] = {}  # cursor id -> index in sizes
+        self._more: dict[int, int] = {}  # getMore request id -> cursor id
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "getMore":
+            self._more[event.request_id] = event.command["getMore"]
+        if event.command_name in ("count", "aggregate"):
+            self.counts.append(event.command)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        cursor = event.reply.get("cursor")
+        if event.command_name == "find" and cursor is not None:
+            self.sizes.append(len(cursor["firstBatch"]))
+            if cursor["id"]:
+                self._finds[cursor["id"]] = len(self.sizes) - 1
+        elif event.command_name == "getMore" and cursor is not None:
+            self.sizes[self._finds[self._more.pop(event.request_id)]] += len(cursor["nextBatch"])
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def steady_store() -> list[dict[str, Any]]:
+    """A clinic's steady writes: one every six hours for 100 days, and one millisecond holding 60
+    (one transaction Bundle) in the middle."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    docs = [doc(f"steady-{i}", start + timedelta(hours=6 * i), [f"p{i % 7}"]) for i in range(400)]
+    return docs + [doc(f"bundle-{i}", start + timedelta(days=50, minutes=1), ["p2"]) for i in range(60)]
+
+
+def test_time_slices_cover_the_window_once_and_each_stays_small(mongo_url: str) -> None:
+    """Every resource once; the search for where the data starts costs only empty reads; the
+    first read holding data takes what lies before its end, and every later read stays near the
+    target (20 here), save the Bundle's millisecond. No count of documents is sent."""
+    listener = FindSizes()
+
+    async def main() -> Counter[str]:
+        async with fresh_database(mongo_url, "export_slices", [listener]) as db:
+            collection = await load(db, steady_store())
+            listener.sizes.clear()
+            listener.counts.clear()
+            window = store.Window(FIELD, None, UNTIL)
+            return Counter([d["_id"] async for d in store.time_sliced(collection, window, 4 * BATCH, BATCH, GATHER)])
+
+    seen = asyncio.run(main())
+    assert set(seen) == {d["_id"] for d in steady_store()}
     assert max(seen.values()) == 1, "a resource fell in two slices"
-    # Every slice holds at most 2 * 20 documents, save the one millisecond of the Bundle's 60.
-    assert sorted(sizes)[-2] <= 40 and max(sizes) == 60, sizes
-    assert len(sizes) >= (300 + 40 + 20) // 40
-    assert streamed == {i for i in expected if not i.startswith("gone-")}
+    sizes = listener.sizes
+    first = next(i for i, n in enumerate(sizes) if n)
+    assert first <= 45, sizes  # halving 56 years down to the data: about 41 empty reads
+    later = sorted(sizes[first + 1:])
+    assert later[-1] <= 60, sizes  # the Bundle's millisecond read as it is
+    assert later[-2] <= 3 * 4 * BATCH, sizes
+    assert len(later) >= (460 - sizes[first]) // (3 * 4 * BATCH), sizes
+    # Only the metadata count (estimated_document_count: `count` with no query) is sent.
+    assert [c.get("query") for c in listener.counts] == [None], listener.counts
+
+
+def test_stream_covers_a_sparse_then_bursty_store_once(mongo_url: str) -> None:
+    async def main() -> set[str]:
+        async with fresh_database(mongo_url, "export_slices") as db:
+            await load(db, bursty_store())
+            window = store.Window(FIELD, None, UNTIL)
+            return {d["_id"] async for d in store.stream(db, "Observation", {FIELD: {"$lte": UNTIL}}, window, BATCH, GATHER)}
+
+    expected = {d["_id"] for d in bursty_store() if d["sp"]["lastUpdated_lo"] <= UNTIL and not d["deleted"]}
+    assert asyncio.run(main()) == expected
 
 
 def test_since_bounds_the_slices_from_below(mongo_url: str) -> None:
@@ -84,7 +137,7 @@ def test_since_bounds_the_slices_from_below(mongo_url: str) -> None:
             since = datetime(2026, 3, 1, 9, 0, 1, tzinfo=UTC)  # a second into the burst
             window = store.Window(FIELD, since, UNTIL)
             filt = {FIELD: {"$gt": since, "$lte": UNTIL}}
-            return {d["_id"] async for d in store.stream(db, "Observation", filt, window, BATCH)}
+            return {d["_id"] async for d in store.stream(db, "Observation", filt, window, BATCH, GATHER)}
 
     found = asyncio.run(main())
     since = datetime(2026, 3, 1, 9, 0, 1, tzinfo=UTC)
@@ -107,7 +160,7 @@ def test_a_groups_members_are_read_in_chunks_and_shared_resources_exported_once(
             await load(db, docs)
             window = store.Window(FIELD, None, UNTIL)
             filt = store.and_({"c": {"$in": members}}, {FIELD: {"$lte": UNTIL}})
-            return Counter([d["_id"] async for d in store.stream(db, "Observation", filt, window, BATCH)])
+            return Counter([d["_id"] async for d in store.stream(db, "Observation", filt, window, BATCH, GATHER)])
 
     counted = asyncio.run(main())
     assert set(counted) == {f"own-{i}" for i in range(120)} | {"shared-1-2", "shared-2-3", "with-outsider"}

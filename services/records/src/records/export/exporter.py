@@ -83,7 +83,8 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
     in_batch = 0
     try:
         window = store.Window("sp.lastUpdated_lo", job.get("since"), job["transaction_time"])
-        async for doc in store.stream(db, kind, base, window, settings.batch_size):
+        async for doc in store.stream(db, kind, base, window, settings.batch_size,
+                                      settings.gather_seconds):
             in_batch += 1
             # Withheld here rather than by the query, so they are counted in the same pass.
             if restricted and not restricted.isdisjoint((doc.get("sp") or {}).get("_security") or ()):
@@ -146,7 +147,8 @@ async def export_deletions(db: store.Db, job: dict[str, Any], attempt: int,
 
     try:
         window = store.Window("ts", job["since"], job["transaction_time"])
-        async for doc in store.deletions(db, kind, store.and_(*clauses), window, settings.batch_size):
+        async for doc in store.deletions(db, kind, store.and_(*clauses), window, settings.batch_size,
+                                         settings.gather_seconds):
             batch.append(doc["id"])
             if len(batch) >= settings.batch_size:
                 await flush()

@@ -15,8 +15,10 @@ class ExportSettings(BaseSettings):
     # How long a finished export's files stay downloadable (the manifest's `Expires`).
     file_ttl_seconds: int = 3600
     # A job's lease: a worker that has not renewed it for this long is presumed dead and any
-    # replica may reclaim the job. Renewed every `heartbeat_seconds`.
-    lease_seconds: float = 10.0
+    # replica may reclaim the job. Renewed every `heartbeat_seconds`. 30 s, like subscription and
+    # CDex delivery leases: a renewal waits behind whatever the datastore is doing (the embedded
+    # one answers nobody while it gathers a large read), and a lapse costs the job an attempt.
+    lease_seconds: float = 30.0
     heartbeat_seconds: float = 2.0
     # Idle workers look for queued or abandoned jobs this often (kick-offs on this replica wake
     # its workers at once).
@@ -29,6 +31,11 @@ class ExportSettings(BaseSettings):
     max_stalls: int = 20
     # Cursor batch: documents fetched per round trip, and the unit of progress and lease checks.
     batch_size: int = 500
+    # How long the first batch of one read of resources may take: the embedded datastore answers
+    # it only after gathering the whole range read (store.time_sliced), longer than the datastore
+    # timeout that bounds every other wait. A gather longer than `lease_seconds` also holds up the
+    # lease's renewal on that datastore, and the job is then resumed as a new attempt.
+    gather_seconds: float = 30.0
     # Pause between batches: caps one export's load on the shared datastore (0 = full speed).
     batch_pause_seconds: float = 0.0
     retry_after_seconds: int = 2
