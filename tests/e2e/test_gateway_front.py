@@ -106,3 +106,18 @@ def test_metrics_count_fhir_reads_by_route_template(live: RunningStack, writer: 
                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
         assert missing.status_code == 404
     assert reads() == before + 3
+
+
+def test_a_path_the_client_percent_encoded_reaches_the_backend_encoded(
+        live: RunningStack, writer_http: httpx.Client) -> None:
+    """The ASGI path is decoded; the gateway quotes it again before the request line, so a
+    non-Latin-1 character, a control character, a space or a `%` in an id gets the backend's own
+    answer (a 4xx read as the client meant it), never the gateway's 500."""
+    for odd in ("%C8%BE", "A%F3%89%8F%A0%C2%96", "a%20b", "%25zz", "%0A"):
+        read = writer_http.get(f"/Patient/{odd}")
+        assert 400 <= read.status_code < 500, (odd, read.status_code, read.text)
+        assert read.json()["resourceType"] == "OperationOutcome"
+        assert audited(live, read)["status"] == read.status_code
+    # The gateway stays healthy and an ordinary read after them is unchanged.
+    created = writer_http.post("/Patient", json=patient("Encoded"))
+    assert writer_http.get(f"/Patient/{created.json()['id']}").status_code == 200

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pymongo.errors import PyMongoError
 from starlette.requests import ClientDisconnect, Request
@@ -384,7 +384,11 @@ def _request_head(scope: Scope, method: str, authority: bytes, request_id: str,
                   body: bytes | None) -> bytes:
     """The request line and headers sent upstream (RFC 9112 §3, §5): only allow-listed headers,
     our request id, Host, and Content-Length for a body (or an empty POST/PUT/PATCH)."""
-    target = (scope.get("root_path", "") + scope["path"]).encode("latin-1")
+    # `path` is decoded (ASGI) and is what the gateway routed on: quoted again as UTF-8 (RFC 3986
+    # §2.1), `%` included, so a space, a control or non-Latin-1 character reaches the backend as
+    # the client encoded it and the backend decodes the path the gateway routed (an encoded `/`
+    # is a `/` to both; `raw_path` would let the two read different paths).
+    target = quote(scope.get("root_path", "") + scope["path"], safe="/:@!$&'()*+,;=~").encode("ascii")
     query: bytes = scope.get("query_string", b"")
     if query:
         target += b"?" + query
