@@ -17,7 +17,8 @@ from typing import Any
 
 from pymongo import ASCENDING, monitoring
 
-from records.export import store
+from records import store as records_store
+from records.export import slots, store
 from tests.integration.conftest import fresh_database
 
 FIELD = "sp.lastUpdated_lo"
@@ -56,7 +57,8 @@ async def load(db: Any, docs: list[dict[str, Any]]) -> Any:
 
 
 class FindSizes(monitoring.CommandListener):
-    """Documents each `find` answered, its getMores included, and the counts sent."""
+    """Documents each `find` answered (but those of the migration marker), its getMores
+    included, and the counts sent."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
@@ -72,7 +74,8 @@ class FindSizes(monitoring.CommandListener):
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         cursor = event.reply.get("cursor")
-        if event.command_name == "find" and cursor is not None:
+        if event.command_name == "find" and cursor is not None \
+                and not cursor["ns"].endswith(f".{records_store.MIGRATIONS}"):
             self.sizes.append(len(cursor["firstBatch"]))
             if cursor["id"]:
                 self._finds[cursor["id"]] = len(self.sizes) - 1
@@ -165,3 +168,101 @@ def test_a_groups_members_are_read_in_chunks_and_shared_resources_exported_once(
     counted = asyncio.run(main())
     assert set(counted) == {f"own-{i}" for i in range(120)} | {"shared-1-2", "shared-2-3", "with-outsider"}
     assert max(counted.values()) == 1
+
+
+# -- export slots (records/export/slots.py, store.slot_sliced) -------------------------------------
+
+def slotted(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**d, records_store.SLOT: records_store.slot_of(d["_id"])} for d in docs]
+
+
+def bulk_import() -> list[dict[str, Any]]:
+    """What a bulk import leaves: 400 resources with one id prefix, all stamped in the same
+    millisecond (time ranges cannot split them, nor id ranges by their spread), 20 deleted, 10
+    written after the export's transactionTime."""
+    moment = datetime(2026, 5, 1, 9, tzinfo=UTC)
+    docs = [doc(f"import-{i}", moment, [f"p{i % 9}"]) for i in range(400)]
+    docs += [doc(f"import-gone-{i}", moment, ["p1"], deleted=True) for i in range(20)]
+    return docs + [doc(f"import-later-{i}", UNTIL + timedelta(seconds=1 + i), ["p1"]) for i in range(10)]
+
+
+async def load_slotted(db: Any, docs: list[dict[str, Any]]) -> Any:
+    collection = await load(db, docs)
+    await collection.create_index([(records_store.SLOT, ASCENDING)])
+    return collection
+
+
+def test_slot_ranges_cover_the_window_once_and_each_stays_near_its_target(mongo_url: str) -> None:
+    """A burst in one millisecond with one id prefix: every resource of the window once, in
+    reads of about the target (20) each, where a time walk reads the burst in one; a resource
+    stored without a slot (a replica of an earlier version) is read by the last, `slot: null`."""
+    docs = slotted(bulk_import())
+    straggler = doc("written-without-slot", datetime(2026, 5, 2, tzinfo=UTC), ["p2"])
+    listener = FindSizes()
+
+    async def main() -> tuple[Counter[str], list[int], list[int]]:
+        async with fresh_database(mongo_url, "export_slots", [listener]) as db:
+            collection = await load_slotted(db, [*docs, straggler])
+            window = store.Window(FIELD, None, UNTIL)
+            listener.sizes.clear()
+            seen = Counter([d["_id"] async for d in store.slot_sliced(collection, window, 4 * BATCH, BATCH, GATHER)])
+            by_slot = list(listener.sizes)
+            listener.sizes.clear()
+            _ = [d async for d in store.time_sliced(collection, window, 4 * BATCH, BATCH, GATHER)]
+            return seen, by_slot, list(listener.sizes)
+
+    seen, by_slot, by_time = asyncio.run(main())
+    assert set(seen) == {d["_id"] for d in docs if d["sp"]["lastUpdated_lo"] <= UNTIL} | {straggler["_id"]}
+    assert max(seen.values()) == 1, "a resource fell in two slot ranges"
+    assert by_slot[-1] == 1  # the straggler, alone in `slot: null`
+    # 431 stored, target 20: 22 ranges of about 19 (the window excludes 10 in the datastore).
+    assert len(by_slot) == 23 and max(by_slot[:-1]) <= 40, by_slot
+    assert max(by_time) >= 400, by_time  # the burst's millisecond, read whole by time
+
+
+def test_since_is_checked_by_the_datastore_in_each_slot_range(mongo_url: str) -> None:
+    moment = datetime(2026, 5, 1, 9, tzinfo=UTC)
+    docs = slotted([doc(f"old-{i}", moment, ["p1"]) for i in range(200)]
+                   + [doc(f"new-{i}", moment + timedelta(hours=1), ["p1"]) for i in range(30)])
+    listener = FindSizes()
+
+    async def main() -> set[str]:
+        async with fresh_database(mongo_url, "export_slots", [listener]) as db:
+            await load_slotted(db, docs)
+            await db[records_store.MIGRATIONS].insert_one({"_id": slots.SLOTS_DONE})
+            since = moment + timedelta(minutes=30)
+            filt = {FIELD: {"$gt": since, "$lte": UNTIL}}
+            listener.sizes.clear()
+            return {d["_id"] async for d in store.stream(db, "Observation", filt,
+                                                         store.Window(FIELD, since, UNTIL), BATCH, GATHER)}
+
+    assert asyncio.run(main()) == {f"new-{i}" for i in range(30)}
+    assert sum(listener.sizes) == 30, listener.sizes  # the 200 older ones never left the datastore
+
+
+def test_the_backfill_gives_every_document_its_slot_once_and_exports_then_read_by_slot(
+        mongo_url: str) -> None:
+    """A datastore written before slots: exports read by time until the backfill has filed its
+    migration, which gives each document the slot a new write would, and is not run twice."""
+    docs = bulk_import()
+
+    async def main() -> None:
+        async with fresh_database(mongo_url, "export_slots") as db:
+            collection = await load_slotted(db, docs)
+            assert not await slots.ready(db)
+            assert await slots.backfill(db) == len(docs)
+            assert await slots.ready(db)
+            async for stored in collection.find({}, {records_store.SLOT: 1}):
+                assert stored[records_store.SLOT] == records_store.slot_of(stored["_id"])
+            assert await slots.backfill(db) == 0
+            listener = FindSizes()
+            async with fresh_database(mongo_url, "unused", [listener]) as other:
+                twin = other.client[db.name]
+                window = store.Window(FIELD, None, UNTIL)
+                found = [d["_id"] async for d in store.stream(twin, "Observation", {FIELD: {"$lte": UNTIL}},
+                                                               window, BATCH, GATHER)]
+            assert sorted(found) == sorted(d["_id"] for d in docs
+                                           if not d["deleted"] and d["sp"]["lastUpdated_lo"] <= UNTIL)
+            assert max(listener.sizes) <= 40, listener.sizes  # by slot: the burst split
+
+    asyncio.run(main())

@@ -66,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import logging
 import random
 import time
@@ -179,8 +180,10 @@ DRIVING_TOKENS = frozenset({"identifier", "code"})
 
 def index_specs(definition: ResourceDef) -> list[list[tuple[str, int]]]:
     """Every index of a current-version collection: the single-field indexes a phase-1 query can
-    be driven by (query.driving_clause), nothing else. ensure_indexes drops any other it finds."""
-    specs: list[list[tuple[str, int]]] = [[("c", ASCENDING)], [("sp.lastUpdated_lo", ASCENDING)]]
+    be driven by (query.driving_clause), and bulk export's `slot` (records/export/store.py
+    `slot_sliced`), nothing else. ensure_indexes drops any other it finds."""
+    specs: list[list[tuple[str, int]]] = [[("c", ASCENDING)], [("sp.lastUpdated_lo", ASCENDING)],
+                                          [(SLOT, ASCENDING)]]
     for param in definition.params:
         if param.type in ("reference", "string") or (param.type == "token" and param.name in DRIVING_TOKENS):
             specs.append([(f"sp.{param.name}", ASCENDING)])
@@ -329,6 +332,18 @@ def phase_one(filt: dict[str, Any], drivers: frozenset[str]) -> dict[str, Any]:
     return query.driving_clause(filt, drivers) or filt
 
 
+SLOT = "slot"
+SLOTS = 1 << 16
+MIGRATIONS = "records_migrations"  # one document per one-time migration done on this datastore
+
+
+def slot_of(resource_id: str) -> int:
+    """The document's export slot: the first 16 bits of SHA-256 of its id, so a range of slots
+    holds its share of a collection whatever the ids' shape or when they were written (bulk
+    export reads a large collection slot range by slot range: records/export/store.py)."""
+    return int.from_bytes(hashlib.sha256(resource_id.encode()).digest()[:2], "big")
+
+
 def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url: str,
                     moment: datetime, version: int = 1, *,
                     compartment: list[str] | None = None) -> dict[str, Any]:
@@ -349,7 +364,7 @@ def stored_document(definition: ResourceDef, resource: dict[str, Any], base_url:
     if compartment is None:
         compartment = extract.patient_compartment(body, definition, base_url)
     doc = {"_id": body["id"], "vid": version, "ts": moment, "deleted": False,
-           "raw": Binary(orjson.dumps(body)), "sp": sp, "c": compartment}
+           "raw": Binary(orjson.dumps(body)), "sp": sp, "c": compartment, SLOT: slot_of(body["id"])}
     if definition.type == "DocumentReference":
         doc[APPENDED] = []  # a new note has nothing appended; an update leaves this alone (_write)
     return doc
@@ -918,6 +933,6 @@ def _references(node: Any, base_url: str) -> list[str]:
 
 
 __all__ = ["APPENDED", "CONFLICT_RETRY_SECONDS", "HISTORY_DRIVERS", "MAX_CANDIDATES", "MAX_SORT_CANDIDATES",
-           "ResourceStore", "SearchPage", "StoredResource", "count", "ensure_indexes", "index_specs",
-           "indexed_fields", "instant", "matching", "now", "phase_one", "select", "stored_document",
-           "stream"]
+           "MIGRATIONS", "SLOT", "SLOTS", "ResourceStore", "SearchPage", "StoredResource", "count",
+           "ensure_indexes", "index_specs", "indexed_fields", "instant", "matching", "now", "phase_one",
+           "select", "slot_of", "stored_document", "stream"]

@@ -26,10 +26,9 @@ from typing import Any
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from records.amendments import appended
-from records.store import APPENDED, ResourceStore, now
+from records.store import APPENDED, MIGRATIONS, ResourceStore, now
 
 NOTES = "DocumentReference"
-MIGRATIONS = "records_migrations"
 BACKFILL = "amendment-marker"  # its document in MIGRATIONS once done
 BATCH = 500
 _log = logging.getLogger(__name__)

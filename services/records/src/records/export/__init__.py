@@ -3,19 +3,21 @@
 
 Wiring, all from records/app.py: `install(app)` in create_app (settings, routes: they must come
 before the generic `/{type}/{id}` routes), `await start(app)` / `await stop(app)` in the lifespan
-(indexes, export workers). `declare(statement)` adds the operations to the CapabilityStatement.
+(indexes, the slot backfill, export workers). `declare(statement)` adds the operations to the
+CapabilityStatement.
 
 Group (member lists for group export) is declared with the other types in records/resources.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI
 
 from records import everything
-from records.export import routes, store
+from records.export import routes, slots, store
 from records.export.settings import ExportSettings
 from records.export.worker import Workers
 
@@ -30,12 +32,18 @@ def install(app: FastAPI, settings: ExportSettings | None = None) -> None:
 
 async def start(app: FastAPI) -> None:
     await store.ensure_indexes(app.state.db)
+    # Documents stored before export slots get theirs, once per datastore (slots.py).
+    app.state.export_slots = asyncio.create_task(slots.backfill_in_background(app.state.db),
+                                                 name="export-slot-backfill")
     workers = Workers(app.state.db, app.state.export_settings, app.state.settings.public_base_url)
     workers.start()
     app.state.export_workers = workers
 
 
 async def stop(app: FastAPI) -> None:
+    backfill: asyncio.Task[None] | None = getattr(app.state, "export_slots", None)
+    if backfill is not None:
+        backfill.cancel()
     workers: Workers | None = getattr(app.state, "export_workers", None)
     if workers is not None:
         await workers.stop()
