@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import AutoReconnect
 
 from mindchart_cli import stack
 from tests.conftest import free_port
@@ -44,3 +45,25 @@ async def fresh_database(mongo_url: str, prefix: str, listeners: Sequence[monito
     finally:
         await client.drop_database(database.name)
         await client.close()
+
+
+class DropsReplies:
+    """The gateway's database, but the first `insert` command's reply is lost after the server
+    applied it (the connection drops on the way back), as a network failure can do."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.dropped = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._db[name]
+
+    async def command(self, body: dict[str, Any], **kwargs: Any) -> Any:
+        reply = await self._db.command(body, **kwargs)
+        if "insert" in body and not self.dropped:
+            self.dropped += 1
+            raise AutoReconnect("connection closed after the insert was applied")
+        return reply

@@ -21,7 +21,7 @@ from joserfc.jwk import RSAKey
 from gateway import chain, chain_verify, checkpoints, partitions, store
 from gateway.keys import Keyring
 from mindchart_core import sealing
-from tests.integration.conftest import fresh_database
+from tests.integration.conftest import DropsReplies, fresh_database
 
 ISSUER = "http://gateway.test"
 
@@ -264,3 +264,41 @@ async def test_a_single_chain_trail_is_read_as_the_legacy_partition(db: Any) -> 
     await db.audit_chain.update_one({"_id": "head"}, {"$set": {"seq": 3}})
     found = problem_of(await verify(db, keys), "truncated")
     assert (found["partition"], found["seq"]) == ("legacy", 4)
+
+
+async def test_a_batch_whose_reply_was_lost_is_stored_once(db: Any) -> None:
+    """Audit links are plain `insert` commands (no retryable-write bookkeeping on the server):
+    after a lost reply the batch is sent again, and the records the first send stored are
+    recognised by `_id` and hash, never stored twice and never taken for a lost race."""
+    conflicts = chain.CONFLICTS._value.get()
+    flaky = DropsReplies(db)
+    writer = chain.AuditChain(flaky, holder="replica-a")
+    await writer.append(record("first"), record("second"), record("third"))
+    await writer.append(record("fourth"))
+    assert flaky.dropped == 1
+    stored = await db.audit_events.find({}, {"_id": 1, "seq": 1}).sort("seq", 1).to_list()
+    assert [(r["_id"], r["seq"]) for r in stored] == [("first", 1), ("second", 2), ("third", 3), ("fourth", 4)]
+    assert chain.CONFLICTS._value.get() == conflicts
+    keys = await keyring(db)
+    assert (await verify(db, keys))["ok"] is True
+
+
+async def test_a_position_another_writer_holds_is_a_lost_race_and_the_batch_moves_on(db: Any) -> None:
+    """Another writer's record at the batch's position (a lease that lapsed while its holder
+    stalled): the batch goes after it, and the chain verifies."""
+    writer = chain.AuditChain(db, holder="replica-a")
+    await writer.append(record("a1"))
+    partition = writer.partition
+    assert partition is not None
+    seq, digest = await chain.current_head(db, partition)
+    other = {**record("other"), "partition": partition.field, "seq": seq + 1, "prev_hash": digest,
+             "chain": "sha256"}
+    # The writer knows its last link and reads nothing before its next batch: it meets `other`.
+    await db.audit_events.insert_one({**other, "hash": chain.record_hash(other)})
+    conflicts = chain.CONFLICTS._value.get()
+    await writer.append(record("a2"), record("a3"))
+    assert chain.CONFLICTS._value.get() == conflicts + 1
+    stored = await db.audit_events.find({}, {"_id": 1, "seq": 1}).sort("seq", 1).to_list()
+    assert [r["_id"] for r in stored] == ["a1", "other", "a2", "a3"]
+    keys = await keyring(db)
+    assert (await verify(db, keys))["ok"] is True

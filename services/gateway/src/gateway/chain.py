@@ -16,14 +16,14 @@ loser re-reads the end and retries, so a chain can never fork. Partitions are as
 have ever run at once (a restarted replica takes over a free one).
 
 Within one process appends are group-committed: while one batch is being written, the records of
-every other request queue up and become the next batch (one insert_many), and the last link is
-remembered so no read is needed. The head document moves with a batch at most every HEAD_SECONDS
-(then both go as one MongoDB 8 bulkWrite where the server has it) and in the background while it
-lags: a second write in every batch's transaction was a large part of the datastore's work per
-audited request. Readers of a partition's end (`current_head`) walk on from the head. Every
-caller waits until the batch holding its record is stored, so nothing acknowledged is ever lost.
-Records are never updated. Signed checkpoints of every partition's head (`checkpoints.py`) and
-verification (`chain_verify.py`) build on this.
+every other request queue up and become the next batch (one `insert` command, not a retryable
+write: mindchart_core.inserts), and the last link is remembered so no read is needed. The head
+document moves with a batch at most every HEAD_SECONDS (then both go as one MongoDB 8 bulkWrite
+where the server has it) and in the background while it lags: a second write in every batch's
+transaction was a large part of the datastore's work per audited request. Readers of a partition's
+end (`current_head`) walk on from the head. Every caller waits until the batch holding its record
+is stored, so nothing acknowledged is ever lost. Records are never updated. Signed checkpoints of
+every partition's head (`checkpoints.py`) and verification (`chain_verify.py`) build on this.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from typing import Any
 import orjson
 from prometheus_client import Counter
 from pymongo import InsertOne, UpdateOne
-from pymongo.errors import BulkWriteError, ClientBulkWriteException, InvalidOperation
+from pymongo.errors import ClientBulkWriteException, InvalidOperation
 
 from gateway import partitions, store
+from mindchart_core import inserts
 
 GENESIS = "0" * 64
 _MAX_ATTEMPTS = 200
@@ -155,11 +156,7 @@ async def _insert_links(db: store.Db, partition: partitions.Partition,
     records were inserted before the first failure; raises only for failures other than losing
     a race for a position."""
     if not advance_head:
-        try:
-            await db.audit_events.insert_many(records, ordered=True)
-        except BulkWriteError as exc:
-            return int(exc.details.get("nInserted", 0))
-        return len(records)
+        return await inserts.insert_once(db, db.audit_events.name, records, _stored_as_sent(db))
     last = records[-1]
     head_filter = {"_id": partition.head_id, "seq": {"$lt": last["seq"]}}
     head_update = {"$set": {"seq": last["seq"], "hash": last["hash"]}}
@@ -177,12 +174,19 @@ async def _insert_links(db: store.Db, partition: partitions.Partition,
             if exc.error is not None or not failures:
                 raise
             return min(int(failure.get("idx", 0)) for failure in failures)
-    try:
-        await db.audit_events.insert_many(records, ordered=True)
-    except BulkWriteError as exc:
-        return int(exc.details.get("nInserted", 0))
-    await db.audit_chain.update_one(head_filter, head_update)
-    return len(records)
+    inserted = await inserts.insert_once(db, db.audit_events.name, records, _stored_as_sent(db))
+    if inserted == len(records):
+        await db.audit_chain.update_one(head_filter, head_update)
+    return inserted
+
+
+def _stored_as_sent(db: store.Db) -> inserts.StoredAsSent:
+    """A link refused as a duplicate is this batch's own if it is stored with its `hash`, which
+    covers its partition and position (mindchart_core.inserts: after a lost reply)."""
+    async def check(record: dict[str, Any]) -> bool:
+        stored = await db.audit_events.find_one({"_id": record["_id"]}, {"hash": 1})
+        return stored is not None and stored.get("hash") == record["hash"]
+    return check
 
 
 _client_bulk_write: dict[int, bool] = {}  # per client: does its server take bulkWrite?

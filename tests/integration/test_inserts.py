@@ -1,0 +1,38 @@
+"""mindchart_core.inserts.insert_once on the embedded datastore: audit records are plain
+`insert` commands (no retryable-write bookkeeping), stored exactly once when a reply is lost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mindchart_core import inserts
+from tests.integration.conftest import DropsReplies, fresh_database
+
+
+async def test_a_lost_reply_is_sent_again_and_each_document_is_stored_once(mongo_url: str) -> None:
+    async with fresh_database(mongo_url, "inserts") as db:
+        flaky = DropsReplies(db)
+        documents = [{"_id": f"d{i}", "n": i} for i in range(5)]
+        assert await inserts.insert_once(flaky, "decisions", documents) == 5
+        assert flaky.dropped == 1
+        stored = await db.decisions.find({}).sort("n", 1).to_list()
+        assert [d["_id"] for d in stored] == [f"d{i}" for i in range(5)]
+
+
+async def test_documents_already_stored_count_and_the_rest_follow(mongo_url: str) -> None:
+    """What an earlier send stored before the connection dropped (a prefix of an ordered insert)
+    is recognised by `_id`; the others are inserted after it."""
+    async with fresh_database(mongo_url, "inserts") as db:
+        await db.disclosures.insert_many([{"_id": "d0", "n": 0}, {"_id": "d1", "n": 1}])
+        documents: list[dict[str, Any]] = [{"_id": f"d{i}", "n": i} for i in range(4)]
+        assert await inserts.insert_once(db, "disclosures", documents) == 4
+        assert await db.disclosures.count_documents({}) == 4
+
+
+async def test_a_document_without_its_own_id_is_refused_before_anything_is_sent(mongo_url: str) -> None:
+    async with fresh_database(mongo_url, "inserts") as db:
+        with pytest.raises(ValueError, match="_id"):
+            await inserts.insert_once(db, "decisions", [{"_id": "a"}, {"n": 1}])
+        assert await db.decisions.count_documents({}) == 0
