@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -21,6 +21,7 @@ from bench import load, sides
 from bench.harness import BenchStack, free_port
 from bench.measures.context import Context
 from bench.report import Result, Row
+from mindchart_cli import stack as mindchart_stack
 
 KEY = "8-gateway-replicas"
 TITLE = "8 two gateway replicas ÷ one (same datastores)"
@@ -35,15 +36,17 @@ def _conflicts(base: str) -> float:
 
 
 @contextmanager
-def second_gateway(stack: BenchStack) -> Iterator[str]:
-    """A second gateway process on the same datastores and public URL; its base URL."""
+def second_gateway(stack: BenchStack) -> Iterator[tuple[str, int]]:
+    """A second gateway process on the same datastores and public URL, started as the stack
+    starts its own (mindchart_cli.stack: the same command line, and the bench's environment on
+    top of the service's, so it logs at WARNING and has the same rate limit); its base URL and pid.
+    Until 9f70c40 it had neither, and logged every request at INFO."""
     port = free_port()
-    env = {**os.environ, **stack.config.service_env("gateway"), "MINDCHART_GATEWAY_PORT": str(port)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **stack.config.extra_env,
+           **stack.config.service_env("gateway"), "MINDCHART_GATEWAY_PORT": str(port)}
     with open(stack.runner.log_dir / "gateway-replica.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "gateway.app:create_app", "--host",
-             "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(mindchart_stack.service_argv("gateway", "127.0.0.1", port),
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -58,7 +61,7 @@ def second_gateway(stack: BenchStack) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the second gateway replica did not become ready")
                 time.sleep(0.2)
-            yield url
+            yield url, process.pid
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -66,11 +69,12 @@ def second_gateway(stack: BenchStack) -> Iterator[str]:
 
 async def run(ctx: Context) -> Result:
     stack, result = ctx.stack, Result(KEY, TITLE)
-    with second_gateway(stack) as replica:
-        return await _measure(ctx, result, [stack.gateway_url, replica])
+    with second_gateway(stack) as (replica, replica_pid):
+        return await _measure(ctx, result, [stack.gateway_url, replica],
+                              {"gateway": stack.pid("gateway"), "gateway-replica": replica_pid})
 
 
-async def _measure(ctx: Context, result: Result, urls: list[str]) -> Result:
+async def _measure(ctx: Context, result: Result, urls: list[str], pids: dict[str, int]) -> Result:
     headers = {"Authorization": f"Bearer {ctx.stack.token()}", "Accept": "application/fhir+json"}
     half = max(ctx.plan.concurrency // 2, 1)
     clients = {"one": load.loopback_client(urls[0], concurrency=ctx.plan.concurrency, headers=headers),
@@ -87,16 +91,26 @@ async def _measure(ctx: Context, result: Result, urls: list[str]) -> Result:
 
         pooled = await sides.compare(["one", "two"], make, ctx.plan)
         conflicts = sum(after - b for after, b in zip([_conflicts(u) for u in urls], before, strict=True))
+        ratio = pooled["two"].throughput / pooled["one"].throughput
+        met = ratio >= TARGET and conflicts == 0
+        profiles: list[Any] = []
+        if not met:  # where both replicas spend their time under the two-replica load
+
+            async def again() -> load.LoadResult:
+                return await load.drive(make("two"), load.Bounds(
+                    ctx.plan.concurrency, ctx.plan.max_requests, ctx.plan.profile_seconds + 1))
+            _, profiles = await ctx.profiled(pids, "8-replicas", again)
+            result.profiles = [p.to_json() for p in profiles]
     finally:
         for client in clients.values():
             await client.aclose()
-    ratio = pooled["two"].throughput / pooled["one"].throughput
-    met = ratio >= TARGET and conflicts == 0
     result.parameters = {"path": READ_PATH, **ctx.plan.as_dict()}
     result.figures = {**{side: r.summary() for side, r in pooled.items()}, "chain_conflicts": conflicts}
     result.rows = [Row(TITLE, f"two {sides.describe(pooled['two'])}; one {sides.describe(pooled['one'])}; "
                               f"audit batches retried for their position: {conflicts:g}",
                        ratio, f"≥ {TARGET}, 0 conflicts", met,
                        ["Both replicas share the machine's 2 cores with the stack and the load "
-                        "generator: a second replica adds no CPU, only a second audit partition."])]
+                        "generator: a second replica adds no CPU, only a second audit partition.",
+                        *(f"Profile of {label} under the two-replica load: {p.describe()}."
+                          for label, p in zip(pids if profiles else {}, profiles, strict=True))])]
     return result
