@@ -57,10 +57,8 @@ async def compare_reads(ctx: Context, result: Result, path: str, target: float, 
                    cost.server_ratio(on.candidate, costs[on.candidate], on.baseline, costs[on.baseline])])
         # Also when only the CPU-bound ratio misses: what a separate load generator would see.
         if not met or cost.cpu_bound_ratio(costs[on.candidate], costs[on.baseline]) < target:
-            async def again() -> load.LoadResult:
-                return await load.drive(make(on.candidate), load.Bounds(
-                    ctx.plan.concurrency, ctx.plan.max_requests, ctx.plan.profile_seconds + 1))
-            _, profiles = await ctx.profiled(on.profile, result.key.split("-")[0] + "-" + on.candidate, again)
+            profiles = await ctx.profiled_load(on.profile, result.key.split("-")[0] + "-" + on.candidate,
+                                               make(on.candidate))
             result.profiles = [p.to_json() for p in profiles]
             row.notes.extend(f"Profile of {label} under {on.candidate} reads: {p.describe()}."
                              for label, p in zip(on.profile, profiles, strict=True))

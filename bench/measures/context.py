@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import profiling
+from bench import load, profiling
 from bench.harness import BenchStack
 from bench.plan import Plan
 from bench.report import RESULTS
@@ -44,3 +44,13 @@ class Context:
                                             self.results_dir / f"{name}-{label}.speedscope.json")
                     for label, process in running.items()]
         return outcome, profiles
+
+    async def profiled_load(self, targets: dict[str, int], name: str,
+                            operation: load.Operation) -> list[profiling.Profile]:
+        """`profiled` over `operation` driven at the plan's concurrency for a little longer than
+        the profile lasts: where each target spends its time under that load."""
+        async def again() -> load.LoadResult:
+            return await load.drive(operation, load.Bounds(
+                self.plan.concurrency, self.plan.max_requests, self.plan.profile_seconds + 1))
+        _, profiles = await self.profiled(targets, name, again)
+        return profiles

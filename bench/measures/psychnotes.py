@@ -85,11 +85,7 @@ async def run(ctx: Context) -> Result:
             targets = {"psychnotes": stack.pid("psychnotes")}
             if "datastore-psychnotes" in stack.runner.processes:  # py-spy reads the embedded server too
                 targets["psychnotes-db"] = stack.pid("datastore-psychnotes")
-
-            async def again() -> load.LoadResult:
-                return await load.drive(make("psychnotes"), load.Bounds(
-                    plan.concurrency, plan.max_requests, plan.profile_seconds + 1))
-            _, profiles = await ctx.profiled(targets, "6-psychnotes", again)
+            profiles = await ctx.profiled_load(targets, "6-psychnotes", make("psychnotes"))
             result.profiles = [p.to_json() for p in profiles]
     finally:
         await vault.aclose()

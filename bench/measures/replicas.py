@@ -95,11 +95,7 @@ async def _measure(ctx: Context, result: Result, urls: list[str], pids: dict[str
         met = ratio >= TARGET and conflicts == 0
         profiles: list[Any] = []
         if not met:  # where both replicas spend their time under the two-replica load
-
-            async def again() -> load.LoadResult:
-                return await load.drive(make("two"), load.Bounds(
-                    ctx.plan.concurrency, ctx.plan.max_requests, ctx.plan.profile_seconds + 1))
-            _, profiles = await ctx.profiled(pids, "8-replicas", again)
+            profiles = await ctx.profiled_load(pids, "8-replicas", make("two"))
             result.profiles = [p.to_json() for p in profiles]
     finally:
         for client in clients.values():
