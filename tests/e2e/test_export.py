@@ -28,6 +28,9 @@ from tests.fhir_schema import assert_valid  # the official R4 JSON schema
 EXPORT_ENV = {
     "MINDCHART_RECORDS_EXPORT_RESOURCES_PER_FILE": "40",
     "MINDCHART_RECORDS_EXPORT_BATCH_SIZE": "6",
+    # Two patients' counts at a time: a Group export of A and B writes its counts in several
+    # flushes, and the accounting must still show each patient's total once.
+    "MINDCHART_RECORDS_EXPORT_PENDING_PATIENTS": "2",
     "MINDCHART_RECORDS_EXPORT_LEASE_SECONDS": "2",
     "MINDCHART_RECORDS_EXPORT_HEARTBEAT_SECONDS": "0.4",
     "MINDCHART_RECORDS_EXPORT_POLL_SECONDS": "0.2",

@@ -35,7 +35,6 @@ class LeaseLost(Exception):
 
 
 Check = Callable[[str], Awaitable[None]]
-MAX_PENDING_PATIENTS = 5000
 
 
 def policy_of(job: dict[str, Any], base_url: str) -> AccessPolicy:
@@ -98,8 +97,8 @@ async def export_type(db: store.Db, job: dict[str, Any], attempt: int, definitio
                 await check(f"{kind}: {files.total} resources")
                 in_batch = 0
                 # Counts per patient stay in memory up to a bound, so a patient's many resources
-                # cost one upsert, not one per batch.
-                if len(per_patient) >= MAX_PENDING_PATIENTS:
+                # cost one upsert, not one per batch (ExportSettings.pending_patients).
+                if len(per_patient) >= settings.pending_patients:
                     await store.add_pending_disclosures(db, job, kind, attempt, per_patient)
                     per_patient = {}
         await check(f"{kind}: {files.total} resources")

@@ -31,6 +31,12 @@ class ExportSettings(BaseSettings):
     max_stalls: int = 20
     # Cursor batch: documents fetched per round trip, and the unit of progress and lease checks.
     batch_size: int = 500
+    # Patients whose exported-resource counts an export keeps in memory before writing them to
+    # the disclosure log (one upsert each; about 120 bytes a patient, so 50,000 is ~6 MiB).
+    # Resources come in export-slot order, not by patient, so once a type reaches more patients
+    # than this the counts are written again every time the bound fills: upserts then grow with
+    # the resources, not the patients (exporter.py).
+    pending_patients: int = 50_000
     # How long the first batch of one read of resources may take: the embedded datastore answers
     # it only after gathering the whole range read (store.time_sliced), longer than the datastore
     # timeout that bounds every other wait. A gather longer than `lease_seconds` also holds up the
