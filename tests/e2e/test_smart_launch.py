@@ -205,21 +205,35 @@ def test_clinician_picks_a_patient(live: RunningStack, world: World) -> None:
     assert fhir_get(f"{live.fhir}/Patient/{world.patient_id}", body["access_token"]).status_code in (403, 404)
 
 
-def test_picker_lists_patients_and_searches_by_name(live: RunningStack, world: World) -> None:
+def test_picker_lists_patients_and_searches_by_name(live: RunningStack, world: World,
+                                                    writer_http: httpx.Client) -> None:
+    # More namesakes than the picker shows at once: it must say so, not present 50 as the whole list.
+    family = f"Picker{uuid.uuid4().hex[:8]}"
+    for n in range(51):
+        World._create(writer_http, {"resourceType": "Patient", "name": [{"family": family, "given": [f"P{n}"]}]})
     with httpx.Client(base_url=live.gateway_url, follow_redirects=False) as http:
         page = http.get("/oauth/authorize", params=authorize_url(live, world.app))
         session = page.text.split('name="session" value="')[1].split('"')[0]
         picker = http.post("/oauth/authorize/login", data={"session": session, "username": world.clinician,
                                                            "password": PASSWORD})
         assert picker.status_code == 200 and "Choose a patient" in picker.text
-        assert "Okafor" in picker.text and "<label" in picker.text
+        # Over 50 patients are stored by now: a page of them, and a prompt to search by name.
+        assert 1 <= picker.text.count('type="radio"') <= 50 and "<label" in picker.text
+        assert "Not every patient is shown: find one by name." in picker.text
         session = picker.text.split('name="session" value="')[1].split('"')[0]  # renewed at sign-in
         found = http.post("/oauth/authorize/patient", data={"session": session, "name": "Lindqvist",
                                                             "search": "1"})
         assert "Bo Lindqvist" in found.text and "Ada Okafor" not in found.text, found.text
+        assert "Not every" not in found.text
+        many = http.post("/oauth/authorize/patient", data={"session": session, "name": family, "search": "1"})
+        assert many.text.count('type="radio"') == 50 and "Not every match is shown: narrow the name." in many.text
         refused = http.post("/oauth/authorize/patient", data={"session": session, "choose": "1",
                                                               "patient": "no-such-patient"})
         assert 'role="alert"' in refused.text
+        # A patient the list did not show may still be chosen: records says whether this user sees it.
+        chosen = http.post("/oauth/authorize/patient", data={"session": session, "choose": "1",
+                                                             "patient": world.patient_id})
+        assert chosen.status_code == 200 and f"Patient/{world.patient_id}" in chosen.text, chosen.text
 
 
 def test_user_may_untick_scopes_and_deny(live: RunningStack, world: World) -> None:

@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 LOGIN = "/oauth/authorize/login"
 PICK = "/oauth/authorize/patient"
 APPROVE = "/oauth/authorize/approve"
+PICKER_PAGE = 50  # patients the picker lists at once; beyond that it asks for a name
 _CHALLENGE = re.compile(r"^[A-Za-z0-9\-_]{43}$")  # base64url(SHA-256), unpadded
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # argon2 verification of a fixed hash for unknown usernames, so timing does not reveal them.
@@ -237,9 +238,9 @@ def _needs_patient(session: dict[str, Any]) -> bool:
 async def _next_page(request: Request, session: dict[str, Any], client: dict[str, Any],
                      query: str = "", error: str | None = None) -> Response:
     if _needs_patient(session):
-        patients = await find_patients(request, session, query)
+        patients, more = await find_patients(request, session, query)
         return pages.patient_picker(session["csrf"], client_label(client), patients, action=PICK,
-                                    query=query, error=error)
+                                    query=query, error=error, more=more)
     words = session["scope"].split()
     user_label = session["username"] + (f" ({session['fhir_user']})" if session.get("fhir_user") else "")
     patient = f"Patient/{session['patient']}" if session.get("patient") else None
@@ -262,9 +263,13 @@ async def _records_token(request: Request, session: dict[str, Any]) -> str:
     return str(await request.app.state.keys.sign(claims))
 
 
-async def find_patients(request: Request, session: dict[str, Any], query: str) -> list[dict[str, str]]:
+async def find_patients(request: Request, session: dict[str, Any],
+                        query: str) -> tuple[list[dict[str, str]], bool]:
+    """The first page of patients this user may see (matching `query` by name), and whether
+    there are more than that page: records orders a search without `_sort` by id, so beyond
+    one page the list is arbitrary and the picker asks for a name instead."""
     settings = _settings(request)
-    params = {"_count": "50"}
+    params = {"_count": str(PICKER_PAGE)}
     if query.strip():
         params["name"] = query.strip()
     try:
@@ -273,12 +278,14 @@ async def find_patients(request: Request, session: dict[str, Any], query: str) -
             headers={"Authorization": f"Bearer {await _records_token(request, session)}",
                      "Accept": "application/fhir+json"})
         response.raise_for_status()
-        entries = response.json().get("entry", [])
+        bundle = response.json()
     except (httpx.HTTPError, ValueError):
         log.warning("patient_picker_unavailable")
-        return []
-    return [{"id": str(e["resource"]["id"]), "label": pages.patient_label(e["resource"])}
-            for e in entries if e.get("resource", {}).get("id")]
+        return [], False
+    patients = [{"id": str(e["resource"]["id"]), "label": pages.patient_label(e["resource"])}
+                for e in bundle.get("entry", []) if e.get("resource", {}).get("id")]
+    more = any(link.get("relation") == "next" for link in bundle.get("link", []))
+    return patients, more
 
 
 async def pick_patient(request: Request, form: dict[str, str]) -> Response:
@@ -292,11 +299,9 @@ async def pick_patient(request: Request, form: dict[str, str]) -> Response:
     if not form.get("choose"):
         return await _next_page(request, session, client, query=form.get("name", ""))
     chosen = form.get("patient", "")
-    visible = {p["id"] for p in await find_patients(request, session, "")} if _ID.match(chosen) else set()
-    if chosen not in visible:
-        # Not in the first page of the list: ask records directly whether this user may see it.
-        if not (_ID.match(chosen) and await _patient_visible(request, session, chosen)):
-            return await _next_page(request, session, client, error="Choose a patient from the list.")
+    # Records decides whether this user may see the patient, as for any other read.
+    if not (_ID.match(chosen) and await _patient_visible(request, session, chosen)):
+        return await _next_page(request, session, client, error="Choose a patient from the list.")
     await store.update_session(db, session["_id"], {"patient": chosen})
     session["patient"] = chosen
     return await _next_page(request, session, client)

@@ -87,7 +87,9 @@ def sign_in(csrf: str, client_name: str, *, action: str, error: str | None = Non
 
 
 def patient_picker(csrf: str, client_name: str, patients: list[dict[str, str]], *, action: str,
-                   query: str = "", error: str | None = None) -> HTMLResponse:
+                   query: str = "", error: str | None = None, more: bool = False) -> HTMLResponse:
+    """`more`: records holds further matches than the `patients` shown, so the page says so
+    and asks for a (narrower) name rather than pretending the list is whole."""
     if patients:
         options = "\n".join(
             f'<div class="scope"><input type="radio" name="patient" id="p-{escape(p["id"])}" '
@@ -101,6 +103,10 @@ def patient_picker(csrf: str, client_name: str, patients: list[dict[str, str]], 
 </fieldset>
 <button type="submit" name="choose" value="1">Continue with this patient</button>
 </form>"""
+        if more:
+            hint = "Not every match is shown: narrow the name." if query.strip() else \
+                "Not every patient is shown: find one by name."
+            choose = f'<p role="status">{hint}</p>\n{choose}'
     else:
         choose = "<p>No patients match.</p>"
     body = f"""<h1>Choose a patient</h1>
