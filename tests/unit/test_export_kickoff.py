@@ -9,6 +9,7 @@ import pytest
 from mindchart_core import errors
 from records import export
 from records.export import exporter, kickoff, ndjson
+from records.export.settings import ExportSettings
 from records.resources import RESOURCES
 from tests.fhir_schema import assert_valid
 
@@ -92,3 +93,22 @@ def test_capability_statement_gets_the_bulk_data_operations() -> None:
     assert statement["instantiates"] == ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"]
     names = {r["type"]: [o["name"] for o in r["operation"]] for r in statement["rest"][0]["resource"]}
     assert names == {"Patient": ["export", "everything"], "Group": ["export"]}
+
+
+@pytest.mark.parametrize("env", [
+    {"MINDCHART_RECORDS_EXPORT_PENDING_PATIENTS": "0"},
+    {"MINDCHART_RECORDS_EXPORT_RESOURCES_PER_FILE": "-1"},
+    {"MINDCHART_RECORDS_EXPORT_BATCH_SIZE": "0"},
+    {"MINDCHART_RECORDS_EXPORT_LEASE_SECONDS": "5", "MINDCHART_RECORDS_EXPORT_HEARTBEAT_SECONDS": "5"},
+])
+def test_settings_that_would_stall_or_double_an_export_are_refused_at_start(
+        env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError):
+        ExportSettings()
+
+
+def test_a_replica_may_run_no_export_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINDCHART_RECORDS_EXPORT_WORKERS", "0")
+    assert ExportSettings().workers == 0
