@@ -32,12 +32,13 @@ from typing import Any
 
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import ASCENDING, DESCENDING, DeleteOne, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo import timeout as datastore_timeout
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, OperationFailure
 
-from mindchart_core import errors, matcher
+from mindchart_core import errors, inserts, matcher
 from records import store as records_store
 from records.export import slots
 from records.search import query
@@ -48,6 +49,7 @@ ACTIVE = ("queued", "running")
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 RESTRICTED_LABELS = [f"{CONFIDENTIALITY}|R", f"{CONFIDENTIALITY}|V"]
 DISCLOSURE_WRITES = 500  # upserts per command, so each ends well inside the socket timeout
+DOWNLOAD_INSERTS = 5000  # download entries per insert command (~250 bytes each)
 MAX_DISCLOSURES = 1000  # at most this many per page of a patient's disclosures
 
 
@@ -530,32 +532,61 @@ async def record_export_disclosures(db: Db, job_id: str, committed: dict[str, in
                                     batch: int = 500) -> None:
     """Turn the job's pending disclosures into recorded ones, all at one moment; a patient left
     with nothing counted (only failed attempts saw them) gets no entry. Idempotent: a worker that
-    resumes the job after a failure here records only what is still pending."""
+    resumes the job after a failure here records only what is still pending.
+
+    Each statement matches on `state: pending`, so sending it twice changes nothing the first
+    did not: the batches go as plain commands (_write_pending), without the retryable-write
+    bookkeeping that SecantusDB pays for with a scan of its kept replies on every write
+    (mindchart_core.inserts)."""
     moment = now()
-    writes: list[Any] = []
+    updates: list[dict[str, Any]] = []
+    deletes: list[dict[str, Any]] = []
     async for doc in db.disclosures.find({"job": job_id, "state": "pending"}, batch_size=batch):
         counts = committed_counts(doc, committed)
         where = {"_id": doc["_id"], "state": "pending"}
-        writes.append(UpdateOne(where, {"$set": {"counts": counts, "state": "recorded",
-                                                 "recorded": moment}, "$unset": {"pending": ""}})
-                      if counts else DeleteOne(where))
-        if len(writes) >= batch:
-            await db.disclosures.bulk_write(writes, ordered=False)
-            writes = []
-    if writes:
-        await db.disclosures.bulk_write(writes, ordered=False)
+        if counts:
+            updates.append({"q": where, "u": {"$set": {"counts": counts, "state": "recorded",
+                                                       "recorded": moment}, "$unset": {"pending": ""}}})
+        else:
+            deletes.append({"q": where, "limit": 1})
+        if len(updates) >= batch:
+            await _write_pending(db, "update", updates)
+            updates = []
+        if len(deletes) >= batch:
+            await _write_pending(db, "delete", deletes)
+            deletes = []
+    if updates:
+        await _write_pending(db, "update", updates)
+    if deletes:
+        await _write_pending(db, "delete", deletes)
+
+
+async def _write_pending(db: Db, verb: str, statements: list[dict[str, Any]]) -> None:
+    """Send idempotent `update` or `delete` statements on the disclosure log as one command with
+    no transaction number; after a network error, once more (as a retryable write would)."""
+    command = {verb: db.disclosures.name, f"{verb}s": statements, "ordered": False}
+    try:
+        reply = await db.command(command)
+    except ConnectionFailure:
+        reply = await db.command(command)
+    problem = reply.get("writeConcernError") or next(iter(reply.get("writeErrors") or []), None)
+    if problem:
+        raise OperationFailure(str(problem.get("errmsg", f"{verb} failed")), problem.get("code"))
 
 
 async def record_download(db: Db, job: dict[str, Any], file_doc: dict[str, Any],
                           recipient_user: str | None) -> None:
+    """One disclosure entry per patient in the file. Each entry has its own `_id`, so the insert
+    goes once without retryable-write bookkeeping (mindchart_core.inserts.insert_once), in
+    commands of DOWNLOAD_INSERTS entries so each stays far below the 16 MiB command limit."""
     moment = now()
     docs = [{"_id": uuid.uuid4().hex, "patient": patient, "job": job["_id"], "event": "download",
              "file": file_doc["_id"], "state": "recorded", "recorded": moment,
              "recipient": job["client_id"], "recipient_user": recipient_user,
              "purpose": job["purpose"], "counts": {file_doc["source_type"]: n}}
             for patient, n in file_doc.get("patients", [])]
-    if docs:
-        await db.disclosures.insert_many(docs, ordered=False)
+    for start in range(0, len(docs), DOWNLOAD_INSERTS):
+        await inserts.insert_once(db, db.disclosures.name, docs[start:start + DOWNLOAD_INSERTS])
 
 
 async def disclosures_of(db: Db, patient: str, *, windows: list[dict[str, datetime]],
