@@ -48,8 +48,9 @@ async def fresh_database(mongo_url: str, prefix: str, listeners: Sequence[monito
 
 
 class DropsReplies:
-    """The gateway's database, but the first `insert` command's reply is lost after the server
-    applied it (the connection drops on the way back), as a network failure can do."""
+    """The gateway's database, but the first write command's (`insert`, `update`, `delete`)
+    reply is lost after the server applied it (the connection drops on the way back), as a
+    network failure can do."""
 
     def __init__(self, db: Any) -> None:
         self._db = db
@@ -63,7 +64,7 @@ class DropsReplies:
 
     async def command(self, body: dict[str, Any], **kwargs: Any) -> Any:
         reply = await self._db.command(body, **kwargs)
-        if "insert" in body and not self.dropped:
+        if {"insert", "update", "delete"} & body.keys() and not self.dropped:
             self.dropped += 1
-            raise AutoReconnect("connection closed after the insert was applied")
+            raise AutoReconnect("connection closed after the write was applied")
         return reply

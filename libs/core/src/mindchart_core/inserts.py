@@ -1,6 +1,6 @@
-"""Inserts that happen once without the server's retryable-write bookkeeping: for the audit
+"""Writes that happen once without the server's retryable-write bookkeeping: for the audit
 records that every request writes (the gateway's chain links, psychnotes' decisions and
-disclosures).
+disclosures) and records' export disclosure log.
 
 `insert_many` is a retryable write: the driver sends a transaction number and the server keeps
 the reply for a replay. SecantusDB keeps the last 10,000 such replies for 30 minutes and scans
@@ -64,4 +64,20 @@ async def insert_once(db: AsyncDatabase[dict[str, Any]], name: str, documents: l
     return done
 
 
-__all__ = ["DUPLICATE_KEY", "StoredAsSent", "insert_once"]
+async def write_idempotent(db: AsyncDatabase[dict[str, Any]], verb: str, name: str,
+                           statements: list[dict[str, Any]]) -> None:
+    """Send `update` or `delete` statements on `name` as one unordered command with no
+    transaction number, and once more after a network error, as a retryable write would. Only
+    for statements that change nothing when applied twice (each matching on the state it
+    leaves behind, say): the caller vouches for that, as `insert_once`'s `_id`s vouch for it."""
+    command = {verb: name, f"{verb}s": statements, "ordered": False}
+    try:
+        reply = await db.command(command)
+    except ConnectionFailure:
+        reply = await db.command(command)
+    problem = reply.get("writeConcernError") or next(iter(reply.get("writeErrors") or []), None)
+    if problem:
+        raise OperationFailure(str(problem.get("errmsg", f"{verb} failed")), problem.get("code"))
+
+
+__all__ = ["DUPLICATE_KEY", "StoredAsSent", "insert_once", "write_idempotent"]

@@ -36,7 +36,6 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo import timeout as datastore_timeout
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, OperationFailure
 
 from mindchart_core import errors, inserts, matcher
 from records import store as records_store
@@ -535,43 +534,27 @@ async def record_export_disclosures(db: Db, job_id: str, committed: dict[str, in
     resumes the job after a failure here records only what is still pending.
 
     Each statement matches on `state: pending`, so sending it twice changes nothing the first
-    did not: the batches go as plain commands (_write_pending), without the retryable-write
-    bookkeeping that SecantusDB pays for with a scan of its kept replies on every write
-    (mindchart_core.inserts)."""
+    did not: the batches go as plain commands (mindchart_core.inserts.write_idempotent), without
+    the retryable-write bookkeeping that SecantusDB pays for with a scan of its kept replies on
+    every write."""
     moment = now()
-    updates: list[dict[str, Any]] = []
-    deletes: list[dict[str, Any]] = []
+    pending: dict[str, list[dict[str, Any]]] = {"update": [], "delete": []}
     async for doc in db.disclosures.find({"job": job_id, "state": "pending"}, batch_size=batch):
         counts = committed_counts(doc, committed)
         where = {"_id": doc["_id"], "state": "pending"}
         if counts:
-            updates.append({"q": where, "u": {"$set": {"counts": counts, "state": "recorded",
-                                                       "recorded": moment}, "$unset": {"pending": ""}}})
+            verb, statement = "update", {"q": where, "u": {
+                "$set": {"counts": counts, "state": "recorded", "recorded": moment},
+                "$unset": {"pending": ""}}}
         else:
-            deletes.append({"q": where, "limit": 1})
-        if len(updates) >= batch:
-            await _write_pending(db, "update", updates)
-            updates = []
-        if len(deletes) >= batch:
-            await _write_pending(db, "delete", deletes)
-            deletes = []
-    if updates:
-        await _write_pending(db, "update", updates)
-    if deletes:
-        await _write_pending(db, "delete", deletes)
-
-
-async def _write_pending(db: Db, verb: str, statements: list[dict[str, Any]]) -> None:
-    """Send idempotent `update` or `delete` statements on the disclosure log as one command with
-    no transaction number; after a network error, once more (as a retryable write would)."""
-    command = {verb: db.disclosures.name, f"{verb}s": statements, "ordered": False}
-    try:
-        reply = await db.command(command)
-    except ConnectionFailure:
-        reply = await db.command(command)
-    problem = reply.get("writeConcernError") or next(iter(reply.get("writeErrors") or []), None)
-    if problem:
-        raise OperationFailure(str(problem.get("errmsg", f"{verb} failed")), problem.get("code"))
+            verb, statement = "delete", {"q": where, "limit": 1}
+        pending[verb].append(statement)
+        if len(pending[verb]) >= batch:
+            await inserts.write_idempotent(db, verb, db.disclosures.name, pending[verb])
+            pending[verb] = []
+    for verb, statements in pending.items():
+        if statements:
+            await inserts.write_idempotent(db, verb, db.disclosures.name, statements)
 
 
 async def record_download(db: Db, job: dict[str, Any], file_doc: dict[str, Any],
